@@ -1,0 +1,91 @@
+"""``fedmq-broker``: provision a fleet's broker files, or run a local Mosquitto for development.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import FedmqError
+from .launcher import LocalBroker, SecureFiles
+from .provision import ProvisionSpec, provision
+from .topics import check_name
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmq-broker", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("provision", help="generate passwords, ACL, CA/server/client certs and configs",
+                        description="Generate every file a fleet needs (see docs/operations.md).")
+    pr.add_argument("--fleet", required=True, help="fleet name ([a-z0-9-])")
+    g = pr.add_mutually_exclusive_group(required=True)
+    g.add_argument("--agents", help="comma-separated agent ids")
+    g.add_argument("--count", type=int, help="number of agents, named agent-001...")
+    pr.add_argument("--out", required=True, type=Path, help="output directory")
+    pr.add_argument("--host", default="localhost", help="broker host name agents connect to")
+    pr.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
+    pr.add_argument("--prefix", default="fedmq", help="topic prefix (default fedmq)")
+    pr.add_argument("--broker-root", help="directory of the broker files on the broker host "
+                    "(e.g. /mosquitto/config in Docker); default: OUT/broker")
+    pr.add_argument("--max-packet-size", type=int, default=2_000_000, help="broker max_packet_size in bytes")
+    pr.add_argument("--mutual-tls", action="store_true", help="require client certificates (CN = username)")
+    rn = sub.add_parser("run", help="run a local Mosquitto in the foreground (development)",
+                        description="Start Mosquitto with the project's config until Ctrl-C.")
+    rn.add_argument("--port", type=int, default=1883)
+    rn.add_argument("--host", default="127.0.0.1")
+    rn.add_argument("--secure", type=Path, help="a provision output directory: TLS + passwords + ACL")
+    rn.add_argument("--max-packet-size", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "provision":
+            agents = ([a.strip() for a in args.agents.split(",") if a.strip()] if args.agents
+                      else [f"agent-{i:03d}" for i in range(1, args.count + 1)])
+            for a in agents:
+                check_name(a)
+            res = provision(ProvisionSpec(args.fleet, agents, args.out, args.host, args.port, args.prefix,
+                                          broker_root=args.broker_root, max_packet_size=args.max_packet_size,
+                                          mutual_tls=args.mutual_tls))
+            print(f"provisioned fleet {args.fleet!r}: {len(agents)} agents + aggregator in {res.out_dir}")
+            print(f"  broker:     {res.broker_dir}/mosquitto.conf (with passwd, acl, certs)")
+            print(f"  aggregator: {res.out_dir}/aggregator/aggregator.toml")
+            print(f"  agents:     {res.out_dir}/agents/<id>/agent.toml")
+            return EXIT_OK
+        secure = None
+        if args.secure:
+            b = args.secure / "broker"
+            secure = SecureFiles(str(b / "passwd"), str(b / "acl"), str(b / "ca.crt"), str(b / "server.crt"),
+                                 str(b / "server.key"))
+        broker = LocalBroker(secure, args.port, host=args.host, max_packet_size=args.max_packet_size,
+                             persistence=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        with broker:
+            print(f"broker listening on {args.host}:{broker.port} (log: {broker.log_path}); Ctrl-C stops it")
+            while not stop.wait(1.0):
+                if broker.proc is None or broker.proc.poll() is not None:
+                    print(broker.log(), file=sys.stderr)
+                    return EXIT_FAIL
+        return EXIT_OK
+    except (FedmqError, ValueError) as e:
+        print(f"fedmq-broker: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, ValueError) else EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

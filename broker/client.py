@@ -1,0 +1,378 @@
+"""A small MQTT client over paho-mqtt 2.x that does the fiddly parts right.
+
+* MQTT 5 by default (3.1.1 as an option); username/password; TLS with a CA and client cert.
+* Persistent sessions done right: under MQTT 5 ``clean_start=False`` plus a Session Expiry Interval.
+* Its own network thread reconnects with capped, jittered exponential backoff and stops for good
+  when the broker rejects the credentials (retrying cannot help); subscriptions are re-made after
+  every reconnect.
+* ``publish`` checks the packet size against the broker's advertised Maximum Packet Size and the
+  configured maximum *before* sending (paho does not: an oversized QoS 1 publish loops through
+  disconnects), and reports broker rejections (PUBACK reason >= 0x80), not just "sent".
+* Callbacks never block: incoming messages go to a bounded queue; overflow is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from .errors import AuthError, ConnectError, MqttError, MqttTimeout, PayloadTooLarge, PublishRejected, SubscribeRejected
+
+log = logging.getLogger(__name__)
+
+#: bytes of a PUBLISH packet besides topic and payload: fixed header (<=5), topic length (2),
+#: packet id (2), properties (we send at most a few, well under 64).
+PUBLISH_OVERHEAD = 80
+#: CONNACK/ reason codes (3.1.1 return codes map to these in paho 2) meaning "credentials wrong"
+_AUTH_FAILURES = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized, bad auth method
+
+
+@dataclass
+class TlsConfig:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False  # skip hostname verification (never in production)
+
+
+@dataclass
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass
+class MqttConfig:
+    """Connection settings of one client (see docs/configuration.md, [broker] table)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = None
+    protocol: str = "5"  # "5" or "3.1.1"
+    tls: TlsConfig | None = None
+    keepalive: int = 30
+    clean_start: bool = True
+    session_expiry: int = 0  # seconds; > 0 with clean_start=False keeps the session (MQTT 5)
+    max_payload: int = 0  # 0 = no own limit; the broker's advertised maximum always applies
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    inbox_size: int = 10_000
+    will: Will | None = None
+
+    def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
+        return (f"MqttConfig(host={self.host!r}, port={self.port}, client_id={self.client_id!r}, "
+                f"username={self.username!r}, password={'***' if self.password else None}, "
+                f"protocol={self.protocol!r}, tls={self.tls is not None})")
+
+
+@dataclass
+class InMessage:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    received: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class PublishResult:
+    mid: int
+    reason_code: int
+
+
+def backoff_delays(min_s: float, max_s: float, rng: random.Random | None = None):
+    """Capped exponential backoff with full jitter: yields delays in [min_s/2, cap]."""
+    rng = rng or random.Random()
+    attempt = 0
+    while True:
+        cap = min(max_s, min_s * (2 ** attempt))
+        yield max(min_s / 2, rng.uniform(0, cap))
+        attempt = min(attempt + 1, 30)
+
+
+class _Waiter:
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value: Any = None
+
+
+class MqttClient:
+    """Thread-safe wrapper; use as a context manager or call ``connect``/``close``."""
+
+    def __init__(self, config: MqttConfig, on_message: Callable[[InMessage], None] | None = None) -> None:
+        self.cfg = config
+        v5 = config.protocol == "5"
+        if config.protocol not in ("5", "3.1.1"):
+            raise ValueError("protocol must be '5' or '3.1.1'")
+        self._v5 = v5
+        self._c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else config.clean_start,
+        )
+        self._c.enable_logger(logging.getLogger(__name__ + ".paho"))
+        if config.username is not None:
+            self._c.username_pw_set(config.username, config.password)
+        if config.tls is not None:
+            t = config.tls
+            self._c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file,
+                            cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            self._c.tls_insecure_set(t.insecure)
+        if config.will is not None:
+            w = config.will
+            self._c.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)
+        self._c.on_connect = self._on_connect
+        self._c.on_disconnect = self._on_disconnect
+        self._c.on_publish = self._on_publish
+        self._c.on_subscribe = self._on_subscribe
+        self._c.on_message = self._on_message
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Waiter] = {}
+        self._early: dict[int, Any] = {}
+        self._subs: dict[str, int] = {}
+        self._connected = threading.Event()
+        self._first = _Waiter()
+        self._fatal: MqttError | None = None
+        self._stop = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.broker_max_packet: int | None = None
+        self.inbox: queue.Queue[InMessage] = queue.Queue(config.inbox_size)
+        self._handler = on_message
+        self.dropped = 0
+        self.reconnects = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def __enter__(self) -> "MqttClient":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect and start the network thread; raise ConnectError/AuthError on failure."""
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            if self.cfg.session_expiry > 0:
+                props.SessionExpiryInterval = self.cfg.session_expiry
+        try:
+            self._c.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
+                            clean_start=self.cfg.clean_start if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                            properties=props)
+        except (OSError, ssl.SSLError) as e:
+            raise ConnectError(f"cannot reach broker {self.cfg.host}:{self.cfg.port}: {e}") from e
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.cfg.client_id}", daemon=True)
+        self._thread.start()
+        if not self._first.event.wait(timeout):
+            self.close()
+            raise MqttTimeout(f"no CONNACK from {self.cfg.host}:{self.cfg.port} within {timeout}s")
+        if self._first.value is not None:
+            self.close()
+            raise self._first.value
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (no last will) and stop the network thread."""
+        self._closing.set()
+        if self._connected.is_set():
+            try:
+                self._c.disconnect()  # the network thread flushes it, then on_disconnect fires
+            except Exception:  # noqa: BLE001 - closing must not raise
+                pass
+            deadline = time.monotonic() + timeout
+            while self._connected.is_set() and time.monotonic() < deadline and self._thread is not None \
+                    and self._thread.is_alive():
+                time.sleep(0.01)
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._connected.clear()
+
+    def _run(self) -> None:
+        delays = None
+        while not self._stop.is_set():
+            if self._fatal is not None:
+                return
+            rc = self._c.loop(timeout=0.2)
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                continue
+            if self._stop.is_set() or self._closing.is_set() or self._fatal is not None:
+                return
+            self._connected.clear()
+            delays = delays or backoff_delays(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+            wait = next(delays)
+            log.info("broker %s:%s unreachable (%s); reconnecting in %.2fs", self.cfg.host, self.cfg.port,
+                     mqtt.error_string(rc), wait)
+            if self._stop.wait(wait):
+                return
+            try:
+                self._c.reconnect()
+                self.reconnects += 1
+                delays = None if self._connected.is_set() else delays
+            except (OSError, ssl.SSLError) as e:
+                log.debug("reconnect failed: %s", e)
+            if self._connected.is_set():
+                delays = None
+
+    # -- callbacks (network thread; never block) ------------------------------------------------
+    def _on_connect(self, c: mqtt.Client, ud: Any, flags: Any, rc: ReasonCode, props: Properties | None) -> None:
+        if rc.is_failure:
+            value = rc.value
+            if value in _AUTH_FAILURES:
+                err: MqttError = AuthError(f"broker refused credentials for {self.cfg.username!r}: {rc}")
+                self._fatal = err
+                log.error("%s; not retrying", err)
+            else:
+                err = ConnectError(f"broker refused the connection: {rc}")
+            if self._first.value is None and not self._first.event.is_set():
+                self._first.value = err
+                self._first.event.set()
+            return
+        self.broker_max_packet = None
+        if props is not None and hasattr(props, "MaximumPacketSize"):
+            self.broker_max_packet = int(props.MaximumPacketSize)
+        with self._lock:
+            subs = list(self._subs.items())
+        for topic, qos in subs:  # re-subscribe: the broker may have lost the session
+            c.subscribe(topic, qos)
+        self._connected.set()
+        if not self._first.event.is_set():
+            self._first.event.set()
+        else:
+            log.info("reconnected to %s:%s (session present: %s)", self.cfg.host, self.cfg.port,
+                     getattr(flags, "session_present", None))
+
+    def _on_disconnect(self, c: mqtt.Client, ud: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        self._connected.clear()
+        if not self._closing.is_set():
+            log.warning("disconnected from broker: %s", rc)
+
+    def _resolve(self, mid: int, value: Any) -> None:
+        with self._lock:
+            w = self._pending.pop(mid, None)
+            if w is None:
+                self._early[mid] = value
+                if len(self._early) > 10_000:  # QoS 0 publishes nobody waits for
+                    self._early.pop(next(iter(self._early)))
+                return
+        w.value = value
+        w.event.set()
+
+    def _on_publish(self, c: mqtt.Client, ud: Any, mid: int, rc: ReasonCode, props: Any) -> None:
+        self._resolve(mid, rc)
+
+    def _on_subscribe(self, c: mqtt.Client, ud: Any, mid: int, rcs: list[ReasonCode], props: Any) -> None:
+        self._resolve(mid, rcs)
+
+    def _on_message(self, c: mqtt.Client, ud: Any, msg: mqtt.MQTTMessage) -> None:
+        m = InMessage(msg.topic, msg.payload, msg.qos, bool(msg.retain))
+        if self._handler is not None:
+            try:
+                self._handler(m)
+            except Exception:  # noqa: BLE001 - a handler bug must not kill the network thread
+                log.exception("message handler failed for %s", msg.topic)
+            return
+        try:
+            self.inbox.put_nowait(m)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("inbox full (%d): dropped %d messages so far", self.cfg.inbox_size, self.dropped)
+
+    # -- operations ---------------------------------------------------------------------------
+    def _wait(self, mid: int, w: _Waiter, timeout: float, what: str) -> Any:
+        with self._lock:
+            if mid in self._early:
+                return self._early.pop(mid)
+            self._pending[mid] = w
+        if not w.event.wait(timeout):
+            with self._lock:
+                self._pending.pop(mid, None)
+            raise MqttTimeout(f"{what} not acknowledged within {timeout}s")
+        return w.value
+
+    def max_payload(self, topic: str) -> int:
+        """Largest payload that may be published on ``topic`` right now."""
+        limits = [x for x in (self.broker_max_packet, self.cfg.max_payload and
+                              self.cfg.max_payload + PUBLISH_OVERHEAD + len(topic.encode())) if x]
+        if not limits:
+            return 268_435_455 - PUBLISH_OVERHEAD - len(topic.encode())
+        return min(limits) - PUBLISH_OVERHEAD - len(topic.encode())
+
+    def publish(self, topic: str, payload: bytes | bytearray | memoryview, qos: int = 1, retain: bool = False,
+                timeout: float = 30.0, wait: bool = True) -> PublishResult:
+        """Publish and (QoS > 0, ``wait``) wait for the broker's acknowledgement.
+
+        Raises PayloadTooLarge before sending, PublishRejected on a failure reason code,
+        MqttTimeout when not acknowledged in time (paho keeps it queued and retries).
+        """
+        if self._fatal is not None:
+            raise self._fatal
+        data = payload if isinstance(payload, (bytes, bytearray)) else bytes(payload)
+        limit = self.max_payload(topic)
+        if len(data) > limit:
+            raise PayloadTooLarge(
+                f"payload of {len(data)} bytes exceeds the maximum of {limit} for {topic} "
+                f"(broker max packet {self.broker_max_packet}, configured {self.cfg.max_payload or 'none'}): chunk it")
+        info = self._c.publish(topic, data, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_QUEUE_SIZE):
+            raise MqttError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise MqttError(f"publish to {topic} refused: client queue full")
+        if qos == 0 or not wait:
+            return PublishResult(info.mid, 0)
+        rc = self._wait(info.mid, _Waiter(), timeout, f"publish to {topic}")
+        if rc.is_failure:
+            raise PublishRejected(f"broker rejected publish to {topic}: {rc} (0x{rc.value:02x})",
+                                  reason=f"puback_0x{rc.value:02x}")
+        return PublishResult(info.mid, rc.value)
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> int:
+        """Subscribe (remembered for reconnects); return the granted QoS or raise SubscribeRejected."""
+        with self._lock:
+            self._subs[topic] = qos
+        rc, mid = self._c.subscribe(topic, qos)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise MqttError(f"subscribe to {topic} failed: {mqtt.error_string(rc)}")
+        rcs = self._wait(mid, _Waiter(), timeout, f"subscribe to {topic}")
+        code = rcs[0]
+        if code.is_failure:
+            with self._lock:
+                self._subs.pop(topic, None)
+            raise SubscribeRejected(f"broker refused subscription to {topic}: {code} (0x{code.value:02x})")
+        return code.value
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subs.pop(topic, None)
+        self._c.unsubscribe(topic)
+
+    def get(self, timeout: float | None = None) -> InMessage | None:
+        """Next incoming message from the bounded inbox, or None after ``timeout``."""
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None

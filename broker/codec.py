@@ -1,0 +1,93 @@
+"""The wire format: msgpack framing of broker.messages, with limits checked before parsing.
+
+``encode`` returns ``bytes``; ``Encoder.encode`` returns a view into a reused buffer (no fresh
+40 MB allocation per message) that stays valid until its next call. ``decode`` checks the size
+first, walks the payload with the zero-copy reader (broker.msgview) and validates the schema;
+every failure is a DecodeError whose ``reason`` is a short label for counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import DecodeError, EncodeError
+from .messages import KINDS, SCHEMA_VERSION, DecodeLimits, Message
+from .msgview import ReadLimits, unpack
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def _envelope(msg: Message) -> dict[str, Any]:
+    if type(msg).KIND not in KINDS:
+        raise EncodeError(f"{type(msg).__name__} is not a protocol message")
+    wire = {"v": SCHEMA_VERSION, "kind": msg.KIND}
+    wire.update(msg.to_wire())
+    return wire
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message to a fresh ``bytes`` payload."""
+    return msgpack.packb(_envelope(msg), use_bin_type=True)
+
+
+class Encoder:
+    """Encodes into one reused buffer: one copy of the tensor bytes, no per-call allocation."""
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+        self._view: memoryview | None = None
+
+    def encode(self, msg: Message) -> memoryview:
+        """Return a view of the payload, valid until the next call on this encoder."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        try:
+            self._packer.reset()
+        except BufferError:  # a caller still holds a slice of the old view: start a new buffer
+            self._packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+        self._packer.pack(_envelope(msg))
+        self._view = self._packer.getbuffer()
+        return self._view
+
+
+def peek_kind(payload: bytes | memoryview, limits: DecodeLimits = DEFAULT_LIMITS) -> str:
+    """Return the kind of a payload after checking the envelope (no tensors are decoded)."""
+    return _check_envelope(_walk(payload, limits))
+
+
+def _walk(payload: bytes | bytearray | memoryview, limits: DecodeLimits) -> Any:
+    n = memoryview(payload).nbytes
+    if n > limits.max_payload_bytes:
+        raise DecodeError(f"payload of {n} bytes exceeds the limit {limits.max_payload_bytes}", reason="too_large")
+    if n == 0:
+        raise DecodeError("empty payload", reason="malformed")
+    return unpack(payload, ReadLimits(limits.max_depth, limits.max_container, limits.max_str))
+
+
+def _check_envelope(m: Any) -> str:
+    if not isinstance(m, dict):
+        raise DecodeError("payload is not a msgpack map", reason="malformed")
+    v = m.get("v")
+    if type(v) is not int:
+        raise DecodeError("payload has no integer schema version 'v'", reason="schema")
+    if v != SCHEMA_VERSION:
+        raise DecodeError(f"unsupported schema version {v} (this build speaks {SCHEMA_VERSION})",
+                          reason="bad_version")
+    kind = m.get("kind")
+    if kind not in KINDS:
+        raise DecodeError(f"unknown message kind {kind!r:.40}", reason="bad_kind")
+    return kind
+
+
+def decode(payload: bytes | bytearray | memoryview, limits: DecodeLimits = DEFAULT_LIMITS,
+           expect: type[Message] | tuple[type[Message], ...] | None = None) -> Message:
+    """Decode and validate one payload. Arrays are zero-copy, read-only views of ``payload``."""
+    m = _walk(payload, limits)
+    kind = _check_envelope(m)
+    cls = KINDS[kind]
+    if expect is not None and not issubclass(cls, expect):
+        raise DecodeError(f"unexpected message kind {kind!r} here", reason="bad_kind")
+    return cls.from_wire(m, limits)

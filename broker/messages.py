@@ -1,0 +1,394 @@
+"""Typed messages of protocol version 1 and their field-level validation.
+
+Every payload is a msgpack map ``{"v": 1, "kind": <kind>, ...fields}``; all metadata lives in the
+payload so the protocol works on MQTT 3.1.1. The field tables are documented in docs/protocol.md.
+``to_wire`` builds the map (tensor data as zero-copy views); ``from_wire`` validates a decoded map
+and raises DecodeError with a reason for anything wrong. Encoding and framing live in
+broker.codec.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+
+from .errors import DecodeError
+from .tensors import ENCODINGS, Compression, decode_tensor, encode_tensor
+from .topics import NAME_RE
+
+SCHEMA_VERSION = 1
+HEX_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
+STATES = ("online", "idle", "training", "offline")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds for decoding untrusted payloads (checked before anything is allocated)."""
+
+    max_payload_bytes: int = 64 * 1024 * 1024
+    max_tensors: int = 1024
+    max_elements: int = 64 * 1024 * 1024  # per message, all tensors together
+    max_metrics: int = 64
+    max_agents: int = 100_000
+    max_depth: int = 8
+    max_str: int = 4096
+    max_container: int = 200_000
+
+
+# -- field helpers -----------------------------------------------------------------------------
+def _get(m: Mapping[str, Any], key: str, kind: str) -> Any:
+    if key not in m:
+        raise DecodeError(f"{kind}: missing field {key!r}", reason="schema")
+    return m[key]
+
+
+def req_int(m: Mapping[str, Any], key: str, kind: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    v = _get(m, key, kind)
+    if type(v) is not int or not (lo <= v <= hi):
+        raise DecodeError(f"{kind}: field {key!r} must be an int in [{lo}, {hi}], got {v!r:.40}", reason="schema")
+    return v
+
+
+def req_float(m: Mapping[str, Any], key: str, kind: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    v = _get(m, key, kind)
+    if type(v) not in (int, float) or not math.isfinite(v) or not (lo <= v <= hi):
+        raise DecodeError(f"{kind}: field {key!r} must be a finite number in [{lo}, {hi}]", reason="schema")
+    return float(v)
+
+
+def req_str(m: Mapping[str, Any], key: str, kind: str, pattern: re.Pattern[str] | None = None,
+            max_len: int = 256) -> str:
+    v = _get(m, key, kind)
+    if not isinstance(v, str) or len(v) > max_len or (pattern is not None and not pattern.match(v)):
+        raise DecodeError(f"{kind}: field {key!r} has an invalid value {v!r:.60}", reason="schema")
+    return v
+
+
+def req_bin(m: Mapping[str, Any], key: str, kind: str) -> memoryview:
+    v = _get(m, key, kind)
+    if not isinstance(v, (bytes, memoryview)):
+        raise DecodeError(f"{kind}: field {key!r} must be bin", reason="schema")
+    return memoryview(v)
+
+
+def metrics_map(v: Any, kind: str, limits: DecodeLimits, key: str = "metrics") -> dict[str, float]:
+    if not isinstance(v, Mapping) or len(v) > limits.max_metrics:
+        raise DecodeError(f"{kind}: {key!r} must be a map of at most {limits.max_metrics} entries", reason="schema")
+    out: dict[str, float] = {}
+    for k, x in v.items():
+        if not isinstance(k, str) or len(k) > 64:
+            raise DecodeError(f"{kind}: {key!r} keys must be short strings", reason="schema")
+        if type(x) not in (int, float):
+            raise DecodeError(f"{kind}: {key}[{k!r}] must be a number", reason="schema")
+        out[k] = float(x)  # non-finite values are kept: strategies decide (and report) what to do
+    return out
+
+
+def tensors_from_wire(v: Any, kind: str, limits: DecodeLimits) -> dict[str, np.ndarray]:
+    if not isinstance(v, list) or len(v) > limits.max_tensors:
+        raise DecodeError(f"{kind}: 'tensors' must be a list of at most {limits.max_tensors}", reason="schema")
+    out: dict[str, np.ndarray] = {}
+    budget = limits.max_elements
+    for t in v:
+        name, arr = decode_tensor(t, budget)
+        if name in out:
+            raise DecodeError(f"{kind}: duplicate tensor name {name!r}", reason="schema")
+        budget -= arr.size
+        out[name] = arr
+    return out
+
+
+def tensors_to_wire(tensors: Mapping[str, np.ndarray], compression: Compression | None = None) -> list[dict]:
+    return [encode_tensor(n, a, compression) for n, a in tensors.items()]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one tensor (weights or model inputs)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_wire(cls, m: Any, kind: str) -> "TensorSpec":
+        if not isinstance(m, Mapping):
+            raise DecodeError(f"{kind}: tensor spec must be a map", reason="schema")
+        shape = _get(m, "shape", kind)
+        if not isinstance(shape, list) or len(shape) > 8 or any(type(d) is not int or d < 0 for d in shape):
+            raise DecodeError(f"{kind}: tensor spec shape must be a list of non-negative ints", reason="schema")
+        return cls(req_str(m, "name", kind), tuple(shape), req_str(m, "dtype", kind, max_len=16))
+
+
+# -- messages ----------------------------------------------------------------------------------
+class Message:
+    """Base of the protocol's messages; ``KIND`` is the value of the ``kind`` field."""
+
+    KIND: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "Message":  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class TrainConfig:
+    """Local training settings an announcement hands to agents."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    mu: float = 0.0  # FedProx proximal coefficient; 0 disables it
+    compression: Compression = field(default_factory=Compression)
+    seed: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "mu": self.mu,
+                "encoding": self.compression.encoding, "topk_fraction": self.compression.topk_fraction,
+                "seed": self.seed}
+
+    @classmethod
+    def from_wire(cls, m: Any, kind: str) -> "TrainConfig":
+        if not isinstance(m, Mapping):
+            raise DecodeError(f"{kind}: 'config' must be a map", reason="schema")
+        enc = _get(m, "encoding", kind)
+        if enc not in ENCODINGS:
+            raise DecodeError(f"{kind}: unknown encoding {enc!r}", reason="schema")
+        return cls(
+            epochs=req_int(m, "epochs", kind, 0, 10_000),
+            batch_size=req_int(m, "batch_size", kind, 1, 1 << 20),
+            lr=req_float(m, "lr", kind, 0.0, 1e6),
+            mu=req_float(m, "mu", kind, 0.0, 1e6),
+            compression=Compression(enc, req_float(m, "topk_fraction", kind, 1e-9, 1.0)),
+            seed=req_int(m, "seed", kind, 0, 2**32 - 1),
+        )
+
+
+@dataclass
+class ModelManifest(Message):
+    """The model artifact (trainable .tflite) and what an agent needs to use it without model code."""
+
+    KIND: ClassVar[str] = "model"
+    model_id: str  # sha256 hex of ``artifact``
+    artifact: bytes | memoryview
+    weights: list[TensorSpec]
+    inputs: list[TensorSpec]  # x then y of the train signature (fixed batch)
+    train_batch_size: int
+    created: float
+    extra: dict[str, float] = field(default_factory=dict)  # default hyperparameters etc.
+    format: str = "tflite-trainable-v1"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "format": self.format, "artifact": self.artifact,
+                "weights": [w.to_wire() for w in self.weights], "inputs": [i.to_wire() for i in self.inputs],
+                "train_batch_size": self.train_batch_size, "created": self.created, "extra": self.extra}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "ModelManifest":
+        k = cls.KIND
+        weights = _get(m, "weights", k)
+        inputs = _get(m, "inputs", k)
+        if not isinstance(weights, list) or len(weights) > limits.max_tensors:
+            raise DecodeError(f"{k}: 'weights' must be a list", reason="schema")
+        if not isinstance(inputs, list) or len(inputs) > 16:
+            raise DecodeError(f"{k}: 'inputs' must be a list", reason="schema")
+        return cls(
+            model_id=req_str(m, "model_id", k, HEX_ID_RE),
+            artifact=req_bin(m, "artifact", k),
+            weights=[TensorSpec.from_wire(w, k) for w in weights],
+            inputs=[TensorSpec.from_wire(w, k) for w in inputs],
+            train_batch_size=req_int(m, "train_batch_size", k, 1, 1 << 20),
+            created=req_float(m, "created", k),
+            extra=metrics_map(_get(m, "extra", k), k, limits, "extra"),
+            format=req_str(m, "format", k, max_len=64),
+        )
+
+
+@dataclass
+class GlobalModel(Message):
+    """The global weights after round ``round`` (0 = initial weights)."""
+
+    KIND: ClassVar[str] = "global"
+    round: int
+    model_id: str
+    tensors: dict[str, np.ndarray]
+    created: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"round": self.round, "model_id": self.model_id, "created": self.created,
+                "tensors": tensors_to_wire(self.tensors)}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "GlobalModel":
+        k = cls.KIND
+        return cls(req_int(m, "round", k), req_str(m, "model_id", k, HEX_ID_RE),
+                   tensors_from_wire(_get(m, "tensors", k), k, limits), req_float(m, "created", k))
+
+
+@dataclass
+class RoundAnnouncement(Message):
+    """Opens round ``round`` (retained). ``agents`` None means every online agent is asked."""
+
+    KIND: ClassVar[str] = "round"
+    round: int
+    model_id: str
+    base_round: int  # the global model's round the deltas must be computed against
+    opened: float
+    deadline: float  # unix time
+    config: TrainConfig
+    agents: list[str] | None = None
+    quorum: int = 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"round": self.round, "model_id": self.model_id, "base_round": self.base_round,
+                "opened": self.opened, "deadline": self.deadline, "config": self.config.to_wire(),
+                "agents": self.agents, "quorum": self.quorum}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "RoundAnnouncement":
+        k = cls.KIND
+        agents = _get(m, "agents", k)
+        if agents is not None:
+            if not isinstance(agents, list) or len(agents) > limits.max_agents or not all(
+                isinstance(a, str) and NAME_RE.match(a) for a in agents
+            ):
+                raise DecodeError(f"{k}: 'agents' must be null or a list of agent ids", reason="schema")
+        return cls(req_int(m, "round", k, 1), req_str(m, "model_id", k, HEX_ID_RE),
+                   req_int(m, "base_round", k), req_float(m, "opened", k), req_float(m, "deadline", k),
+                   TrainConfig.from_wire(_get(m, "config", k), k), agents, req_int(m, "quorum", k, 1))
+
+    def asks(self, agent: str) -> bool:
+        return self.agents is None or agent in self.agents
+
+
+@dataclass
+class Update(Message):
+    """An agent's delta (local weights - global weights of ``base_round``) for ``round``."""
+
+    KIND: ClassVar[str] = "update"
+    round: int
+    agent: str
+    model_id: str
+    update_id: str  # random hex; the receiver de-duplicates on (round, agent) and update_id
+    num_samples: int
+    tensors: dict[str, np.ndarray]
+    metrics: dict[str, float] = field(default_factory=dict)
+    created: float = 0.0
+    compression: Compression = field(default_factory=Compression)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"round": self.round, "agent": self.agent, "model_id": self.model_id,
+                "update_id": self.update_id, "num_samples": self.num_samples, "metrics": self.metrics,
+                "created": self.created, "tensors": tensors_to_wire(self.tensors, self.compression)}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "Update":
+        k = cls.KIND
+        return cls(
+            round=req_int(m, "round", k, 1), agent=req_str(m, "agent", k, NAME_RE),
+            model_id=req_str(m, "model_id", k, HEX_ID_RE), update_id=req_str(m, "update_id", k, HEX_ID_RE),
+            num_samples=req_int(m, "num_samples", k, 0, 2**40),
+            tensors=tensors_from_wire(_get(m, "tensors", k), k, limits),
+            metrics=metrics_map(_get(m, "metrics", k), k, limits), created=req_float(m, "created", k),
+        )
+
+
+@dataclass
+class Status(Message):
+    """An agent's retained status; its last will is the same message with state "offline"."""
+
+    KIND: ClassVar[str] = "status"
+    agent: str
+    state: str
+    ts: float
+    runtime: str = ""
+    interpreter: str = ""
+    num_samples: int = 0
+    version: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"agent": self.agent, "state": self.state, "ts": self.ts, "runtime": self.runtime,
+                "interpreter": self.interpreter, "num_samples": self.num_samples, "version": self.version}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "Status":
+        k = cls.KIND
+        state = _get(m, "state", k)
+        if state not in STATES:
+            raise DecodeError(f"{k}: state must be one of {STATES}", reason="schema")
+        return cls(req_str(m, "agent", k, NAME_RE), state, req_float(m, "ts", k),
+                   req_str(m, "runtime", k), req_str(m, "interpreter", k),
+                   req_int(m, "num_samples", k, 0, 2**40), req_str(m, "version", k, max_len=64))
+
+
+@dataclass
+class RoundMetrics(Message):
+    """Results of a closed round, published by the aggregator."""
+
+    KIND: ClassVar[str] = "metrics"
+    round: int
+    ts: float
+    outcome: str  # "aggregated" | "abandoned" | "unchanged"
+    participants: list[str]
+    values: dict[str, float]
+    rejected: dict[str, float]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"round": self.round, "ts": self.ts, "outcome": self.outcome, "participants": self.participants,
+                "values": self.values, "rejected": self.rejected}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "RoundMetrics":
+        k = cls.KIND
+        parts = _get(m, "participants", k)
+        if not isinstance(parts, list) or len(parts) > limits.max_agents or not all(
+            isinstance(a, str) and NAME_RE.match(a) for a in parts
+        ):
+            raise DecodeError(f"{k}: 'participants' must be a list of agent ids", reason="schema")
+        return cls(req_int(m, "round", k), req_float(m, "ts", k), req_str(m, "outcome", k, max_len=32), parts,
+                   metrics_map(_get(m, "values", k), k, limits, "values"),
+                   metrics_map(_get(m, "rejected", k), k, limits, "rejected"))
+
+
+@dataclass
+class Chunk(Message):
+    """One piece of a payload too large for a single packet (see broker.chunking)."""
+
+    KIND: ClassVar[str] = "chunk"
+    blob_id: str
+    index: int
+    total: int
+    offset: int
+    size: int  # size of the whole blob
+    sha256: bytes | memoryview  # of the whole blob
+    data: bytes | memoryview
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"blob_id": self.blob_id, "index": self.index, "total": self.total, "offset": self.offset,
+                "size": self.size, "sha256": self.sha256, "data": self.data}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "Chunk":
+        k = cls.KIND
+        digest = req_bin(m, "sha256", k)
+        if digest.nbytes != 32:
+            raise DecodeError(f"{k}: sha256 must be 32 bytes", reason="schema")
+        total = req_int(m, "total", k, 1, 1 << 24)
+        return cls(req_str(m, "blob_id", k, HEX_ID_RE), req_int(m, "index", k, 0, total - 1), total,
+                   req_int(m, "offset", k, 0, 2**40), req_int(m, "size", k, 1, 2**40), digest,
+                   req_bin(m, "data", k))
+
+
+KINDS: dict[str, type[Message]] = {
+    c.KIND: c for c in (ModelManifest, GlobalModel, RoundAnnouncement, Update, Status, RoundMetrics, Chunk)
+}

@@ -1,0 +1,76 @@
+"""Rendering Mosquitto configuration and ACL files from typed settings.
+
+Used by ``fedmq-broker provision`` (production files) and by the local launcher (development,
+demos, tests), so both run the same configuration the project ships.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from string import Template
+
+from .topics import Topics
+
+
+@dataclass
+class Listener:
+    port: int
+    bind: str = "0.0.0.0"
+    cafile: str | None = None  # set all three for a TLS listener
+    certfile: str | None = None
+    keyfile: str | None = None
+    require_certificate: bool = False
+
+    def render(self) -> str:
+        lines = [f"listener {self.port} {self.bind}"]
+        if self.certfile:
+            lines += [f"cafile {self.cafile}", f"certfile {self.certfile}", f"keyfile {self.keyfile}",
+                      "tls_version tlsv1.2"]
+            if self.require_certificate:
+                lines += ["require_certificate true", "use_identity_as_username true"]
+        return "\n".join(lines)
+
+
+@dataclass
+class BrokerConf:
+    listeners: list[Listener]
+    password_file: str | None = None  # None: anonymous development broker (no ACL)
+    acl_file: str | None = None
+    data_dir: str = "/mosquitto/data"
+    persistence: bool = True
+    autosave_interval: int = 60
+    max_packet_size: int = 0  # 0 = Mosquitto's default
+    max_queued_messages: int = 1000
+    log_file: str | None = None  # None: stderr
+    extra: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        if self.log_file:
+            log = f"log_dest file {self.log_file}"
+        else:
+            log = "log_dest stderr"
+        log += "\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true"
+        if self.password_file is None:
+            text = _template("mosquitto.conf.in").replace(
+                "allow_anonymous false\npassword_file ${password_file}\nacl_file ${acl_file}",
+                "# development broker: anonymous clients, no ACL\nallow_anonymous true")
+        else:
+            text = _template("mosquitto.conf.in")
+        out = Template(text).substitute(
+            password_file=self.password_file, acl_file=self.acl_file, data_dir=self.data_dir.rstrip("/"),
+            persistence="true" if self.persistence else "false", autosave_interval=self.autosave_interval,
+            max_packet_size=self.max_packet_size, max_queued_messages=self.max_queued_messages, log_lines=log,
+            listeners="\n\n".join(listener.render() for listener in self.listeners),
+        )
+        if not self.max_packet_size:
+            out = out.replace("max_packet_size 0\n", "")
+        return out + ("\n".join(self.extra) + "\n" if self.extra else "")
+
+
+def render_acl(topics: Topics, aggregator: str = "aggregator") -> str:
+    return Template(_template("acl.in")).substitute(fleet=topics.fleet, base=topics.base, aggregator=aggregator)
+
+
+def _template(name: str) -> str:
+    return resources.files("broker").joinpath("templates", name).read_text()

@@ -1,0 +1,134 @@
+"""``fedmq-broker provision``: every file a fleet needs, generated in one go.
+
+For a fleet and its agents it writes, under the output directory::
+
+    broker/mosquitto.conf  passwd  acl  ca.crt  server.crt  server.key
+    ca/ca.key  ca/ca.crt                      (keep the CA key offline)
+    aggregator/aggregator.toml  client.crt  client.key  ca.crt
+    agents/<id>/agent.toml  client.crt  client.key  ca.crt
+
+Passwords are random (``secrets``) and hashed for Mosquitto's password file in its own format
+(PBKDF2-SHA512, ``$7$<iterations>$<salt b64>$<hash b64>``, what ``mosquitto_passwd`` writes).
+Secrets (keys, passwords, configs holding them) are written with mode 0600.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import certs
+from .mosquitto_conf import BrokerConf, Listener, render_acl
+from .topics import Topics, check_name
+
+PBKDF2_ITERATIONS = 101  # Mosquitto 2.0's default for $7$ hashes
+
+
+def hash_password(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """A Mosquitto password-file hash (``$7$``: PBKDF2-HMAC-SHA512, 12-byte salt)."""
+    salt = salt if salt is not None else os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def _write(path: Path, data: str | bytes, secret: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = 0o600 if secret else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(path, mode)
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass
+class ProvisionSpec:
+    fleet: str
+    agents: list[str]
+    out_dir: Path
+    host: str = "localhost"  # name agents use to reach the broker (in the server cert and configs)
+    port: int = 8883
+    prefix: str = "fedmq"
+    aggregator: str = "aggregator"
+    broker_root: str | None = None  # where broker/ files live on the broker host (default: out_dir/broker)
+    max_packet_size: int = 2_000_000
+    extra_names: list[str] = field(default_factory=list)
+    mutual_tls: bool = False
+
+
+@dataclass
+class Provisioned:
+    out_dir: Path
+    topics: Topics
+    passwords: dict[str, str]
+    broker_dir: Path
+
+    @property
+    def ca_file(self) -> Path:
+        return self.broker_dir / "ca.crt"
+
+    def client_dir(self, user: str) -> Path:
+        return self.out_dir / ("aggregator" if user == "aggregator" else f"agents/{user}")
+
+
+def provision(spec: ProvisionSpec) -> Provisioned:
+    topics = Topics(spec.fleet, spec.prefix)
+    users = [check_name(spec.aggregator, "aggregator name")] + [check_name(a) for a in spec.agents]
+    if len(set(users)) != len(users):
+        raise ValueError("agent ids must be unique and differ from the aggregator's name")
+    out = Path(spec.out_dir).resolve()
+    bdir = out / "broker"
+    root = spec.broker_root or str(bdir)
+    ca = certs.make_ca(f"fedmq {spec.fleet} CA")
+    names = sorted({spec.host, "localhost", "127.0.0.1", *spec.extra_names})
+    server = certs.issue(ca, spec.host, server_names=names)
+    _write(out / "ca/ca.key", ca.key_pem, secret=True)
+    _write(out / "ca/ca.crt", ca.cert_pem)
+    _write(bdir / "ca.crt", ca.cert_pem)
+    _write(bdir / "server.crt", server.cert_pem)
+    _write(bdir / "server.key", server.key_pem, secret=True)
+    passwords = {u: secrets.token_urlsafe(24) for u in users}
+    _write(bdir / "passwd", "".join(f"{u}:{hash_password(p)}\n" for u, p in passwords.items()), secret=True)
+    _write(bdir / "acl", render_acl(topics, spec.aggregator))
+    conf = BrokerConf(
+        [Listener(spec.port, "0.0.0.0", f"{root}/ca.crt", f"{root}/server.crt", f"{root}/server.key",
+                  require_certificate=spec.mutual_tls)],
+        password_file=f"{root}/passwd", acl_file=f"{root}/acl", data_dir="/var/lib/mosquitto"
+        if spec.broker_root is None else "/mosquitto/data", max_packet_size=spec.max_packet_size,
+    )
+    _write(bdir / "mosquitto.conf", conf.render())
+    for u in users:
+        d = out / ("aggregator" if u == spec.aggregator else f"agents/{u}")
+        leaf = certs.issue(ca, u)
+        _write(d / "client.crt", leaf.cert_pem)
+        _write(d / "client.key", leaf.key_pem, secret=True)
+        _write(d / "ca.crt", ca.cert_pem)
+        role = "aggregator" if u == spec.aggregator else "agent"
+        _write(d / f"{role}.toml", _client_toml(spec, u, passwords[u], d, role), secret=True)
+    return Provisioned(out, topics, passwords, bdir)
+
+
+def _client_toml(spec: ProvisionSpec, user: str, password: str, d: Path, role: str) -> str:
+    ident = f'[agent]\nid = {_toml_str(user)}\n\n' if role == "agent" else ""
+    return (
+        f"# fedmq {role} config generated by `fedmq-broker provision` (keep private: holds a password)\n"
+        f"{ident}"
+        "[broker]\n"
+        f"host = {_toml_str(spec.host)}\n"
+        f"port = {spec.port}\n"
+        f"fleet = {_toml_str(spec.fleet)}\n"
+        f"prefix = {_toml_str(spec.prefix)}\n"
+        f"username = {_toml_str(user)}\n"
+        f"password = {_toml_str(password)}\n"
+        f"ca_file = {_toml_str(str(d / 'ca.crt'))}\n"
+        f"cert_file = {_toml_str(str(d / 'client.crt'))}\n"
+        f"key_file = {_toml_str(str(d / 'client.key'))}\n"
+        f"max_payload = {max(1024, spec.max_packet_size - 4096)}\n"
+    )

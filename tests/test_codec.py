@@ -1,0 +1,301 @@
+"""Codec: round trips (hypothesis), compression error bounds vs numpy, hostile inputs."""
+
+import math
+import struct
+import tracemalloc
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from broker import codec
+from broker.errors import DecodeError, EncodeError
+from broker.messages import (Chunk, DecodeLimits, GlobalModel, ModelManifest, RoundAnnouncement, RoundMetrics,
+                             Status, TensorSpec, TrainConfig, Update)
+from broker.msgview import ReadLimits, unpack
+from broker.tensors import RAW_DTYPES, Compression, decode_tensor, encode_tensor, topk_count
+
+MID = "ab" * 32
+UID = "0123456789abcdef"
+
+dtypes = st.sampled_from(list(RAW_DTYPES.values()))
+shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_raw_round_trip_bit_identical(data):
+    dt = data.draw(dtypes)
+    arr = data.draw(hnp.arrays(dt, data.draw(shapes)))
+    msg = GlobalModel(3, MID, {"w": arr, "b": arr.reshape(-1)}, 1.5)
+    out = codec.decode(codec.encode(msg))
+    assert isinstance(out, GlobalModel) and out.round == 3
+    for name in ("w", "b"):
+        got = out.tensors[name]
+        assert got.dtype == arr.dtype.newbyteorder("<") or got.dtype == arr.dtype
+        assert got.shape == (arr.shape if name == "w" else (arr.size,))
+        assert got.tobytes() == np.ascontiguousarray(arr).reshape(got.shape).tobytes()
+
+
+def test_decoded_raw_tensors_are_zero_copy_views():
+    arr = np.arange(1000, dtype=np.float32)
+    payload = codec.encode(GlobalModel(1, MID, {"w": arr}, 0.0))
+    out = codec.decode(payload)
+    w = out.tensors["w"]
+    assert not w.flags.owndata and not w.flags.writeable
+    base = np.frombuffer(payload, dtype=np.uint8)
+    assert np.shares_memory(w, base)
+
+
+def test_big_endian_and_non_contiguous_inputs_are_normalised():
+    a = np.arange(12, dtype=">f4").reshape(3, 4)[:, ::2]
+    _, out = decode_tensor(codec.decode(codec.encode(GlobalModel(1, MID, {"x": a}, 0.0))).tensors and
+                           encode_tensor("x", a), 10**6)
+    np.testing.assert_array_equal(out, a.astype("<f4"))
+
+
+floats = hnp.arrays(np.float32, shapes, elements=st.floats(-1e4, 1e4, width=32))
+
+
+@settings(max_examples=150, deadline=None)
+@given(floats)
+def test_float16_error_bound(x):
+    _, y = decode_tensor(encode_tensor("t", x, Compression("f16")), 10**6)
+    ref = x.astype(np.float16).astype(np.float32)  # numpy's own round-to-nearest-even
+    np.testing.assert_array_equal(y, ref)
+    # half precision: relative error <= 2**-11 for normal numbers, absolute <= 2**-25 near zero
+    assert np.all(np.abs(y - x) <= np.maximum(np.abs(x) * 2.0**-11, 2.0**-25))
+
+
+@settings(max_examples=150, deadline=None)
+@given(floats)
+def test_int8_error_bound_and_reference(x):
+    wire = encode_tensor("t", x, Compression("int8"))
+    _, y = decode_tensor(wire, 10**6)
+    amax = float(np.max(np.abs(x))) if x.size else 0.0
+    scale = amax / 127.0
+    assert wire["scale"] == pytest.approx(scale)
+    ref = (np.clip(np.round(x / np.float32(scale)), -127, 127) * np.float32(scale)) if scale else np.zeros_like(x)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6 * max(amax, 1))
+    assert np.all(np.abs(y - x) <= scale / 2 + 1e-5 * max(amax, 1))
+
+
+def test_int8_rounds_half_to_even():
+    x = np.array([127.0, 0.5, 1.5, 2.5, -0.5], dtype=np.float32)  # scale = 1
+    _, y = decode_tensor(encode_tensor("t", x, Compression("int8")), 100)
+    np.testing.assert_array_equal(y, [127, 0, 2, 2, -0])
+
+
+@settings(max_examples=100, deadline=None)
+@given(hnp.arrays(np.float32, shapes, elements=st.floats(-100, 100, width=32)),
+       st.floats(0.001, 1.0))
+def test_topk_keeps_largest_magnitudes(x, frac):
+    _, y = decode_tensor(encode_tensor("t", x, Compression("topk", frac)), 10**6)
+    flat, yf = x.reshape(-1), y.reshape(-1)
+    k = topk_count(flat.size, frac)
+    kept = np.flatnonzero(yf != 0)
+    assert kept.size <= k
+    np.testing.assert_array_equal(yf[kept], flat[kept])
+    if flat.size and k < flat.size:
+        # every kept magnitude >= every dropped magnitude (reference: full sort)
+        dropped = np.setdiff1d(np.arange(flat.size), np.argsort(-np.abs(flat), kind="stable")[:k])
+        assert np.abs(flat[dropped]).max(initial=0) <= np.sort(np.abs(flat))[::-1][k - 1]
+
+
+def test_topk_wire_size():
+    x = np.random.default_rng(0).normal(size=100_000).astype(np.float32)
+    wire = encode_tensor("t", x, Compression("topk", 0.01))
+    assert len(wire["idx"]) == len(wire["data"]) == 1000 * 4
+
+
+def test_lossy_encodings_refuse_bad_values():
+    with pytest.raises(EncodeError, match="float16 range"):
+        encode_tensor("t", np.array([1e6], np.float32), Compression("f16"))
+    with pytest.raises(EncodeError, match="non-finite"):
+        encode_tensor("t", np.array([np.inf], np.float32), Compression("int8"))
+    with pytest.raises(EncodeError):
+        encode_tensor("t", np.array([1], np.int32), Compression("int8"))
+    with pytest.raises(EncodeError):
+        Compression("zip")
+
+
+def _all_messages():
+    w = {"dense/kernel": np.ones((3, 2), np.float32), "dense/bias": np.zeros(2, np.float32)}
+    return [
+        ModelManifest(MID, b"\x00tflite", [TensorSpec("dense/kernel", (3, 2), "float32")],
+                      [TensorSpec("x", (8, 3), "float32"), TensorSpec("y", (8,), "int32")], 8, 1.0, {"lr": 0.1}),
+        GlobalModel(0, MID, w, 2.0),
+        RoundAnnouncement(4, MID, 3, 10.0, 70.0, TrainConfig(2, 16, 0.05, 0.01, Compression("topk", 0.05), 7),
+                          ["a", "b-2"], 2),
+        RoundAnnouncement(1, MID, 0, 10.0, 70.0, TrainConfig(), None, 1),
+        Update(4, "a", MID, UID, 120, w, {"loss": 0.3, "acc": 0.9}, 5.0),
+        Status("a", "training", 3.0, "litert", "ai_edge_litert 2.3", 120, "0.1.0"),
+        RoundMetrics(4, 9.0, "aggregated", ["a", "b-2"], {"loss": 0.2}, {"stale": 2}),
+        Chunk(UID, 1, 3, 100, 250, b"\x01" * 32, b"abc"),
+    ]
+
+
+@pytest.mark.parametrize("msg", _all_messages(), ids=lambda m: m.KIND)
+def test_every_kind_round_trips(msg):
+    out = codec.decode(codec.encode(msg))
+    assert type(out) is type(msg)
+    for k, v in vars(msg).items():
+        got = getattr(out, k)
+        if k == "tensors":
+            assert list(got) == list(v)
+            for n in v:
+                np.testing.assert_array_equal(got[n], v[n])
+        elif isinstance(v, (bytes, memoryview)):
+            assert bytes(got) == bytes(v)
+        elif k != "compression":
+            assert got == v, k
+    assert msgpack.unpackb(codec.encode(msg))["kind"] == msg.KIND  # stock msgpack reads it too
+
+
+def test_encoder_reuses_its_buffer_and_matches_encode():
+    enc = codec.Encoder()
+    m1 = GlobalModel(1, MID, {"w": np.arange(10_000, dtype=np.float32)}, 0.0)
+    m2 = GlobalModel(2, MID, {"w": np.ones(5, dtype=np.float32)}, 0.0)
+    v1 = bytes(enc.encode(m1))
+    assert v1 == codec.encode(m1)
+    assert bytes(enc.encode(m2)) == codec.encode(m2)
+    held = enc.encode(m1)[10:20]  # a caller keeping a slice must not break the next call
+    assert bytes(enc.encode(m2)) == codec.encode(m2)
+    assert len(bytes(held)) == 10
+
+
+# -- the zero-copy reader vs msgpack itself --------------------------------------------------------
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=40) | st.binary(max_size=300),
+    lambda c: st.lists(c, max_size=20) | st.dictionaries(st.text(max_size=10) | st.integers(-5, 300), c, max_size=20),
+    max_leaves=60,
+)
+
+
+def _plain(o):
+    if isinstance(o, memoryview):
+        return bytes(o)
+    if isinstance(o, list):
+        return [_plain(x) for x in o]
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items()}
+    return o
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_like, st.booleans())
+def test_reader_agrees_with_msgpack(obj, single_float):
+    try:
+        data = msgpack.packb(obj, use_bin_type=True, use_single_float=single_float)
+    except OverflowError:  # a double beyond float32 range with use_single_float
+        assume(False)
+    assert _plain(unpack(data, ReadLimits(max_depth=64))) == msgpack.unpackb(data, strict_map_key=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_like, st.data())
+def test_reader_rejects_every_truncation(obj, data):
+    payload = msgpack.packb(obj, use_bin_type=True)
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    with pytest.raises(DecodeError):
+        unpack(payload[:cut], ReadLimits(max_depth=64))
+
+
+# -- hostile payloads ------------------------------------------------------------------------------
+def _env(**fields):
+    d = {"v": 1, "kind": "update", "round": 1, "agent": "a", "model_id": MID, "update_id": UID, "num_samples": 1,
+         "metrics": {}, "created": 0.0,
+         "tensors": [{"name": "w", "enc": "raw", "dtype": "float32", "shape": [2], "data": b"\0" * 8}]}
+    d.update(fields)
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def _tensor(**kw):
+    t = {"name": "w", "enc": "raw", "dtype": "float32", "shape": [2], "data": b"\0" * 8}
+    t.update(kw)
+    return [t]
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"", "malformed"),
+    (b"\xc1", "malformed"),
+    (msgpack.packb([1, 2]), "malformed"),
+    (msgpack.packb({"kind": "update"}), "schema"),
+    (_env(v=2), "bad_version"),
+    (_env(v="1"), "schema"),
+    (_env(kind="pickle"), "bad_kind"),
+    (_env(round="1"), "schema"),
+    (_env(round=-1), "schema"),
+    (_env(agent="A+"), "schema"),
+    (_env(num_samples=1.5), "schema"),
+    (_env(tensors=_tensor(shape=[3])), "bad_shape"),
+    (_env(tensors=_tensor(shape=[-2])), "bad_shape"),
+    (_env(tensors=_tensor(shape=[2**40, 2**40])), "too_large"),
+    (_env(tensors=_tensor(dtype="object")), "bad_dtype"),
+    (_env(tensors=_tensor(dtype="<f4")), "bad_dtype"),
+    (_env(tensors=_tensor(enc="pickle")), "bad_encoding"),
+    (_env(tensors=_tensor(data="text")), "schema"),
+    (_env(tensors=_tensor(enc="int8", data=b"\0\0", scale=float("nan"))), "schema"),
+    (_env(tensors=_tensor(enc="topk", idx=struct.pack("<2I", 5, 1), data=b"\0" * 8)), "bad_shape"),
+    (_env(tensors=_tensor(enc="topk", idx=struct.pack("<1I", 2), data=b"\0" * 4)), "bad_shape"),
+    (_env(tensors=_tensor() * 2), "schema"),
+    (_env(metrics={"loss": "low"}), "schema"),
+    (_env() + b"\x00", "malformed"),
+    (b"\xc7\x01\x05x", "malformed"),  # ext
+    (b"\x91" * 50 + b"\xc0", "malformed"),  # nesting bomb
+])
+def test_hostile_payloads_rejected_with_reason(payload, reason):
+    with pytest.raises(DecodeError) as e:
+        codec.decode(payload)
+    assert e.value.reason == reason, str(e.value)
+    assert str(e.value)
+
+
+@pytest.mark.parametrize("header", [
+    b"\xc6\xff\xff\xff\xff",  # bin32 of 4 GiB
+    b"\xdb\xff\xff\xff\xff",  # str32 of 4 GiB
+    b"\xdd\xff\xff\xff\xff",  # array32 of 4G entries
+    b"\xdf\xff\xff\xff\xff",  # map32 of 4G entries
+])
+def test_giant_declared_sizes_never_allocate(header):
+    payload = b"\x82\xa1v\x01\xa4kind" + header + b"\x00" * 64
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError) as e:
+            codec.decode(payload)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert e.value.reason in ("truncated", "too_large")
+    assert peak < 1_000_000
+
+
+def test_size_limit_checked_before_parsing():
+    limits = DecodeLimits(max_payload_bytes=100)
+    with pytest.raises(DecodeError) as e:
+        codec.decode(b"\xc0" * 101, limits)
+    assert e.value.reason == "too_large"
+
+
+def test_element_budget_spans_all_tensors():
+    t = [{"name": f"w{i}", "enc": "raw", "dtype": "uint8", "shape": [60], "data": b"\0" * 60} for i in range(2)]
+    with pytest.raises(DecodeError) as e:
+        codec.decode(_env(tensors=t), DecodeLimits(max_elements=100))
+    assert e.value.reason == "too_large"
+
+
+def test_expect_kind():
+    payload = codec.encode(_all_messages()[5])
+    with pytest.raises(DecodeError) as e:
+        codec.decode(payload, expect=Update)
+    assert e.value.reason == "bad_kind"
+    assert codec.peek_kind(payload) == "status"
+
+
+def test_nan_metrics_survive_decoding_for_strategies_to_judge():
+    out = codec.decode(_env(metrics={"acc": float("nan")}))
+    assert math.isnan(out.metrics["acc"])
