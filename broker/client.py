@@ -144,6 +144,7 @@ class MqttClient:
         self._c.on_publish = self._on_publish
         self._c.on_subscribe = self._on_subscribe
         self._c.on_message = self._on_message
+        self._c.on_connect_fail = self._on_connect_fail
         self._lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
         self._early: dict[int, Any] = {}
@@ -151,9 +152,9 @@ class MqttClient:
         self._connected = threading.Event()
         self._first = _Waiter()
         self._fatal: MqttError | None = None
-        self._stop = threading.Event()
         self._closing = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._started = False
+        self._delays = None
         self.broker_max_packet: int | None = None
         self.inbox: queue.Queue[InMessage] = queue.Queue(config.inbox_size)
         self._handler = on_message
@@ -173,20 +174,24 @@ class MqttClient:
         return self._connected.is_set()
 
     def connect(self, timeout: float = 10.0) -> None:
-        """Connect and start the network thread; raise ConnectError/AuthError on failure."""
+        """Connect and start paho's network thread; raise ConnectError/AuthError on failure."""
+        if self._started:
+            return
         props = None
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
             if self.cfg.session_expiry > 0:
                 props.SessionExpiryInterval = self.cfg.session_expiry
+        self._next_delay()
         try:
             self._c.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
                             clean_start=self.cfg.clean_start if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                             properties=props)
         except (OSError, ssl.SSLError) as e:
             raise ConnectError(f"cannot reach broker {self.cfg.host}:{self.cfg.port}: {e}") from e
-        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.cfg.client_id}", daemon=True)
-        self._thread.start()
+        # paho's own thread: with it, publishes from other threads are queued, never written concurrently.
+        self._c.loop_start()
+        self._started = True
         if not self._first.event.wait(timeout):
             self.close()
             raise MqttTimeout(f"no CONNACK from {self.cfg.host}:{self.cfg.port} within {timeout}s")
@@ -195,47 +200,23 @@ class MqttClient:
             raise self._first.value
 
     def close(self, timeout: float = 5.0) -> None:
-        """Disconnect cleanly (no last will) and stop the network thread."""
+        """Disconnect cleanly (no last will is sent) and stop the network thread."""
         self._closing.set()
-        if self._connected.is_set():
-            try:
-                self._c.disconnect()  # the network thread flushes it, then on_disconnect fires
-            except Exception:  # noqa: BLE001 - closing must not raise
-                pass
-            deadline = time.monotonic() + timeout
-            while self._connected.is_set() and time.monotonic() < deadline and self._thread is not None \
-                    and self._thread.is_alive():
-                time.sleep(0.01)
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        try:
+            self._c.disconnect()
+        except Exception:  # noqa: BLE001 - closing must not raise
+            pass
+        if self._started:
+            self._c.loop_stop()
+            self._started = False
         self._connected.clear()
 
-    def _run(self) -> None:
-        delays = None
-        while not self._stop.is_set():
-            if self._fatal is not None:
-                return
-            rc = self._c.loop(timeout=0.2)
-            if rc == mqtt.MQTT_ERR_SUCCESS:
-                continue
-            if self._stop.is_set() or self._closing.is_set() or self._fatal is not None:
-                return
-            self._connected.clear()
-            delays = delays or backoff_delays(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
-            wait = next(delays)
-            log.info("broker %s:%s unreachable (%s); reconnecting in %.2fs", self.cfg.host, self.cfg.port,
-                     mqtt.error_string(rc), wait)
-            if self._stop.wait(wait):
-                return
-            try:
-                self._c.reconnect()
-                self.reconnects += 1
-                delays = None if self._connected.is_set() else delays
-            except (OSError, ssl.SSLError) as e:
-                log.debug("reconnect failed: %s", e)
-            if self._connected.is_set():
-                delays = None
+    def _next_delay(self, reset: bool = False) -> None:
+        """Arm paho's reconnect wait with our next capped, jittered delay."""
+        if reset or self._delays is None:
+            self._delays = backoff_delays(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        d = next(self._delays)
+        self._c.reconnect_delay_set(d, d)
 
     # -- callbacks (network thread; never block) ------------------------------------------------
     def _on_connect(self, c: mqtt.Client, ud: Any, flags: Any, rc: ReasonCode, props: Properties | None) -> None:
@@ -245,6 +226,7 @@ class MqttClient:
                 err: MqttError = AuthError(f"broker refused credentials for {self.cfg.username!r}: {rc}")
                 self._fatal = err
                 log.error("%s; not retrying", err)
+                c.disconnect()  # ends paho's reconnect loop: retrying cannot help
             else:
                 err = ConnectError(f"broker refused the connection: {rc}")
             if self._first.value is None and not self._first.event.is_set():
@@ -259,16 +241,23 @@ class MqttClient:
         for topic, qos in subs:  # re-subscribe: the broker may have lost the session
             c.subscribe(topic, qos)
         self._connected.set()
+        self._next_delay(reset=True)
         if not self._first.event.is_set():
             self._first.event.set()
         else:
+            self.reconnects += 1
             log.info("reconnected to %s:%s (session present: %s)", self.cfg.host, self.cfg.port,
                      getattr(flags, "session_present", None))
 
     def _on_disconnect(self, c: mqtt.Client, ud: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
         self._connected.clear()
-        if not self._closing.is_set():
-            log.warning("disconnected from broker: %s", rc)
+        if not self._closing.is_set() and self._fatal is None:
+            self._next_delay()
+            log.warning("disconnected from broker: %s; reconnecting with backoff", rc)
+
+    def _on_connect_fail(self, c: mqtt.Client, ud: Any) -> None:
+        self._next_delay()
+        log.info("reconnect to %s:%s failed; retrying with backoff", self.cfg.host, self.cfg.port)
 
     def _resolve(self, mid: int, value: Any) -> None:
         with self._lock:

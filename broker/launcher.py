@@ -84,6 +84,7 @@ class LocalBroker:
             raise FedmqError("mosquitto is not installed: apt-get install -y mosquitto")
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "broker.log"
+        self.out_path = self.workdir / "broker.out"  # the process's own stdout/stderr
         self.conf_path = self.workdir / "mosquitto.conf"
 
     @property
@@ -98,10 +99,10 @@ class LocalBroker:
             s = self.secure
             listener = Listener(self.port, self.host, s.ca_file, s.cert_file, s.key_file)
             conf = BrokerConf([listener], s.password_file, s.acl_file, str(data), self.persistence,
-                              max_packet_size=self.max_packet_size)
+                              max_packet_size=self.max_packet_size, log_file=str(self.log_path))
         else:
             conf = BrokerConf([Listener(self.port, self.host)], data_dir=str(data), persistence=self.persistence,
-                              max_packet_size=self.max_packet_size)
+                              max_packet_size=self.max_packet_size, log_file=str(self.log_path))
         if os.geteuid() == 0:  # mosquitto drops root to user "mosquitto", who cannot read our temp files
             conf.extra.append("user root")
         return conf.render()
@@ -109,7 +110,7 @@ class LocalBroker:
     def start(self, timeout: float = 15.0) -> "LocalBroker":
         if self.proc is not None and self.proc.poll() is None:
             return self
-        logf = open(self.log_path, "ab")
+        logf = open(self.out_path, "ab")
         if self.embedded:
             if self.secure:
                 raise FedmqError("the embedded broker cannot enforce TLS/ACL: install mosquitto")
@@ -152,10 +153,14 @@ class LocalBroker:
         self.start(timeout)
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """The broker's log plus anything the process printed itself."""
+        parts = []
+        for p in (self.out_path, self.log_path):
+            try:
+                parts.append(p.read_text(errors="replace"))
+            except FileNotFoundError:
+                pass
+        return "".join(parts)
 
     def cleanup(self) -> None:
         self.stop()

@@ -1,0 +1,50 @@
+"""The contract over the embedded pure-Python broker (amqtt, MQTT 3.1.1): the launcher's fallback."""
+
+import uuid
+
+import numpy as np
+import pytest
+
+from broker.client import MqttClient, MqttConfig
+from broker.launcher import LocalBroker
+from broker.messages import GlobalModel, Update
+from broker.publisher import Publisher
+from broker.receiver import Receiver
+from conftest import wait_until
+
+pytest.importorskip("amqtt")
+pytestmark = pytest.mark.network
+MID = "ab" * 32
+
+
+def test_chunked_update_and_retained_global_over_amqtt(tmp_path, topics):
+    with LocalBroker(force_embedded=True, workdir=str(tmp_path)) as b:
+        assert b.embedded and b.protocol == "3.1.1"
+
+        def mk(name):
+            c = MqttClient(MqttConfig(b.host, b.port, client_id=name, protocol="3.1.1", max_payload=100_000))
+            c.connect(timeout=15)
+            return c
+
+        with mk("sub-" + uuid.uuid4().hex[:6]) as sub, mk("pub-" + uuid.uuid4().hex[:6]) as pub:
+            w = {"w": np.random.default_rng(1).normal(size=200_000).astype(np.float32)}
+            p = Publisher(pub, topics)
+            p.publish(topics.global_(), GlobalModel(1, MID, w, 0.0), retain=True)
+            sub.subscribe(topics.all_updates())
+            for f in topics.with_chunks(topics.global_()):
+                sub.subscribe(f)
+            assert p.publish(topics.update("a"), Update(1, "a", MID, uuid.uuid4().hex, 4, w, {}, 0.0)) > 1
+            rx = Receiver(topics)
+            got = []
+
+            def step():
+                m = sub.get(timeout=0.1)
+                if m is not None and (r := rx.feed(m.topic, m.payload, m.retain)) is not None:
+                    got.append(r.message)
+                return len(got) == 2
+
+            wait_until(step, 30, interval=0, what="global + update over amqtt")
+            kinds = sorted(type(g).__name__ for g in got)
+            assert kinds == ["GlobalModel", "Update"]
+            for g in got:
+                assert g.tensors["w"].tobytes() == w["w"].tobytes()

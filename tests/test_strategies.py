@@ -1,0 +1,372 @@
+"""Aggregation strategies against independent references (numpy, the papers' formulas, brute force)."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.strategies import ClientUpdate, build_strategy
+from aggregator.strategies.reducers import WeightedMean
+from broker.errors import ConfigError
+
+SHAPES = {"k": (4, 3), "b": (3,)}
+
+
+def model(seed=0):
+    rng = np.random.default_rng(seed)
+    return {n: rng.normal(size=s).astype(np.float32) for n, s in SHAPES.items()}
+
+
+def updates(k, seed=1, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return [ClientUpdate(f"a{i}", int(rng.integers(1, 500)),
+                         {n: (rng.normal(size=s) * scale).astype(np.float32) for n, s in SHAPES.items()},
+                         {"val_accuracy": float(rng.uniform(0.1, 0.9)), "loss": float(rng.uniform(0.1, 2))})
+            for i in range(k)]
+
+
+def run(cfg, g, ups, round_no=1, strat=None):
+    s = strat or build_strategy(cfg)
+    s.begin_round(g, round_no)
+    reasons = [s.add(u) for u in ups]
+    return s, s.finish(), reasons
+
+
+def stacked(ups, n):
+    return np.stack([u.delta[n].astype(np.float64) for u in ups])
+
+
+def assert_close(a, b, tol=2e-5):
+    for n in a:
+        np.testing.assert_allclose(a[n], b[n], rtol=tol, atol=tol)
+
+
+# -- the seed's methods ---------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 10_000))
+def test_simple_mean_is_the_mean(k, seed):
+    g, ups = model(seed), updates(k, seed + 1)
+    _, r, _ = run({"name": "mean"}, g, ups)
+    assert_close(r.weights, {n: g[n] + stacked(ups, n).mean(axis=0) for n in g})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 10_000))
+def test_sample_weighted_mean_matches_np_average(k, seed):
+    g, ups = model(seed), updates(k, seed + 1)
+    w = [u.num_samples for u in ups]
+    _, r, _ = run({"name": "weighted"}, g, ups)
+    assert_close(r.weights, {n: g[n] + np.average(stacked(ups, n), axis=0, weights=w) for n in g})
+
+
+@pytest.mark.parametrize("mapping, temperature, metric, fn", [
+    ("proportional", 1.0, "val_accuracy", lambda q, t: q),
+    ("softmax", 0.1, "val_accuracy", lambda q, t: math.exp(q / t)),
+    ("inverse", 1.0, "loss", lambda q, t: 1 / (q + 1e-8)),
+])
+def test_quality_weighting(mapping, temperature, metric, fn):
+    g, ups = model(), updates(7)
+    cfg = {"name": "quality", "quality": {"metric": metric, "mapping": mapping, "temperature": temperature}}
+    _, r, _ = run(cfg, g, ups)
+    w = [fn(u.metrics[metric], temperature) for u in ups]
+    assert_close(r.weights, {n: g[n] + np.average(stacked(ups, n), axis=0, weights=w) for n in g})
+
+
+def test_softmax_weights_equal_the_softmax():
+    q = np.array([0.2, 0.5, 0.9])
+    t = 0.25
+    sm = np.exp(q / t) / np.exp(q / t).sum()
+    g = {"w": np.zeros(1, np.float32)}
+    ups = [ClientUpdate(f"a{i}", 1, {"w": np.array([float(i == j) for j in [0]], np.float32) * 0 + np.float32(i)},
+                        {"val_accuracy": float(q[i])}) for i in range(3)]
+    _, r, _ = run({"name": "quality", "quality": {"mapping": "softmax", "temperature": t}}, g, ups)
+    assert r.weights["w"][0] == pytest.approx(float(sm @ np.arange(3)), rel=1e-5)
+
+
+@pytest.mark.parametrize("lr", [1.0, 0.5, 2.0])
+def test_fedavg_with_server_learning_rate(lr):
+    g, ups = model(), updates(5)
+    w = [u.num_samples for u in ups]
+    _, r, _ = run({"name": "fedavg", "server": {"lr": lr}}, g, ups)
+    assert_close(r.weights, {n: g[n] + lr * np.average(stacked(ups, n), axis=0, weights=w) for n in g})
+
+
+def test_hybrid_samples_times_quality():
+    g, ups = model(), updates(6)
+    w = [u.num_samples * u.metrics["val_accuracy"] for u in ups]
+    _, r, _ = run({"name": "hybrid"}, g, ups)
+    assert_close(r.weights, {n: g[n] + np.average(stacked(ups, n), axis=0, weights=w) for n in g})
+
+
+# -- server optimizers vs a transcription of Reddi et al. 2021, Algorithm 2 -----------------------
+def reference_opt(name, xs, deltas, lr, b1=0.9, b2=0.99, tau=1e-3, mom=0.9):
+    x = xs.astype(np.float64)
+    m = np.zeros_like(x)
+    v = np.full_like(x, tau**2)
+    out = []
+    for d in deltas:
+        if name == "sgd":
+            x = x + lr * d
+        elif name == "momentum":
+            m = mom * m + d
+            x = x + lr * m
+        else:
+            m = b1 * m + (1 - b1) * d
+            if name == "adagrad":
+                v = v + d**2
+            elif name == "adam":
+                v = b2 * v + (1 - b2) * d**2
+            else:
+                v = v - (1 - b2) * d**2 * np.sign(v - d**2)
+            x = x + lr * m / (np.sqrt(v) + tau)
+        out.append(x.copy())
+    return out
+
+
+@pytest.mark.parametrize("preset, opt, lr", [("fedavg", "sgd", 1.0), ("fedavgm", "momentum", 0.7),
+                                             ("fedadam", "adam", 0.05), ("fedyogi", "yogi", 0.05),
+                                             ("fedadagrad", "adagrad", 0.05)])
+def test_server_optimizers_follow_the_paper(preset, opt, lr):
+    g = model(3)
+    s = build_strategy({"name": preset, "server": {"lr": lr}})
+    x = dict(g)
+    deltas = []
+    for rnd in range(1, 6):
+        ups = updates(4, seed=10 + rnd)
+        _, r, _ = run(None, x, ups, rnd, strat=s)
+        deltas.append(np.average(stacked(ups, "k"), axis=0, weights=[u.num_samples for u in ups]))
+        x = r.weights
+        ref = reference_opt(opt, g["k"], deltas, lr)[-1]
+        np.testing.assert_allclose(x["k"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_state_save_load_reproduces_the_next_round_exactly():
+    g = model()
+    a = build_strategy({"name": "fedyogi", "clip": {"bound": 2.0, "adaptive": True}})
+    x = g
+    for rnd in (1, 2):
+        _, r, _ = run(None, x, updates(5, seed=rnd), rnd, strat=a)
+        x = r.weights
+    saved = {k: np.array(v, copy=True) for k, v in a.state_dict().items()}
+    b = build_strategy({"name": "fedyogi", "clip": {"bound": 2.0, "adaptive": True}})
+    b.load_state_dict(saved)
+    _, ra, _ = run(None, x, updates(5, seed=3), 3, strat=a)
+    _, rb, _ = run(None, x, updates(5, seed=3), 3, strat=b)
+    for n in ra.weights:
+        assert np.array_equal(ra.weights[n], rb.weights[n])
+    assert ra.metrics["clip_bound"] == rb.metrics["clip_bound"]
+
+
+# -- robust aggregators ---------------------------------------------------------------------------
+def test_median_matches_np_median():
+    g, ups = model(), updates(9)
+    _, r, _ = run({"name": "median"}, g, ups)
+    assert_close(r.weights, {n: g[n] + np.median(stacked(ups, n), axis=0) for n in g})
+
+
+@pytest.mark.parametrize("k, beta", [(10, 0.1), (10, 0.2), (7, 0.3), (3, 0.0)])
+def test_trimmed_mean_matches_sorted_slice(k, beta):
+    g, ups = model(), updates(k)
+    _, r, _ = run({"name": "trimmed_mean", "beta": beta}, g, ups)
+    cut = int(math.floor(beta * k))
+    ref = {n: g[n] + np.sort(stacked(ups, n), axis=0)[cut:k - cut].mean(axis=0) for n in g}
+    assert_close(r.weights, ref)
+
+
+def brute_krum_scores(ups, f):
+    flat = [np.concatenate([u.delta[n].reshape(-1).astype(np.float64) for n in SHAPES]) for u in ups]
+    n = len(flat)
+    scores = []
+    for i in range(n):
+        d = sorted(float(np.sum((flat[i] - flat[j]) ** 2)) for j in range(n) if j != i)
+        scores.append(sum(d[: n - f - 2]))
+    return scores
+
+
+@pytest.mark.parametrize("f, m", [(1, 1), (2, 1), (2, 3)])
+def test_krum_matches_brute_force(f, m):
+    g, ups = model(), updates(9)
+    name = "krum" if m == 1 else "multikrum"
+    s, r, _ = run({"name": name, "f": f, "m": m}, g, ups)
+    scores = brute_krum_scores(ups, f)
+    np.testing.assert_allclose(s._reducer.scores, scores, rtol=1e-6)
+    chosen = list(np.argsort(scores, kind="stable")[:m])
+    assert s._reducer.selected == chosen
+    w = [ups[i].num_samples if m > 1 else 1 for i in chosen]
+    ref = {n: g[n] + np.average(np.stack([ups[i].delta[n] for i in chosen]), axis=0, weights=w) for n in g}
+    assert_close(r.weights, ref)
+
+
+def test_krum_precondition_leaves_model_unchanged_with_a_clear_reason():
+    g, ups = model(), updates(4)
+    _, r, _ = run({"name": "krum", "f": 1}, g, ups)
+    assert r.weights is None and r.outcome == "unchanged"
+    assert "n > 2f + 2 = 4" in r.reason
+
+
+@pytest.mark.parametrize("attack", ["sign_flip_x100", "scale_x100"])
+def test_robust_aggregators_resist_20_percent_byzantine(attack):
+    rng = np.random.default_rng(7)
+    honest_center = {n: rng.normal(size=s).astype(np.float32) for n, s in SHAPES.items()}
+    g = {n: np.zeros(s, np.float32) for n, s in SHAPES.items()}
+    ups = []
+    for i in range(20):
+        d = {n: (honest_center[n] + 0.1 * rng.normal(size=SHAPES[n])).astype(np.float32) for n in SHAPES}
+        if i < 4:  # 20% Byzantine
+            factor = -100.0 if attack == "sign_flip_x100" else 100.0
+            d = {n: (v * factor).astype(np.float32) for n, v in d.items()}
+        ups.append(ClientUpdate(f"a{i}", 100, d))
+    clean = {n: np.mean([u.delta[n] for u in ups[4:]], axis=0) for n in SHAPES}
+
+    def err(cfg):
+        _, r, _ = run(cfg, g, ups)
+        return math.sqrt(sum(float(np.sum((r.weights[n] - clean[n]) ** 2)) for n in SHAPES))
+
+    center_norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in clean.values()))
+    assert err({"name": "mean"}) > 10 * center_norm  # plain mean is dragged away
+    for cfg in ({"name": "median"}, {"name": "trimmed_mean", "beta": 0.25}, {"name": "krum", "f": 4},
+                {"name": "multikrum", "f": 4, "m": 10}):
+        assert err(cfg) < 0.1 * center_norm, cfg
+
+
+# -- invariants --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mean", "weighted", "fedadam", "median", "trimmed_mean", "multikrum", "hybrid"])
+def test_permutation_invariance(name):
+    g, ups = model(), updates(9)
+    _, a, _ = run({"name": name}, g, ups)
+    _, b, _ = run({"name": name}, g, ups[::-1])
+    assert_close(a.weights, b.weights, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mean", "weighted", "quality", "median", "trimmed_mean", "krum"])
+def test_identical_updates_average_to_themselves(name):
+    g = model()
+    d = updates(1)[0]
+    ups = [ClientUpdate(f"a{i}", 10 + i, d.delta, d.metrics) for i in range(7)]
+    _, r, _ = run({"name": name}, g, ups)
+    assert_close(r.weights, {n: g[n] + d.delta[n] for n in g}, tol=1e-6)
+
+
+def test_scaling_all_weights_leaves_result_unchanged():
+    g, ups = model(), updates(6)
+    big = [ClientUpdate(u.agent, u.num_samples * 1000, u.delta, u.metrics) for u in ups]
+    _, a, _ = run({"name": "weighted"}, g, ups)
+    _, b, _ = run({"name": "weighted"}, g, big)
+    assert_close(a.weights, b.weights, tol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 5000), st.integers(0, 1000))
+def test_streaming_mean_equals_batch_mean(k, size, seed):
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(size=size).astype(np.float32) for _ in range(k)]
+    w = rng.uniform(0.1, 10, size=k)
+    m = WeightedMean([np.empty(size, np.float32)], block=97)  # blocks that do not divide the size
+    for x, wi in zip(xs, w):
+        m.add([x], float(wi))
+    np.testing.assert_allclose(m.result()[0], np.average(np.stack(xs), axis=0, weights=w), rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_mean_memory_is_independent_of_update_count():
+    import tracemalloc
+
+    size = 200_000
+    xs = [np.random.default_rng(i).normal(size=size).astype(np.float32) for i in range(40)]
+    template = [np.empty(size, np.float32)]
+    tracemalloc.start()
+    m = WeightedMean(template)
+    for x in xs:
+        m.add([x], 1.0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 3.5 * size * 4  # two accumulators + one block, not 40 copies
+
+
+# -- bad inputs ------------------------------------------------------------------------------------
+def test_bad_updates_excluded_with_reasons():
+    g, good = model(), updates(3)
+    d = good[0].delta
+    bad = [
+        ClientUpdate("nan", 5, {**d, "k": np.full((4, 3), np.nan, np.float32)}),
+        ClientUpdate("inf", 5, {**d, "b": np.array([np.inf, 0, 0], np.float32)}),
+        ClientUpdate("huge", 5, {**d, "b": np.array([3e38, 3e38, 0], np.float32)}),
+        ClientUpdate("shape", 5, {**d, "k": np.zeros((3, 4), np.float32)}),
+        ClientUpdate("dtype", 5, {**d, "k": np.zeros((4, 3), np.float64)}),
+        ClientUpdate("missing", 5, {"k": d["k"]}),
+        ClientUpdate("extra", 5, {**d, "z": np.zeros(1, np.float32)}),
+        ClientUpdate("neg", -3, d),
+        ClientUpdate("zero", 0, d),
+        ClientUpdate("a0", 5, d),  # duplicate agent
+    ]
+    s, r, reasons = run({"name": "weighted"}, g, good + bad)
+    assert reasons[:3] == [None, None, None]
+    assert reasons[3:] == ["non_finite", "non_finite", "non_finite", "bad_shape", "bad_dtype", "bad_tensors",
+                           "bad_tensors", "bad_samples", "zero_weight", "duplicate"]
+    w = [u.num_samples for u in good]
+    assert_close(r.weights, {n: g[n] + np.average(stacked(good, n), axis=0, weights=w) for n in g})
+    assert r.rejected["non_finite"] == 3 and r.participants == ["a0", "a1", "a2"]
+
+
+@pytest.mark.parametrize("metrics, reason", [({}, "missing_quality"), ({"val_accuracy": float("nan")}, "bad_quality"),
+                                             ({"val_accuracy": -0.5}, "bad_quality"),
+                                             ({"val_accuracy": 0.0}, "zero_weight")])
+def test_bad_quality_metrics(metrics, reason):
+    g, u = model(), updates(1)[0]
+    _, r, reasons = run({"name": "quality"}, g, [ClientUpdate("x", 5, u.delta, metrics)])
+    assert reasons == [reason] and r.weights is None and r.outcome == "unchanged"
+
+
+def test_empty_round_leaves_model_unchanged():
+    _, r, _ = run({"name": "fedadam"}, model(), [])
+    assert r.weights is None and r.reason == "no usable updates"
+
+
+# -- clipping and noise ------------------------------------------------------------------------------
+def test_clipping_bounds_each_contribution():
+    g = {"w": np.zeros(4, np.float32)}
+    ups = [ClientUpdate("a", 1, {"w": np.array([30, 40, 0, 0], np.float32)}),  # norm 50 -> clipped to 5
+           ClientUpdate("b", 1, {"w": np.array([0, 0, 3, 0], np.float32)})]  # norm 3 -> unchanged
+    _, r, _ = run({"name": "mean", "clip": {"bound": 5.0}}, g, ups)
+    np.testing.assert_allclose(r.weights["w"], [1.5, 2.0, 1.5, 0.0], rtol=1e-6)
+    assert r.metrics["clipped_fraction"] == 0.5
+
+
+def test_adaptive_clipping_moves_bound_toward_quantile():
+    s = build_strategy({"name": "mean", "clip": {"bound": 100.0, "adaptive": True, "quantile": 0.5, "lr": 0.5}})
+    g = {"w": np.zeros(1, np.float32)}
+    for rnd in range(1, 40):
+        ups = [ClientUpdate(f"a{i}", 1, {"w": np.array([float(i + 1)], np.float32)}) for i in range(10)]
+        run(None, g, ups, rnd, strat=s)
+    assert 4.0 <= s.clipper.bound <= 7.0  # median norm of 1..10 is 5.5
+
+
+def test_gaussian_noise_sigma_and_reproducibility():
+    g = {"w": np.zeros(200_000, np.float32)}
+    ups = [ClientUpdate(f"a{i}", 1, {"w": np.zeros(200_000, np.float32)}) for i in range(4)]
+    cfg = {"name": "dp_fedavg", "clip": {"bound": 2.0}, "noise": {"multiplier": 1.5, "seed": 3}}
+    _, r, _ = run(cfg, g, ups)
+    sigma = 1.5 * 2.0 / 4
+    assert r.metrics["noise_sigma"] == pytest.approx(sigma)
+    assert float(np.std(r.weights["w"])) == pytest.approx(sigma, rel=0.02)
+    _, r2, _ = run(cfg, g, ups)
+    assert np.array_equal(r.weights["w"], r2.weights["w"])
+
+
+# -- configuration -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg, match", [
+    ({"name": "fedavgg"}, "did you mean 'fedavg'"),
+    ({"name": "krum", "f": -1}, r"strategy.f = -1"),
+    ({"name": "trimmed_mean", "beta": 0.6}, r"strategy.beta"),
+    ({"name": "fedadam", "server": {"beta1": 1.5}}, r"strategy.server.beta1"),
+    ({"name": "fedadam", "server": {"lrr": 0.1}}, r"did you mean 'lr'"),
+    ({"name": "mean", "noise": {"multiplier": 1.0}}, "needs strategy.clip"),
+    ({"name": "hybrid", "weights": ["samples", "size"]}, "strategy.weights"),
+    ({"name": "quality", "quality": {"mapping": "exp"}}, "strategy.quality.mapping"),
+    ({"name": "mean", "reducer": "mode"}, "strategy.reducer"),
+    ({"name": "mean", "colour": 1}, "unknown key strategy.colour"),
+])
+def test_config_errors_name_the_key(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        build_strategy(cfg)
