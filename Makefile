@@ -1,11 +1,13 @@
-# Every target sets itself up on a fresh machine: venv, project + extras, Mosquitto.
+# Every target sets itself up on a fresh machine: venvs, project + extras, Mosquitto.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= agent,aggregator,broker,embedded,dev
 STAMP := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')
+TFLITE_VENV := .tflite-venv
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help venv mosquitto test test-all bench clean
+.PHONY: help venv tflite-venv mosquitto test test-all bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -16,24 +18,32 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# the smartwatch dataset ships inside seglearn; --no-deps keeps scipy/scikit-learn out
+	$(BIN)/pip install -q --no-deps seglearn==1.2.5
 	touch $@
 
 venv: $(STAMP)  ## create .venv and install fedmq with all extras
 
-mosquitto:  ## install Mosquitto (apt-get) when the binary is missing
-	@command -v mosquitto >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v mosquitto >/dev/null 2>&1 || { \
-	  echo "installing mosquitto with apt-get"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q mosquitto mosquitto-clients; }
+$(TFLITE_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/pip install -q -e ".[agent-tflite]"
+	touch $@
 
-test: venv mosquitto  ## run the whole test suite (fault and security tests included)
+tflite-venv: $(TFLITE_VENV)/.installed  ## a separate agent env with tflite-runtime (needs numpy<2)
+
+mosquitto:  ## install Mosquitto (apt-get) when the binary is missing
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+	  echo "installing mosquitto with apt-get"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto mosquitto-clients; }
+
+test: venv tflite-venv mosquitto  ## run the whole test suite (fault and security tests included)
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest -m "not slow" tests
 
-test-all: venv mosquitto  ## the suite plus long experiments
+test-all: venv tflite-venv mosquitto  ## the suite plus long experiments
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest tests
 
-bench: venv mosquitto  ## benchmarks (separate venv with flwr for the reference)
+bench: venv mosquitto  ## benchmarks (a separate .bench-venv holds the Flower reference)
 	bash bench/run.sh
 
 clean:
-	rm -rf $(VENV) .bench-venv .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TFLITE_VENV) .bench-venv .pytest_cache build *.egg-info

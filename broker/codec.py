@@ -8,6 +8,7 @@ every failure is a DecodeError whose ``reason`` is a short label for counters.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import msgpack
@@ -25,11 +26,6 @@ def _envelope(msg: Message) -> dict[str, Any]:
     wire = {"v": SCHEMA_VERSION, "kind": msg.KIND}
     wire.update(msg.to_wire())
     return wire
-
-
-def encode(msg: Message) -> bytes:
-    """Encode a message to a fresh ``bytes`` payload."""
-    return msgpack.packb(_envelope(msg), use_bin_type=True)
 
 
 class Encoder:
@@ -51,6 +47,16 @@ class Encoder:
         self._packer.pack(_envelope(msg))
         self._view = self._packer.getbuffer()
         return self._view
+
+
+_shared = Encoder()
+_shared_lock = threading.Lock()
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message to ``bytes`` (through a shared, reused buffer: one copy of the tensors)."""
+    with _shared_lock:
+        return bytes(_shared.encode(msg))
 
 
 def peek_kind(payload: bytes | memoryview, limits: DecodeLimits = DEFAULT_LIMITS) -> str:

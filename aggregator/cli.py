@@ -1,0 +1,95 @@
+"""``fedmq-aggregator``: the server side of fedmq.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import numpy as np
+
+from broker.errors import ConfigError, FedmqError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmq-aggregator", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("strategies", help="list aggregation strategies and their defaults",
+                       description="List the strategy presets usable as [strategy] name = ...")
+    s.add_argument("--check", metavar="TOML", help="validate the [strategy] table of a config file")
+    e = sub.add_parser("export", help="export a Keras model to a verified trainable .tflite artifact",
+                       description="Build, convert and verify a trainable TFLite artifact (builtins only).")
+    e.add_argument("--model", required=True, help="zoo:NAME (mlp, 2nn, cnn, sensor1d) or package.module:function")
+    e.add_argument("--batch-size", type=int, default=32, help="fixed training batch size (default 32)")
+    e.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"])
+    e.add_argument("--verify-steps", type=int, default=20, help="TF vs TFLite parity steps (default 20)")
+    e.add_argument("--out", required=True, help="output .tflite path (a .json manifest is written beside it)")
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .export.convert import ExportError, export_model, load_model_fn
+    from .export.trainable import TrainSpec
+
+    try:
+        model = load_model_fn(args.model)()
+        ex = export_model(model, TrainSpec(batch_size=args.batch_size, optimizer=args.optimizer),
+                          verify_steps=args.verify_steps)
+    except (ExportError, ValueError) as e:
+        print(f"fedmq-aggregator export: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(ex.artifact)
+    meta = {"model_id": ex.model_id, "names": ex.names, "batch_size": ex.spec.batch_size,
+            "optimizer": ex.spec.optimizer, "weights": [w.to_wire() for w in ex.weights],
+            "inputs": [i.to_wire() for i in ex.inputs], "verification": ex.verification}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    n = sum(int(np.prod(w.shape)) for w in ex.weights)
+    print(f"{out}: {len(ex.artifact):,} bytes, {n:,} parameters, model id {ex.model_id[:16]}..., "
+          f"verified ({ex.verification})")
+    return EXIT_OK
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from .strategies import PRESETS, build_strategy
+
+    if args.check:
+        from broker.config import load_toml
+
+        table = load_toml(args.check).get("strategy")
+        strat = build_strategy(table)
+        print(f"{args.check}: [strategy] ok ({strat.name}, server optimizer {strat.server.name})")
+        return EXIT_OK
+    width = max(len(n) for n in PRESETS)
+    for name, preset in PRESETS.items():
+        extra = {k: v for k, v in preset.items() if k != "doc"}
+        print(f"{name:<{width}}  {preset['doc']}\n{'':<{width}}  defaults: {extra}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return {"strategies": cmd_strategies, "export": cmd_export}[args.cmd](args)
+    except ConfigError as e:
+        print(f"fedmq-aggregator: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FedmqError as e:
+        print(f"fedmq-aggregator: error: {e}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

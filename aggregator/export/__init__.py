@@ -1,0 +1,1 @@
+"""Keras model -> trainable TFLite artifact (the only part of fedmq that needs TensorFlow)."""

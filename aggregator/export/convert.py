@@ -1,0 +1,186 @@
+"""Convert a Keras model to a verified, trainable TFLite artifact.
+
+``export_model`` saves a TrainableModule with its signatures, converts it with builtins only
+(resource variables on), then refuses the artifact unless:
+
+1. it needs no Flex/custom op (else ExportError names the ops and the replacement layers);
+2. it holds a CALL_ONCE initializer subgraph (Keras-3 state converted without one trains garbage
+   silently);
+3. a set_weights/get_weights round trip in a TFLite interpreter is bit-identical;
+4. on the same batches, the TFLite ``train`` losses equal TensorFlow's within ``tolerance``.
+
+The artifact's id is the SHA-256 of its bytes; its tensor specs travel in the ModelManifest so
+agents need no model code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from broker.messages import ModelManifest, TensorSpec
+from edge_agent.runtime import load_interpreter
+
+from .trainable import TrainableModule, TrainSpec, weight_key
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tflite-trainable-v1"
+REPLACEMENTS = {
+    "ReluGrad": "activation='relu' -> aggregator.export.layers.Dense(..., activation='relu') or layers.relu",
+    "Relu6Grad": "relu6 -> tf.minimum(tf.maximum(x, 0), 6)",
+    "Conv2DBackpropFilter": "keras Conv2D/Conv1D -> aggregator.export.layers.Conv2D / Conv1D",
+    "Conv2DBackpropInput": "keras Conv2D/Conv1D -> aggregator.export.layers.Conv2D / Conv1D",
+    "MaxPoolGrad": "keras MaxPooling2D/1D -> aggregator.export.layers.MaxPool2D / MaxPool1D",
+    "BroadcastGradientArgs": "a None batch dimension in train -> export with a fixed batch size",
+}
+
+
+class ExportError(Exception):
+    """The model cannot be turned into a trainable builtin-only artifact (message says why)."""
+
+
+@dataclass
+class Exported:
+    artifact: bytes
+    model_id: str
+    names: list[str]  # Keras variable paths, in weight order
+    weights: list[TensorSpec]
+    inputs: list[TensorSpec]
+    spec: TrainSpec
+    initial_weights: list[np.ndarray]
+    verification: dict[str, float]
+
+    def manifest(self, extra: dict[str, float] | None = None) -> ModelManifest:
+        return ModelManifest(self.model_id, self.artifact, self.weights, self.inputs, self.spec.batch_size,
+                             time.time(), dict(extra or {}), FORMAT)
+
+
+def _flex_ops_from_error(msg: str) -> list[str]:
+    ops = set(re.findall(r"tf\.(\w+)", msg)) | set(re.findall(r"Flex(\w+)", msg))
+    return sorted(ops)
+
+
+def inspect_ops(artifact: bytes) -> tuple[set[str], int, bool]:
+    """(op names, subgraph count, has CALL_ONCE) read from the flatbuffer."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(artifact))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    ops: set[str] = set()
+    for oc in m.operatorCodes:
+        code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
+        if oc.customCode:
+            ops.add("custom:" + oc.customCode.decode() if isinstance(oc.customCode, bytes) else str(oc.customCode))
+        else:
+            ops.add(names.get(code, str(code)))
+    return ops, len(m.subgraphs), "CALL_ONCE" in ops
+
+
+def check_artifact(artifact: bytes) -> None:
+    """Refuse artifacts with Flex/custom ops or without a variable initializer (CALL_ONCE)."""
+    ops, _, call_once = inspect_ops(artifact)
+    custom = sorted(o for o in ops if o.startswith("custom:"))
+    if custom:
+        raise ExportError(f"artifact contains custom/Flex ops {custom}: not runnable on devices")
+    if not call_once:
+        raise ExportError("artifact has no CALL_ONCE initializer: its variables would start uninitialized "
+                          "and train garbage silently (Keras-3 variables or optimizer captured directly?)")
+
+
+def load_model_fn(ref: str):
+    """``zoo:NAME`` or ``package.module:function`` -> a callable returning a keras.Model."""
+    import importlib
+
+    mod, _, fn = ref.partition(":")
+    if not fn:
+        raise ExportError(f"model reference {ref!r}: use 'zoo:NAME' or 'package.module:function'")
+    if mod == "zoo":
+        from .zoo import ZOO
+
+        if fn not in ZOO:
+            raise ExportError(f"no zoo model {fn!r}; available: {', '.join(ZOO)}")
+        return ZOO[fn]
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ExportError(f"cannot load model function {ref!r}: {e}") from None
+
+
+def convert(module: TrainableModule) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="fedmq-export-") as d:
+        tf.saved_model.save(module, d, signatures=module.signatures())
+        conv = tf.lite.TFLiteConverter.from_saved_model(d, signature_keys=list(module.signatures()))
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        conv.experimental_enable_resource_variables = True
+        try:
+            return conv.convert()
+        except Exception as e:  # the converter raises ConverterError with the op list
+            ops = _flex_ops_from_error(str(e))
+            hints = [f"  {op}: {REPLACEMENTS[op]}" for op in ops if op in REPLACEMENTS]
+            raise ExportError(
+                "the model needs TensorFlow ops that the on-device interpreters cannot run: "
+                + (", ".join(ops) or str(e)[:500]) + ("\nreplace:\n" + "\n".join(hints) if hints else "")
+            ) from None
+
+
+def export_model(model: keras.Model, spec: TrainSpec = TrainSpec(), *, verify_steps: int = 20,
+                 tolerance: float = 1e-4, seed: int = 0) -> Exported:
+    """Export and verify; raises ExportError when the artifact must not be published."""
+    module = TrainableModule(model, spec)
+    init = module.weights_numpy()
+    artifact = convert(module)
+    check_artifact(artifact)
+    b = spec.batch_size
+    weights = [TensorSpec(weight_key(i), tuple(w.shape), str(w.dtype)) for i, w in enumerate(init)]
+    inputs = [TensorSpec("x", (b, *module.x_shape), "float32"), TensorSpec("y", (b,), "int32")]
+    exported = Exported(artifact, hashlib.sha256(artifact).hexdigest(), module.names, weights, inputs, spec,
+                        init, {})
+    if verify_steps:
+        exported.verification = verify(module, exported, verify_steps, tolerance, seed)
+    return exported
+
+
+def verify(module: TrainableModule, ex: Exported, steps: int, tolerance: float, seed: int) -> dict[str, float]:
+    interp, runtime = load_interpreter(ex.artifact)
+    rng = np.random.default_rng(seed)
+    # 1. set/get round trip, bit-identical
+    probe = [rng.normal(size=w.shape).astype(np.float32) for w in ex.weights]
+    interp.get_signature_runner("set_weights")(**{w.name: p for w, p in zip(ex.weights, probe)})
+    got = interp.get_signature_runner("get_weights")()
+    for w, p in zip(ex.weights, probe):
+        if not np.array_equal(got[w.name], p):
+            raise ExportError(f"set/get round trip is not bit-identical for {w.name}")
+    # 2. same batches, same losses: TFLite vs TensorFlow
+    b = ex.spec.batch_size
+    feed = {w.name: i for w, i in zip(ex.weights, ex.initial_weights)}
+    interp.get_signature_runner("set_weights")(**feed)
+    module.set_weights(*[tf.constant(i) for i in ex.initial_weights])
+    train = interp.get_signature_runner("train")
+    num_classes = module.num_classes
+    worst = 0.0
+    lr, mu = np.float32(0.05), np.float32(0.01)
+    for _ in range(steps):
+        x = rng.normal(size=(b, *module.x_shape)).astype(np.float32)
+        y = rng.integers(0, num_classes, size=b).astype(np.int32)
+        mask = np.ones(b, np.float32)
+        lite = float(train(x=x, y=y, mask=mask, lr=lr, mu=mu)["loss"])
+        ref = float(module.train(x, y, mask, lr, mu)["loss"])
+        if not np.isfinite(lite):
+            raise ExportError(f"TFLite training produced a non-finite loss ({runtime}): uninitialized state?")
+        worst = max(worst, abs(lite - ref))
+        if worst > tolerance:
+            raise ExportError(f"TFLite loss {lite:.6f} differs from TensorFlow's {ref:.6f} by {worst:.2e} "
+                              f"(> {tolerance}) at step {_ + 1} ({runtime})")
+    module.set_weights(*[tf.constant(i) for i in ex.initial_weights])
+    log.info("artifact %s verified with %s: %d steps, max |loss diff| %.2e", ex.model_id[:12], runtime, steps, worst)
+    return {"steps": float(steps), "max_loss_diff": worst}

@@ -1,0 +1,56 @@
+"""Loading a TFLite interpreter without TensorFlow.
+
+Tries, in order: ``ai_edge_litert`` (LiteRT, the maintained runtime), ``tflite_runtime``
+(older images; needs numpy < 2), then ``tf.lite`` when TensorFlow happens to be installed.
+Set ``FEDMQ_TFLITE_RUNTIME`` to one of those names to force a choice.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
+
+
+class RuntimeUnavailable(ImportError):
+    pass
+
+
+def interpreter_class(name: str | None = None) -> tuple[Any, str]:
+    """Return (Interpreter class, "name version") of the first runtime that imports."""
+    wanted = name or os.environ.get("FEDMQ_TFLITE_RUNTIME")
+    order = [wanted] if wanted else list(RUNTIMES)
+    errors = []
+    for rt in order:
+        try:
+            if rt == "ai_edge_litert":
+                mod = importlib.import_module("ai_edge_litert.interpreter")
+                version = getattr(importlib.import_module("ai_edge_litert"), "__version__", "?")
+            elif rt == "tflite_runtime":
+                mod = importlib.import_module("tflite_runtime.interpreter")
+                version = getattr(importlib.import_module("tflite_runtime"), "__version__", "?")
+            elif rt == "tensorflow":
+                tf = importlib.import_module("tensorflow")
+                mod, version = tf.lite, tf.__version__
+            else:
+                raise RuntimeUnavailable(f"unknown runtime {rt!r}; use one of {', '.join(RUNTIMES)}")
+            return mod.Interpreter, f"{rt} {version}"
+        except ImportError as e:
+            errors.append(f"{rt}: {e}")
+    raise RuntimeUnavailable("no TFLite interpreter available (pip install 'fedmq[agent]' for ai-edge-litert): "
+                             + "; ".join(errors))
+
+
+def load_interpreter(artifact: bytes, runtime: str | None = None, num_threads: int | None = None) -> tuple[Any, str]:
+    cls, name = interpreter_class(runtime)
+    kw = {"model_content": bytes(artifact)}
+    if num_threads:
+        kw["num_threads"] = num_threads
+    interp = cls(**kw)
+    interp.allocate_tensors()
+    log.debug("loaded artifact with %s", name)
+    return interp, name

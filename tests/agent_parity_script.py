@@ -1,0 +1,37 @@
+"""Run by tests/test_agent_runtime.py in a subprocess: train with a TFLite runtime, TensorFlow blocked.
+
+Usage: python agent_parity_script.py CASE.npz  ->  prints one JSON line.
+"""
+
+import importlib.abc
+import json
+import sys
+
+
+class BlockTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow.") or name in ("keras", "tf_keras"):
+            raise ImportError(f"{name} is blocked: the agent must run without TensorFlow")
+        return None
+
+
+sys.meta_path.insert(0, BlockTensorFlow())
+
+import numpy as np  # noqa: E402
+
+from edge_agent.trainer import TFLiteTrainer  # noqa: E402
+
+case = np.load(sys.argv[1])
+t = TFLiteTrainer(case["artifact"].tobytes())
+nw = len(t.weight_names)
+t.set_weights([case[f"init{i}"] for i in range(nw)])
+losses = [float(t._train(x=x, y=y, mask=m, lr=case["lr"], mu=np.float32(0.01))["loss"])
+          for x, y, m in zip(case["x"], case["y"], case["mask"])]
+fit = t.fit(case["fit_x"], case["fit_y"], epochs=2, lr=0.05, seed=1, weights=[case[f"init{i}"] for i in range(nw)])
+print(json.dumps({
+    "runtime": t.runtime,
+    "max_diff": float(np.max(np.abs(np.array(losses) - case["ref"]))),
+    "fit_loss": fit.loss,
+    "numpy": np.__version__,
+    "tf_loaded": any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules),
+}))
