@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("strategies", help="list aggregation strategies and their defaults",
                        description="List the strategy presets usable as [strategy] name = ...")
     s.add_argument("--check", metavar="TOML", help="validate the [strategy] table of a config file")
+    r = sub.add_parser("run", help="serve rounds until the configured stop condition",
+                       description="Run the aggregator service (see docs/configuration.md).")
+    r.add_argument("--config", required=True, help="aggregator TOML file")
+    r.add_argument("--max-seconds", type=float, help="stop after this many seconds (testing)")
+    r.add_argument("--check", action="store_true", help="validate the config and exit")
     e = sub.add_parser("export", help="export a Keras model to a verified trainable .tflite artifact",
                        description="Build, convert and verify a trainable TFLite artifact (builtins only).")
     e.add_argument("--model", required=True, help="zoo:NAME (mlp, 2nn, cnn, sensor1d) or package.module:function")
@@ -60,6 +65,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
+    from broker.config import redact
+
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    log = logging.getLogger("fedmq.aggregator")
+    log.info("config: %s", redact(cfg))
+    if args.check:
+        print(f"{args.config}: ok")
+        return EXIT_OK
+    from .service import AggregatorService
+
+    svc = AggregatorService(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: svc.stop())
+    signal.signal(signal.SIGINT, lambda *_: svc.stop())
+    summary = svc.run(args.max_seconds)
+    last = summary.history[-1] if summary.history else {}
+    print(f"done: {summary.rounds_done} rounds, global model of round {summary.global_round}"
+          + (f", eval accuracy {last['eval_accuracy']:.4f}" if "eval_accuracy" in last else ""))
+    return EXIT_OK
+
+
 def cmd_strategies(args: argparse.Namespace) -> int:
     from .strategies import PRESETS, build_strategy
 
@@ -82,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"strategies": cmd_strategies, "export": cmd_export}[args.cmd](args)
+        return {"strategies": cmd_strategies, "export": cmd_export, "run": cmd_run}[args.cmd](args)
     except ConfigError as e:
         print(f"fedmq-aggregator: config error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -158,6 +158,8 @@ class MqttClient:
         self.broker_max_packet: int | None = None
         self.inbox: queue.Queue[InMessage] = queue.Queue(config.inbox_size)
         self._handler = on_message
+        #: called (on the network thread; must not block) after every successful (re)connect
+        self.on_connected: Callable[[bool], None] | None = None
         self.dropped = 0
         self.reconnects = 0
 
@@ -202,10 +204,11 @@ class MqttClient:
     def close(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no last will is sent) and stop the network thread."""
         self._closing.set()
-        try:
-            self._c.disconnect()
-        except Exception:  # noqa: BLE001 - closing must not raise
-            pass
+        if self._connected.is_set():
+            try:
+                self._c.disconnect()
+            except Exception:  # noqa: BLE001 - closing must not raise
+                pass
         if self._started:
             self._c.loop_stop()
             self._started = False
@@ -242,6 +245,11 @@ class MqttClient:
             c.subscribe(topic, qos)
         self._connected.set()
         self._next_delay(reset=True)
+        if self.on_connected is not None:
+            try:
+                self.on_connected(self._first.event.is_set())
+            except Exception:  # noqa: BLE001
+                log.exception("on_connected hook failed")
         if not self._first.event.is_set():
             self._first.event.set()
         else:

@@ -30,7 +30,12 @@ class Publisher:
     def publish(self, topic: str, msg: Message, *, retain: bool = False, qos: int = 1,
                 timeout: float = 60.0) -> int:
         """Publish ``msg``; return the number of packets used (1 = not chunked)."""
-        payload = self._encoder.encode(msg)
+        return self.publish_payload(topic, self._encoder.encode(msg), retain=retain, qos=qos, timeout=timeout)
+
+    def publish_payload(self, topic: str, payload: bytes | memoryview, *, retain: bool = False, qos: int = 1,
+                        timeout: float = 60.0) -> int:
+        """Publish an encoded payload, chunked when it does not fit one packet."""
+        payload = memoryview(payload)
         limit = self.client.max_payload(topic + "/chunk/999999")
         if payload.nbytes <= limit:
             self.client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)

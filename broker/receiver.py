@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from . import codec
 from .chunking import ReassemblyLimits, Reassembler
@@ -31,7 +32,8 @@ class Received:
 
 class Receiver:
     def __init__(self, topics: Topics, limits: DecodeLimits | None = None,
-                 reassembly: ReassemblyLimits | None = None, dedupe_window: int = 4096) -> None:
+                 reassembly: ReassemblyLimits | None = None, dedupe_window: int = 4096,
+                 on_reject: Callable[[str], None] | None = None) -> None:
         self.topics = topics
         self.limits = limits or DecodeLimits()
         self.reassembler = Reassembler(reassembly)
@@ -41,10 +43,13 @@ class Receiver:
         self.bytes_in = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._window = dedupe_window
+        self._on_reject = on_reject
 
     def reject(self, reason: str, detail: str, topic: str) -> None:
         self.rejected[reason] += 1
         log.warning("rejected message on %s: %s (%s)", topic, detail, reason)
+        if self._on_reject is not None:
+            self._on_reject(reason)
 
     def _fresh(self, key: str) -> bool:
         if key in self._seen:

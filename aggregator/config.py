@@ -1,0 +1,138 @@
+"""The aggregator's TOML configuration (see docs/configuration.md), validated at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.config import BrokerSection, build, load_toml
+from broker.errors import ConfigError
+from broker.tensors import ENCODINGS
+from broker.topics import NAME_RE
+
+from .strategies import build_strategy
+
+
+@dataclass
+class ServiceSection:
+    id: str = "aggregator"
+    state_dir: str = "./fedmq-state"
+    prometheus_port: int = 0  # 0 disables the /metrics endpoint
+    prometheus_addr: str = "127.0.0.1"
+    export_final: bool = True  # write final .keras + inference .tflite when the run ends
+
+    def validate(self, section: str) -> None:
+        if not NAME_RE.match(self.id):
+            raise ConfigError(f"{section}.id = {self.id!r}: use [a-z0-9-] (it is the MQTT username and client id)")
+        if not (0 <= self.prometheus_port < 65536):
+            raise ConfigError(f"{section}.prometheus_port must be 0 (off) or a TCP port")
+
+
+@dataclass
+class ModelSection:
+    source: str = "zoo:sensor1d"
+    batch_size: int = 16
+    optimizer: str = "sgd"
+    verify_steps: int = 20
+    seed: int = 0
+
+    def validate(self, section: str) -> None:
+        if ":" not in self.source:
+            raise ConfigError(f"{section}.source = {self.source!r}: use 'zoo:NAME' or 'package.module:function'")
+        if self.optimizer not in ("sgd", "momentum", "adam"):
+            raise ConfigError(f"{section}.optimizer must be sgd, momentum or adam")
+        if self.batch_size < 1:
+            raise ConfigError(f"{section}.batch_size must be >= 1")
+
+
+@dataclass
+class RoundsSection:
+    rounds: int = 10  # stop after this many aggregated rounds (0 = run until stopped)
+    target_metric: str = ""  # e.g. "eval_accuracy": stop once it reaches target_value
+    target_value: float = 0.0
+    select: str = "all"  # all | fraction | list
+    fraction: float = 1.0
+    agents: list[str] = field(default_factory=list)
+    min_agents: int = 1  # agents online before a round opens
+    quorum: int = 0  # updates needed; 0 = use quorum_fraction
+    quorum_fraction: float = 1.0
+    deadline_s: float = 120.0
+    grace_s: float = 5.0
+    on_timeout: str = "abandon"  # abandon | extend
+    max_extensions: int = 3
+    seed: int = 0
+
+    def validate(self, section: str) -> None:
+        if self.select not in ("all", "fraction", "list"):
+            raise ConfigError(f"{section}.select must be all, fraction or list")
+        if self.select == "list" and not self.agents:
+            raise ConfigError(f"{section}.agents must list agent ids when select = \"list\"")
+        if not (0 < self.fraction <= 1) or not (0 < self.quorum_fraction <= 1):
+            raise ConfigError(f"{section}.fraction and quorum_fraction must be in (0, 1]")
+        if self.on_timeout not in ("abandon", "extend"):
+            raise ConfigError(f"{section}.on_timeout must be abandon or extend")
+        if self.deadline_s <= 0 or self.grace_s < 0:
+            raise ConfigError(f"{section}.deadline_s must be > 0 and grace_s >= 0")
+        for a in self.agents:
+            if not NAME_RE.match(a):
+                raise ConfigError(f"{section}.agents: {a!r} is not a valid agent id")
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 1
+    lr: float = 0.05
+    mu: float = 0.0
+    encoding: str = "raw"
+    topk_fraction: float = 0.01
+
+    def validate(self, section: str) -> None:
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"{section}.encoding must be one of {', '.join(ENCODINGS)}")
+        if self.epochs < 1 or self.lr <= 0 or self.mu < 0:
+            raise ConfigError(f"{section}: epochs >= 1, lr > 0 and mu >= 0 are required")
+
+
+@dataclass
+class EvalSection:
+    dataset: str = ""  # "" (off) | "watch" | "fashion-mnist" | "npz:/path/with/x_and_y.npz"
+    groups: list[int] = field(default_factory=list)  # watch: held-out subjects
+    max_examples: int = 0
+
+
+@dataclass
+class AggregatorConfig:
+    broker: BrokerSection = field(default_factory=BrokerSection)
+    service: ServiceSection = field(default_factory=ServiceSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    rounds: RoundsSection = field(default_factory=RoundsSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    strategy: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.service.state_dir)
+
+
+def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> AggregatorConfig:
+    table = load_toml(path) if path else {}
+    for k, v in (overrides or {}).items():
+        table.setdefault(k, {}).update(v) if isinstance(v, dict) else table.__setitem__(k, v)
+    known = {f.name for f in dataclasses.fields(AggregatorConfig)}
+    for k in table:
+        if k not in known:
+            raise ConfigError(f"unknown table [{k}]; known: {', '.join(sorted(known))}")
+    cfg = AggregatorConfig(
+        broker=build(BrokerSection, table.get("broker", {}), "broker"),
+        service=build(ServiceSection, table.get("service", {}), "service"),
+        model=build(ModelSection, table.get("model", {}), "model"),
+        rounds=build(RoundsSection, table.get("rounds", {}), "rounds"),
+        train=build(TrainSection, table.get("train", {}), "train"),
+        eval=build(EvalSection, table.get("eval", {}), "eval"),
+        strategy=dict(table.get("strategy", {"name": "fedavg"})),
+    )
+    build_strategy(cfg.strategy)  # validate now: a bad strategy must fail at start-up
+    return cfg

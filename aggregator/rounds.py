@@ -1,0 +1,149 @@
+"""Round control, free of transport: who is asked, which updates count, when a round closes.
+
+A round opens with an announcement. An update counts only if it is for the open round, was
+computed against the announced model and base round, comes from an asked agent, is the agent's
+first for the round and passes the strategy's checks. The round closes when a quorum has
+arrived AND (every asked agent reported OR ``grace_s`` passed since the quorum was reached).
+If the deadline passes without quorum the round is abandoned (the global model stays) or, by
+policy, extended a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from broker.messages import RoundAnnouncement, TrainConfig, Update
+
+from .config import RoundsSection
+from .strategies import ClientUpdate, Strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenRound:
+    ann: RoundAnnouncement
+    asked: list[str]
+    quorum: int
+    received: list[str] = field(default_factory=list)
+    quorum_at: float | None = None
+    extensions: int = 0
+    bytes_in: int = 0
+    started: float = 0.0
+
+
+def select_agents(online: list[str], cfg: RoundsSection, round_no: int) -> list[str]:
+    """The agents asked in a round: all online, a seeded fraction of them, or a fixed list."""
+    online = sorted(online)
+    if cfg.select == "list":
+        return sorted(cfg.agents)
+    if cfg.select == "fraction":
+        k = max(1, math.ceil(cfg.fraction * len(online)))
+        return sorted(random.Random(f"{cfg.seed}/{round_no}").sample(online, min(k, len(online))))
+    return online
+
+
+def quorum_for(n_asked: int, cfg: RoundsSection) -> int:
+    if cfg.quorum > 0:
+        return min(cfg.quorum, n_asked) if cfg.select != "list" else cfg.quorum
+    return max(1, math.ceil(cfg.quorum_fraction * n_asked))
+
+
+class RoundController:
+    def __init__(self, strategy: Strategy, cfg: RoundsSection) -> None:
+        self.strategy = strategy
+        self.cfg = cfg
+        self.current: OpenRound | None = None
+        self.closed_rounds: set[int] = set()
+        self.rejected: Counter[str] = Counter()
+
+    def open(self, round_no: int, model_id: str, base_round: int, global_weights: dict, online: list[str],
+             train: TrainConfig, now: float) -> RoundAnnouncement:
+        asked = select_agents(online, self.cfg, round_no)
+        q = quorum_for(len(asked), self.cfg)
+        ann = RoundAnnouncement(round_no, model_id, base_round, now, now + self.cfg.deadline_s, train,
+                                None if self.cfg.select == "all" else asked, q)
+        self.current = OpenRound(ann, asked, q, started=now)
+        self.strategy.begin_round(global_weights, round_no)
+        log.info("round %d open: %d agents asked, quorum %d, deadline in %.0fs", round_no, len(asked), q,
+                 self.cfg.deadline_s)
+        return ann
+
+    def _reject(self, reason: str, u: Update) -> str:
+        self.rejected[reason] += 1
+        log.warning("update from %s for round %d rejected: %s", u.agent, u.round, reason)
+        return reason
+
+    def on_update(self, u: Update, nbytes: int, now: float) -> str | None:
+        """Consider one decoded update; return None if it counts, else the rejection reason."""
+        r = self.current
+        if r is None:
+            return self._reject("no_open_round", u)
+        ann = r.ann
+        if u.round != ann.round:
+            reason = "late" if u.round in self.closed_rounds else ("stale" if u.round < ann.round else "future")
+            return self._reject(reason, u)
+        if u.model_id != ann.model_id:
+            return self._reject("wrong_model", u)
+        if ann.agents is not None and u.agent not in r.asked:
+            return self._reject("not_asked", u)
+        if u.agent in r.received:
+            return self._reject("duplicate", u)
+        reason = self.strategy.add(ClientUpdate(u.agent, u.num_samples, u.tensors, u.metrics))
+        if reason is not None:
+            self.rejected[reason] += 1
+            return reason
+        r.received.append(u.agent)
+        r.bytes_in += nbytes
+        if r.quorum_at is None and len(r.received) >= r.quorum:
+            r.quorum_at = now
+            log.info("round %d: quorum %d reached", ann.round, r.quorum)
+        return None
+
+    def poll(self, now: float) -> str:
+        """'open', 'close' (aggregate now) or 'timeout' (deadline passed without quorum)."""
+        r = self.current
+        if r is None:
+            return "idle"
+        if r.quorum_at is not None:
+            everyone = set(r.received) >= set(r.asked)
+            if everyone or now >= r.quorum_at + self.cfg.grace_s or now >= r.ann.deadline:
+                return "close"
+            return "open"
+        if now >= r.ann.deadline:
+            return "timeout"
+        return "open"
+
+    def extend(self, now: float) -> RoundAnnouncement | None:
+        """Extend the deadline of the open round (policy 'extend'); None when no extension is left."""
+        r = self.current
+        if r is None or self.cfg.on_timeout != "extend" or r.extensions >= self.cfg.max_extensions:
+            return None
+        r.extensions += 1
+        r.ann.deadline = now + self.cfg.deadline_s
+        log.warning("round %d: no quorum (%d/%d) by the deadline; extended (%d/%d)", r.ann.round,
+                    len(r.received), r.quorum, r.extensions, self.cfg.max_extensions)
+        return r.ann
+
+    def close(self):
+        r = self.current
+        assert r is not None
+        result = self.strategy.finish()
+        self.closed_rounds.add(r.ann.round)
+        if len(self.closed_rounds) > 1000:
+            self.closed_rounds.discard(min(self.closed_rounds))
+        self.current = None
+        return r, result
+
+    def abandon(self) -> OpenRound:
+        r = self.current
+        assert r is not None
+        self.closed_rounds.add(r.ann.round)
+        self.current = None
+        log.warning("round %d abandoned: %d/%d updates by the deadline; global model unchanged",
+                    r.ann.round, len(r.received), r.quorum)
+        return r

@@ -1,0 +1,299 @@
+"""The aggregator service: round control over MQTT, checkpoints, metrics, final export.
+
+One thread runs the protocol (paho's network thread only enqueues messages): it decodes and
+validates every message (broker.receiver), feeds updates to the round controller, closes rounds,
+checkpoints, republishes the global model and opens the next round. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from broker.client import MqttClient
+from broker.messages import GlobalModel, RoundMetrics, Status, TrainConfig, Update
+from broker.publisher import Publisher
+from broker.receiver import Receiver
+from broker.tensors import Compression
+from broker.topics import Channel
+
+from .config import AggregatorConfig
+from .model_store import ServedModel, export_final, load_or_export
+from .rounds import RoundController
+from .state import Checkpoint, write_history
+from .strategies import build_strategy
+from .telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+def load_eval(cfg: AggregatorConfig):
+    e = cfg.eval
+    if not e.dataset:
+        return None
+    from edge_agent.datasets import load_fashion_mnist, load_watch
+
+    if e.dataset == "watch":
+        d = load_watch()
+        groups = e.groups or [9, 10]
+        d = d.subset(np.isin(d.groups, groups))
+    elif e.dataset == "fashion-mnist":
+        d = load_fashion_mnist("test")
+    elif e.dataset.startswith("npz:"):
+        with np.load(e.dataset[4:]) as z:
+            from edge_agent.datasets import Dataset
+
+            d = Dataset(z["x"], z["y"])
+    else:
+        from broker.errors import ConfigError
+
+        raise ConfigError(f"eval.dataset = {e.dataset!r}: use watch, fashion-mnist or npz:/path.npz")
+    if e.max_examples:
+        d = d.subset(np.arange(len(d.y)) < e.max_examples)
+    return d
+
+
+@dataclass
+class RunSummary:
+    rounds_done: int
+    global_round: int
+    history: list[dict]
+
+
+class AggregatorService:
+    def __init__(self, cfg: AggregatorConfig, client: MqttClient | None = None) -> None:
+        self.cfg = cfg
+        self.topics = cfg.broker.topics()
+        self.state_dir = cfg.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.client = client or MqttClient(cfg.broker.mqtt(cfg.service.id, clean_start=True))
+        self.stop_event = threading.Event()
+        self.telemetry = Telemetry()
+        self.round_rejects: Counter[str] = Counter()
+        self.receiver = Receiver(self.topics, on_reject=self._count_reject)
+        self.strategy = build_strategy(cfg.strategy)
+        self.controller = RoundController(self.strategy, cfg.rounds)
+        self.online: dict[str, Status] = {}
+        self.served: ServedModel | None = None
+        self.history: list[dict] = []
+        self.global_weights: dict[str, np.ndarray] = {}
+        self.global_round = 0
+        self.next_round = 1
+        self.publisher: Publisher | None = None
+        self._evaluator = None
+        self._eval = None
+        self._done = False
+        self._republish = threading.Event()
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _count_reject(self, reason: str) -> None:
+        self.round_rejects[reason] += 1
+        self.telemetry.rejected.labels(reason).inc()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.state_dir / "checkpoint.npz"
+
+    def _restore(self) -> None:
+        ck = Checkpoint.load(self.checkpoint_path)
+        if ck is None or ck.model_id != self.served.model_id:
+            if ck is not None:
+                log.warning("checkpoint is for model %s, serving %s: starting fresh", ck.model_id[:12],
+                            self.served.model_id[:12])
+            self.global_weights = self.served.initial_weights()
+            return
+        self.global_weights = ck.weights
+        self.global_round = ck.global_round
+        self.next_round = ck.next_round
+        self.history = ck.history
+        self.strategy.load_state_dict(ck.strategy)
+        log.info("resumed from checkpoint: next round %d, global model of round %d", self.next_round,
+                 self.global_round)
+
+    def _checkpoint(self) -> None:
+        Checkpoint(self.next_round, self.global_round, self.served.model_id, self.global_weights,
+                   self.strategy.state_dict(), self.history).save(self.checkpoint_path)
+        write_history(self.history, self.state_dir)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.served = load_or_export(self.cfg.model, self.state_dir / "models")
+        self._restore()
+        self._eval = load_eval(self.cfg)
+        if self._eval is not None:
+            from edge_agent.trainer import TFLiteTrainer
+
+            self._evaluator = TFLiteTrainer(self.served.artifact, self.served.model_id)
+        if self.cfg.service.prometheus_port:
+            self.telemetry.serve(self.cfg.service.prometheus_port, self.cfg.service.prometheus_addr)
+        self.client.on_connected = lambda reconnect: reconnect and self._republish.set()
+        self.client.connect()
+        t = self.topics
+        self.client.subscribe(t.all_updates(), qos=1)
+        self.client.subscribe(t.all_statuses(), qos=1)
+        self.publisher = Publisher(self.client, t)
+        self.publisher.publish(t.model(), self.served.manifest(), retain=True)
+        self._publish_global()
+        log.info("aggregator up: model %s, global round %d, fleet %s", self.served.model_id[:12], self.global_round,
+                 t.fleet)
+
+    def _publish_global(self) -> None:
+        self.publisher.publish(self.topics.global_(),
+                               GlobalModel(self.global_round, self.served.model_id, self.global_weights, time.time()),
+                               retain=True)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self, max_seconds: float | None = None) -> RunSummary:
+        """Serve until the configured number of rounds, the target metric, a stop() or max_seconds."""
+        self.start()
+        t_end = None if max_seconds is None else time.monotonic() + max_seconds
+        try:
+            while not self.stop_event.is_set() and not self._done:
+                if t_end is not None and time.monotonic() > t_end:
+                    break
+                self.step(timeout=0.05)
+        finally:
+            self.shutdown()
+        return RunSummary(len(self.history), self.global_round, self.history)
+
+    def shutdown(self) -> None:
+        if self.controller.current is not None:
+            log.info("stopping mid-round %d: its updates will be re-sent by the agents' outboxes after a restart",
+                     self.controller.current.ann.round)
+        self.client.close()
+
+    # -- the protocol step -----------------------------------------------------------------------------
+    def step(self, timeout: float = 0.05) -> None:
+        if self._republish.is_set():  # after a reconnect: the broker may have lost retained state
+            self._republish.clear()
+            self._republish_state()
+        m = self.client.get(timeout=timeout)
+        while m is not None:
+            self._handle(m.topic, m.payload, m.retain)
+            m = self.client.get(timeout=0)
+        now = time.time()
+        c = self.controller
+        if c.current is None:
+            self._maybe_open(now)
+            return
+        state = c.poll(now)
+        if state == "close":
+            self._close_round(now)
+        elif state == "timeout":
+            ann = c.extend(now)
+            if ann is not None:
+                self.publisher.publish(self.topics.round(), ann, retain=True)
+            else:
+                r = c.abandon()
+                self._record(r, None, now, "abandoned", f"{len(r.received)}/{r.quorum} updates by the deadline")
+                self.next_round = r.ann.round + 1
+                self._checkpoint()
+
+    def _republish_state(self) -> None:
+        from broker.errors import FedmqError
+
+        try:
+            self.publisher.publish(self.topics.model(), self.served.manifest(), retain=True)
+            self._publish_global()
+            if self.controller.current is not None:
+                self.publisher.publish(self.topics.round(), self.controller.current.ann, retain=True)
+            log.info("reconnected: model, global and round state republished")
+        except FedmqError as e:
+            log.warning("republishing after reconnect failed (%s); will retry", e)
+            self._republish.set()
+
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+        got = self.receiver.feed(topic, payload, retained)
+        if got is None:
+            return
+        msg = got.message
+        if got.topic.channel is Channel.STATUS and isinstance(msg, Status):
+            if msg.state == "offline":
+                self.online.pop(msg.agent, None)
+            else:
+                self.online[msg.agent] = msg
+            self.telemetry.agents.set(len(self.online))
+        elif got.topic.channel is Channel.UPDATE and isinstance(msg, Update):
+            reason = self.controller.on_update(msg, got.nbytes, time.time())
+            if reason is None:
+                self.telemetry.accepted.inc()
+                self.telemetry.bytes_in.inc(got.nbytes)
+            else:
+                self._count_reject(reason)
+        else:
+            self._count_reject("wrong_channel")
+
+    def _maybe_open(self, now: float) -> None:
+        rc = self.cfg.rounds
+        if rc.select != "list" and len(self.online) < rc.min_agents:
+            return
+        tc = self.cfg.train
+        train = TrainConfig(tc.epochs, self.served.batch_size, tc.lr, tc.mu, Compression(tc.encoding, tc.topk_fraction),
+                            seed=self.next_round)
+        self.round_rejects = Counter()
+        ann = self.controller.open(self.next_round, self.served.model_id, self.global_round, self.global_weights,
+                                   list(self.online), train, now)
+        self.telemetry.round.set(self.next_round)
+        self.publisher.publish(self.topics.round(), ann, retain=True)
+
+    def _close_round(self, now: float) -> None:
+        r, result = self.controller.close()
+        if result.weights is not None:
+            self.global_weights = result.weights
+            self.global_round = r.ann.round
+        self._record(r, result, now, result.outcome, result.reason)
+        self.next_round = r.ann.round + 1
+        self._checkpoint()  # before publishing: a crash after this point never re-applies the round
+        if result.weights is not None:
+            self._publish_global()
+
+    def _record(self, r, result, now: float, outcome: str, reason: str) -> None:
+        values: dict[str, float] = {"participants": float(len(r.received)), "asked": float(len(r.asked)),
+                                    "bytes_received": float(r.bytes_in), "duration_s": now - r.started,
+                                    "global_round": float(self.global_round)}
+        if result is not None:
+            values.update({k: float(v) for k, v in result.metrics.items()})
+        if self._evaluator is not None and outcome == "aggregated":
+            t0 = time.perf_counter()
+            self._evaluator.set_weights([self.global_weights[w.name] for w in self.served.weights])
+            loss, acc = self._evaluator.evaluate(self._eval.x, self._eval.y)
+            values.update(eval_loss=loss, eval_accuracy=acc, eval_s=time.perf_counter() - t0)
+        rejected = dict(self.round_rejects)
+        row = {"round": r.ann.round, "outcome": outcome, "reason": reason, "ts": time.time(), **values,
+               "participants_list": list(r.received),
+               "rejected": rejected}
+        self.history.append(row)
+        self.telemetry.rounds.labels(outcome).inc()
+        self.telemetry.duration.observe(values["duration_s"])
+        log.info("round %d %s: %d updates%s%s", r.ann.round, outcome, len(r.received),
+                 f", eval acc {values['eval_accuracy']:.4f}" if "eval_accuracy" in values else "",
+                 f" ({reason})" if reason else "")
+        try:
+            self.publisher.publish(self.topics.metrics(), RoundMetrics(
+                r.ann.round, time.time(), outcome, list(r.received),
+                {k: v for k, v in values.items() if np.isfinite(v)}, {k: float(v) for k, v in rejected.items()}))
+        except Exception as e:  # noqa: BLE001 - metrics must never stop the round loop
+            log.warning("could not publish round metrics: %s", e)
+        self._check_done(values)
+
+    def _check_done(self, values: dict[str, float]) -> None:
+        rc = self.cfg.rounds
+        aggregated = sum(1 for h in self.history if h["outcome"] == "aggregated")
+        hit = rc.target_metric and values.get(rc.target_metric, float("-inf")) >= rc.target_value
+        if (rc.rounds and aggregated >= rc.rounds) or hit:
+            log.info("run complete: %d rounds aggregated%s", aggregated, f", {rc.target_metric} reached" if hit else "")
+            self._done = True
+            if self.cfg.service.export_final:
+                try:
+                    paths = export_final(self.cfg.model, self.served, self.global_weights, self.state_dir / "final")
+                    log.info("final model written: %s", ", ".join(map(str, paths)))
+                except ImportError:
+                    log.warning("TensorFlow not installed: final .keras/.tflite export skipped")

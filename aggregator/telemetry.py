@@ -1,0 +1,21 @@
+"""Prometheus metrics of the aggregator (own registry: several services may share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.rounds = Counter("fedmq_rounds", "Closed rounds by outcome", ["outcome"], registry=r)
+        self.accepted = Counter("fedmq_updates_accepted", "Updates that counted", registry=r)
+        self.rejected = Counter("fedmq_updates_rejected", "Rejected messages by reason", ["reason"], registry=r)
+        self.bytes_in = Counter("fedmq_update_bytes", "Bytes of accepted updates", registry=r)
+        self.duration = Histogram("fedmq_round_duration_seconds", "Round wall time", registry=r,
+                                  buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800))
+        self.agents = Gauge("fedmq_connected_agents", "Agents whose retained status is not offline", registry=r)
+        self.round = Gauge("fedmq_round", "Current round id", registry=r)
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)

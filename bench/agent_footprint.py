@@ -1,0 +1,93 @@
+"""bench/agent_footprint: memory and speed of an agent training each zoo model with ai-edge-litert.
+
+Artifacts are exported here (TensorFlow), then each is trained in a fresh agent process with
+TensorFlow blocked from import; that process reports its peak RSS (VmHWM) and steps/s.
+``--agent-venv DIR`` also reports the installed size of an environment holding only
+``pip install .[agent]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine, now  # noqa: E402
+
+AGENT = r"""
+import importlib.abc, json, sys, time
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras"):
+            raise ImportError("blocked")
+sys.meta_path.insert(0, Block())
+def hwm():
+    for l in open("/proc/self/status"):
+        if l.startswith("VmHWM:"): return int(l.split()[1]) / 1024
+base = hwm()
+import numpy as np
+from edge_agent.trainer import TFLiteTrainer
+c = np.load(sys.argv[1])
+t = TFLiteTrainer(c["artifact"].tobytes())
+t.set_weights([c[f"init{i}"] for i in range(len(t.weight_names))])
+n = int(sys.argv[2])
+x = np.random.default_rng(0).normal(size=(n * t.batch_size, *t.x_shape)).astype(np.float32)
+y = np.zeros(n * t.batch_size, np.int32)
+t.fit(x[: t.batch_size], y[: t.batch_size])  # warm-up
+r = t.fit(x, y, epochs=1, lr=0.01)
+print(json.dumps({"rss_mb": hwm(), "python_mb": base, "steps_per_s": r.steps / r.seconds,
+                  "runtime": t.runtime, "steps": r.steps}))
+"""
+
+TARGETS = {"mlp": 64, "cnn": 100}
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--agent-venv", type=Path, help="a venv with only fedmq[agent] installed")
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    import numpy as np
+
+    from aggregator.export.convert import export_model
+    from aggregator.export.trainable import TrainSpec
+    from aggregator.export.zoo import ZOO
+
+    print(f"## bench/agent_footprint — {now()}\n\nMachine: {machine()}\n")
+    print(f"Training batch size {args.batch_size}, SGD; agent process with TensorFlow blocked.\n")
+    print("| model | params | artifact KB | runtime | peak RSS MB | target MB | steps/s | examples/s |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as d:
+        for name in ("mlp", "2nn", "sensor1d", "cnn"):
+            ex = export_model(ZOO[name](), TrainSpec(batch_size=args.batch_size), verify_steps=0)
+            path = Path(d) / f"{name}.npz"
+            np.savez(path, artifact=np.frombuffer(ex.artifact, np.uint8),
+                     **{f"init{i}": w for i, w in enumerate(ex.initial_weights)})
+            steps = 30 if name == "cnn" else 300
+            out = subprocess.run([sys.executable, "-c", AGENT, str(path), str(steps)], capture_output=True,
+                                 text=True, check=True, cwd=str(ROOT), env={"PYTHONPATH": str(ROOT)})
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            params = sum(int(np.prod(w.shape)) for w in ex.weights)
+            print(f"| {name} | {params:,} | {len(ex.artifact) / 1024:,.0f} | {r['runtime']} | {r['rss_mb']:.0f} "
+                  f"| {TARGETS.get(name, '—')} | {r['steps_per_s']:,.0f} | {r['steps_per_s'] * args.batch_size:,.0f} |")
+    if args.agent_venv:
+        sp = next(args.agent_venv.glob("lib/python*/site-packages"))
+        has_tf = any(p.name.startswith("tensorflow") for p in sp.iterdir())
+        print(f"\nInstall size of `pip install .[agent]` (site-packages incl. numpy): {dir_mb(sp):.0f} MB "
+              f"(target ≤ 200 MB); TensorFlow present: {has_tf}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

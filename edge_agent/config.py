@@ -1,0 +1,70 @@
+"""The agent's TOML configuration (see docs/configuration.md), validated at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.config import BrokerSection, build, load_toml
+from broker.errors import ConfigError
+from broker.topics import NAME_RE
+
+
+@dataclass
+class AgentSection:
+    id: str = ""
+    cache_dir: str = "./fedmq-agent"
+    runtime: str = ""  # "" = first available: ai_edge_litert, tflite_runtime, tensorflow
+    num_threads: int = 0
+
+    def validate(self, section: str) -> None:
+        if not NAME_RE.match(self.id or ""):
+            raise ConfigError(f"{section}.id = {self.id!r}: set it to this device's agent id ([a-z0-9-], "
+                              "equal to its MQTT username)")
+        if self.runtime not in ("", "ai_edge_litert", "tflite_runtime", "tensorflow"):
+            raise ConfigError(f"{section}.runtime must be empty (auto), ai_edge_litert, tflite_runtime or tensorflow")
+
+
+@dataclass
+class DataSection:
+    source: str = ""  # npz:/path.npz | csv:/dir | callable:package.module:function
+    eval_fraction: float = 0.0  # local held-out split for reporting val_accuracy / val_loss
+    seed: int = 0
+
+    def validate(self, section: str) -> None:
+        kind = self.source.split(":", 1)[0]
+        if kind not in ("npz", "csv", "callable"):
+            raise ConfigError(f"{section}.source = {self.source!r}: use npz:/path.npz, csv:/dir or "
+                              "callable:package.module:function")
+        if not (0.0 <= self.eval_fraction < 1.0):
+            raise ConfigError(f"{section}.eval_fraction must be in [0, 1)")
+
+
+@dataclass
+class AgentConfig:
+    agent: AgentSection = field(default_factory=AgentSection)
+    broker: BrokerSection = field(default_factory=BrokerSection)
+    data: DataSection = field(default_factory=DataSection)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.agent.cache_dir)
+
+
+def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    table = load_toml(path) if path else {}
+    for k, v in (overrides or {}).items():
+        table.setdefault(k, {}).update(v)
+    known = {f.name for f in dataclasses.fields(AgentConfig)}
+    for k in table:
+        if k not in known:
+            raise ConfigError(f"unknown table [{k}]; known: {', '.join(sorted(known))}")
+    cfg = AgentConfig(build(AgentSection, table.get("agent", {}), "agent"),
+                      build(BrokerSection, table.get("broker", {}), "broker"),
+                      build(DataSection, table.get("data", {}), "data"))
+    if cfg.broker.username is not None and cfg.broker.username != cfg.agent.id:
+        raise ConfigError(f"broker.username {cfg.broker.username!r} differs from agent.id {cfg.agent.id!r}: the "
+                          "ACL lets an agent write only under its own username")
+    return cfg

@@ -1,0 +1,44 @@
+"""Finished updates on disk until the broker acknowledged them (or their round closed).
+
+paho keeps unacknowledged publishes in memory only: if the agent dies after training, the
+update would be lost. Each finished update is written (atomically) before it is published and
+removed once every chunk was acknowledged; after a restart it is re-sent while its round is open.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class Outbox:
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, round_no: int) -> Path:
+        return self.dir / f"round-{round_no:08d}.msgpack"
+
+    def put(self, round_no: int, payload: bytes) -> None:
+        p = self._path(round_no)
+        tmp = p.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    def get(self, round_no: int) -> bytes | None:
+        p = self._path(round_no)
+        return p.read_bytes() if p.is_file() else None
+
+    def remove(self, round_no: int) -> None:
+        self._path(round_no).unlink(missing_ok=True)
+
+    def drop_before(self, round_no: int) -> None:
+        for p in self.dir.glob("round-*.msgpack"):
+            if int(p.stem.split("-")[1]) < round_no:
+                p.unlink(missing_ok=True)
+
+    def rounds(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("round-*.msgpack"))

@@ -1,0 +1,223 @@
+"""The edge agent service: receive the model, train on local data when asked, send the delta.
+
+Single protocol thread (paho's thread only enqueues). State that matters is on disk: the model
+artifact cache (by id), the outbox of finished updates, the top-k error-feedback residual.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from broker import codec
+from broker.client import MqttClient, Will
+from broker.errors import FedmqError
+from broker.messages import GlobalModel, ModelManifest, RoundAnnouncement, Status, Update
+from broker.publisher import Publisher
+from broker.receiver import Receiver
+from broker.topics import Channel
+
+from .compress import ErrorFeedback, apply_error_feedback
+from .config import AgentConfig
+from .data import load_local, split_eval
+from .outbox import Outbox
+from .trainer import ArtifactError, DataError, TFLiteTrainer, check_data
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+class AgentService:
+    def __init__(self, cfg: AgentConfig, client: MqttClient | None = None) -> None:
+        self.cfg = cfg
+        self.id = cfg.agent.id
+        self.topics = cfg.broker.topics()
+        cache = cfg.cache_dir
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "models").mkdir(exist_ok=True)
+        self.outbox = Outbox(cache / "outbox")
+        self.ef = ErrorFeedback(cache / "residual.npz")
+        offline = codec.encode(Status(self.id, "offline", time.time(), version=VERSION))
+        self.client = client or MqttClient(cfg.broker.mqtt(self.id, clean_start=True,
+                                                           will=Will(self.topics.status(self.id), offline)))
+        self.client.on_connected = self._on_connected
+        self.receiver = Receiver(self.topics)
+        self.stop_event = threading.Event()
+        self._reannounce = threading.Event()
+        x, y = load_local(cfg.data.source)
+        self.x, self.y, self.x_eval, self.y_eval = split_eval(x, y, cfg.data.eval_fraction, cfg.data.seed)
+        self.trainer: TFLiteTrainer | None = None
+        self.manifest: ModelManifest | None = None
+        self.global_msg: GlobalModel | None = None
+        self.announcement: RoundAnnouncement | None = None
+        self.done_rounds: set[int] = set()
+        self.state = "online"
+        self.rounds_trained = 0
+        self.data_error: str | None = None
+
+    # -- status --------------------------------------------------------------------------------------
+    def _on_connected(self, reconnect: bool) -> None:
+        self._reannounce.set()  # republish our status from the protocol thread
+
+    def _status(self, state: str) -> None:
+        self.state = state
+        runtime = self.trainer.runtime if self.trainer else ""
+        msg = Status(self.id, state, time.time(), runtime=f"python {platform.python_version()}",
+                     interpreter=runtime, num_samples=int(len(self.y)), version=VERSION)
+        try:
+            self.client.publish(self.topics.status(self.id), codec.encode(msg), qos=1, retain=True, timeout=10)
+        except FedmqError as e:
+            log.warning("could not publish status %s: %s", state, e)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._load_cached_model()
+        self.client.connect()
+        t = self.topics
+        for f in (*t.with_chunks(t.model()), *t.with_chunks(t.global_()), t.round()):
+            self.client.subscribe(f, qos=1)
+        self.publisher = Publisher(self.client, t)
+        self._reannounce.clear()
+        self._status("online")
+        log.info("agent %s up: %d local examples (%d held out)", self.id, len(self.y), len(self.y_eval))
+
+    def run(self, max_seconds: float | None = None) -> None:
+        self.start()
+        t_end = None if max_seconds is None else time.monotonic() + max_seconds
+        try:
+            while not self.stop_event.is_set():
+                if t_end is not None and time.monotonic() > t_end:
+                    break
+                self.step(0.1)
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def shutdown(self) -> None:
+        """Graceful: mark ourselves offline (retained), then disconnect (no last will needed)."""
+        if self.client.connected:
+            self._status("offline")
+        self.client.close()
+
+    # -- protocol --------------------------------------------------------------------------------------
+    def step(self, timeout: float = 0.1) -> None:
+        if self._reannounce.is_set():
+            self._reannounce.clear()
+            self._status(self.state if self.state != "offline" else "online")
+            self._maybe_work()  # after a reconnect: re-send from the outbox if the round is open
+        m = self.client.get(timeout=timeout)
+        while m is not None:
+            self._handle(m.topic, m.payload, m.retain)
+            m = self.client.get(timeout=0)
+
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+        got = self.receiver.feed(topic, payload, retained)
+        if got is None:
+            return
+        msg = got.message
+        ch = got.topic.channel
+        if ch is Channel.MODEL and isinstance(msg, ModelManifest):
+            self._set_model(msg)
+        elif ch is Channel.GLOBAL and isinstance(msg, GlobalModel):
+            self.global_msg = msg
+            self.outbox.drop_before(msg.round + 1)  # rounds up to this one are closed
+        elif ch is Channel.ROUND and isinstance(msg, RoundAnnouncement):
+            self.announcement = msg
+            self.outbox.drop_before(msg.round)
+        else:
+            return
+        self._maybe_work()
+
+    def _load_cached_model(self) -> None:
+        for p in sorted((self.cfg.cache_dir / "models").glob("*.tflite"), key=lambda p: p.stat().st_mtime)[-1:]:
+            try:
+                self.trainer = TFLiteTrainer(p.read_bytes(), p.stem, self.cfg.agent.runtime or None,
+                                             self.cfg.agent.num_threads or None)
+                log.info("model %s loaded from cache (%s)", p.stem[:12], self.trainer.runtime)
+            except ArtifactError as e:
+                log.warning("cached model %s unusable (%s): removed", p.name, e)
+                p.unlink(missing_ok=True)
+
+    def _set_model(self, m: ModelManifest) -> None:
+        if self.trainer is not None and self.trainer.model_id == m.model_id:
+            self.manifest = m
+            return
+        try:
+            trainer = TFLiteTrainer(bytes(m.artifact), m.model_id, self.cfg.agent.runtime or None,
+                                    self.cfg.agent.num_threads or None)
+        except ArtifactError as e:
+            log.error("model %s refused: %s", m.model_id[:12], e)
+            return
+        try:
+            check_data(self.x[:1], self.y[:1], trainer.x_shape, trainer.num_classes)
+            self.data_error = None
+        except DataError as e:
+            self.data_error = str(e)
+            log.error("local data does not fit model %s: %s", m.model_id[:12], e)
+        path = self.cfg.cache_dir / "models" / f"{m.model_id}.tflite"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(bytes(m.artifact))
+        tmp.replace(path)
+        for old in path.parent.glob("*.tflite"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        self.trainer, self.manifest = trainer, m
+        log.info("model %s ready (%s, batch %d)", m.model_id[:12], trainer.runtime, trainer.batch_size)
+
+    def _maybe_work(self) -> None:
+        ann = self.announcement
+        if ann is None or not ann.asks(self.id) or time.time() > ann.deadline:
+            return
+        if ann.round in self.done_rounds:
+            return
+        stored = self.outbox.get(ann.round)
+        if stored is not None:  # finished before a restart/reconnect: send it again, do not retrain
+            self._send(ann.round, stored)
+            return
+        t, g = self.trainer, self.global_msg
+        if t is None or t.model_id != ann.model_id or g is None or g.round != ann.base_round \
+                or g.model_id != ann.model_id or self.data_error:
+            return  # wait for the matching model / global weights
+        self._train(ann, g)
+
+    def _train(self, ann: RoundAnnouncement, g: GlobalModel) -> None:
+        t = self.trainer
+        names = [n for n in t.weight_names]
+        base = [np.asarray(g.tensors[n], dtype=np.float32) for n in names]
+        self._status("training")
+        cfg = ann.config
+        r = t.fit(self.x, self.y, epochs=cfg.epochs, lr=cfg.lr, mu=cfg.mu, seed=cfg.seed * 1000 + zlib.crc32(self.id.encode()) % 1000,
+                  weights=base)
+        metrics = {"loss": r.loss, "train_seconds": r.seconds}
+        if len(self.y_eval):
+            vl, va = t.evaluate(self.x_eval, self.y_eval)
+            metrics.update(val_loss=vl, val_accuracy=va)
+        delta = {n: (w - b).astype(np.float32) for n, w, b in zip(names, r.weights, base)}
+        delta = apply_error_feedback(delta, cfg.compression, self.ef)
+        upd = Update(ann.round, self.id, ann.model_id, uuid.uuid4().hex, r.num_samples, delta, metrics, time.time(),
+                     cfg.compression)
+        payload = codec.encode(upd)
+        self.outbox.put(ann.round, payload)  # on disk before it leaves
+        self.rounds_trained += 1
+        log.info("round %d: trained %d steps in %.1fs, loss %.4f; sending %d bytes", ann.round, r.steps, r.seconds,
+                 r.loss, len(payload))
+        self._send(ann.round, payload)
+        self._status("idle")
+
+    def _send(self, round_no: int, payload: bytes) -> None:
+        try:
+            self.publisher.publish_payload(self.topics.update(self.id), payload, qos=1, timeout=30)
+        except FedmqError as e:
+            log.warning("round %d: update not acknowledged (%s); kept in the outbox", round_no, e)
+            return
+        self.outbox.remove(round_no)
+        self.done_rounds.add(round_no)
