@@ -204,7 +204,11 @@ class AggregatorService:
             self.publisher.publish(self.topics.model(), self.served.manifest(), retain=True)
             self._publish_global()
             if self.controller.current is not None:
-                self.publisher.publish(self.topics.round(), self.controller.current.ann, retain=True)
+                # a fresh "opened" re-announces the round: agents re-send their finished update from
+                # their outbox (updates sent while we were away may have reached nobody)
+                ann = self.controller.current.ann
+                ann.opened = time.time()
+                self.publisher.publish(self.topics.round(), ann, retain=True)
             log.info("reconnected: model, global and round state republished")
         except FedmqError as e:
             log.warning("republishing after reconnect failed (%s); will retry", e)

@@ -2,7 +2,8 @@
 
 paho keeps unacknowledged publishes in memory only: if the agent dies after training, the
 update would be lost. Each finished update is written (atomically) before it is published and
-removed once every chunk was acknowledged; after a restart it is re-sent while its round is open.
+kept until its round closes (a newer global model or announcement): after an agent restart, or
+an aggregator restart that re-opens the round, it is re-sent instead of being trained again.
 """
 
 from __future__ import annotations
@@ -32,13 +33,7 @@ class Outbox:
         p = self._path(round_no)
         return p.read_bytes() if p.is_file() else None
 
-    def remove(self, round_no: int) -> None:
-        self._path(round_no).unlink(missing_ok=True)
-
     def drop_before(self, round_no: int) -> None:
         for p in self.dir.glob("round-*.msgpack"):
             if int(p.stem.split("-")[1]) < round_no:
                 p.unlink(missing_ok=True)
-
-    def rounds(self) -> list[int]:
-        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("round-*.msgpack"))

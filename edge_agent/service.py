@@ -57,7 +57,7 @@ class AgentService:
         self.manifest: ModelManifest | None = None
         self.global_msg: GlobalModel | None = None
         self.announcement: RoundAnnouncement | None = None
-        self.done_rounds: set[int] = set()
+        self.sent: set[tuple[int, float]] = set()  # (round, announcement opened) already delivered
         self.state = "online"
         self.rounds_trained = 0
         self.data_error: str | None = None
@@ -177,11 +177,12 @@ class AgentService:
         ann = self.announcement
         if ann is None or not ann.asks(self.id) or time.time() > ann.deadline:
             return
-        if ann.round in self.done_rounds:
+        key = (ann.round, ann.opened)
+        if key in self.sent:
             return
         stored = self.outbox.get(ann.round)
-        if stored is not None:  # finished before a restart/reconnect: send it again, do not retrain
-            self._send(ann.round, stored)
+        if stored is not None:  # finished earlier (before a restart, or the aggregator restarted): re-send
+            self._send(key, stored)
             return
         t, g = self.trainer, self.global_msg
         if t is None or t.model_id != ann.model_id or g is None or g.round != ann.base_round \
@@ -210,14 +211,16 @@ class AgentService:
         self.rounds_trained += 1
         log.info("round %d: trained %d steps in %.1fs, loss %.4f; sending %d bytes", ann.round, r.steps, r.seconds,
                  r.loss, len(payload))
-        self._send(ann.round, payload)
+        self._send((ann.round, ann.opened), payload)
         self._status("idle")
 
-    def _send(self, round_no: int, payload: bytes) -> None:
+    def _send(self, key: tuple[int, float], payload: bytes) -> None:
+        """Publish an update; it stays in the outbox until its round closes (the aggregator may restart)."""
         try:
             self.publisher.publish_payload(self.topics.update(self.id), payload, qos=1, timeout=30)
         except FedmqError as e:
-            log.warning("round %d: update not acknowledged (%s); kept in the outbox", round_no, e)
+            log.warning("round %d: update not acknowledged (%s); kept in the outbox", key[0], e)
             return
-        self.outbox.remove(round_no)
-        self.done_rounds.add(round_no)
+        self.sent.add(key)
+        if len(self.sent) > 1000:
+            self.sent = {k for k in self.sent if k[0] >= key[0] - 10}
