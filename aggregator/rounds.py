@@ -89,7 +89,7 @@ class RoundController:
             return self._reject(reason, u)
         if u.model_id != ann.model_id:
             return self._reject("wrong_model", u)
-        if ann.agents is not None and u.agent not in r.asked:
+        if u.agent not in r.asked:  # also under select = "all": asked = online when the round opened
             return self._reject("not_asked", u)
         if u.agent in r.received:
             return self._reject("duplicate", u)
