@@ -67,7 +67,8 @@ class RunSummary:
 
 
 class AggregatorService:
-    def __init__(self, cfg: AggregatorConfig, client: MqttClient | None = None) -> None:
+    def __init__(self, cfg: AggregatorConfig, client: MqttClient | None = None,
+                 served: ServedModel | None = None) -> None:
         self.cfg = cfg
         self.topics = cfg.broker.topics()
         self.state_dir = cfg.state_dir
@@ -80,7 +81,7 @@ class AggregatorService:
         self.strategy = build_strategy(cfg.strategy)
         self.controller = RoundController(self.strategy, cfg.rounds)
         self.online: dict[str, Status] = {}
-        self.served: ServedModel | None = None
+        self.served: ServedModel | None = served  # None: export (or load from the cache) at start
         self.history: list[dict] = []
         self.global_weights: dict[str, np.ndarray] = {}
         self.global_round = 0
@@ -90,6 +91,7 @@ class AggregatorService:
         self._eval = None
         self._done = False
         self._republish = threading.Event()
+        self.quorum_to_publish: tuple[int, float] | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _count_reject(self, reason: str) -> None:
@@ -123,7 +125,8 @@ class AggregatorService:
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.served = load_or_export(self.cfg.model, self.state_dir / "models")
+        if self.served is None:
+            self.served = load_or_export(self.cfg.model, self.state_dir / "models")
         self._restore()
         self._eval = load_eval(self.cfg)
         if self._eval is not None:
@@ -258,6 +261,8 @@ class AggregatorService:
         self._checkpoint()  # before publishing: a crash after this point never re-applies the round
         if result.weights is not None:
             self._publish_global()
+            #: (round, seconds from the quorum being reached to the new global model being published)
+            self.quorum_to_publish = (r.ann.round, time.time() - (r.quorum_at or now))
 
     def _record(self, r, result, now: float, outcome: str, reason: str) -> None:
         values: dict[str, float] = {"participants": float(len(r.received)), "asked": float(len(r.asked)),
