@@ -56,7 +56,7 @@ def dir_mb(path: Path) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--agent-venv", type=Path, help="a venv with only fedmq[agent] installed")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=10, help="the FedAvg paper's B = 10")
     args = ap.parse_args()
     import numpy as np
 

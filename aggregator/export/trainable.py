@@ -4,7 +4,8 @@ Signatures (all converted to TFLite builtins):
 
 * ``train(x[B..], y[B], mask[B], lr, mu) -> {loss}`` — one optimizer step on a fixed-size batch;
   ``mask`` (1 = real example, 0 = padding) lets the last partial batch be padded, not dropped;
-  ``mu`` > 0 adds the FedProx term mu/2 * ||w - w_global||^2.
+  ``mu`` > 0 adds the FedProx term mu/2 * ||w - w_global||^2 (its gradient, to the update; the
+  returned loss is the data loss).
 * ``evaluate(x, y) -> {loss_sum, correct}`` and ``infer(x) -> {output}`` (softmax), any batch.
 * ``get_weights() -> {w000..}``, ``set_weights(w000..)`` (also resets optimizer state and sets the
   FedProx anchor: a round starts from the global weights with a fresh local optimizer).
@@ -50,7 +51,8 @@ class TrainableModule(tf.Module):
         self.w = [tf.Variable(v.numpy(), name=weight_key(i)) for i, v in enumerate(model.trainable_variables)]
         self.nt = [tf.Variable(v.numpy(), trainable=False) for v in model.non_trainable_variables]
         self.anchor = [tf.Variable(v.numpy(), trainable=False) for v in model.trainable_variables]
-        self.m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.w]
+        # optimizer state only where the optimizer needs it (each copy is a model-size buffer on the device)
+        self.m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.w] if spec.optimizer != "sgd" else []
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.w] if spec.optimizer == "adam" else []
         self.t = tf.Variable(0.0, trainable=False)
         self.num_classes = int(model.outputs[0].shape[-1])
@@ -79,9 +81,9 @@ class TrainableModule(tf.Module):
         with tf.GradientTape() as tape:
             ce = self._ce(self._logits(x, True), y)
             loss = tf.reduce_sum(ce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
-            prox = tf.add_n([tf.reduce_sum(tf.square(w - a)) for w, a in zip(self.w, self.anchor)])
-            total = loss + 0.5 * mu * prox
-        grads = tape.gradient(total, self.w)
+        # FedProx: the gradient of mu/2 ||w - w_global||^2 is mu (w - w_global), added directly
+        # (cheaper on the device than differentiating the term; mu = 0 leaves plain local training)
+        grads = [g + mu * (w - a) for g, w, a in zip(tape.gradient(loss, self.w), self.w, self.anchor)]
         s = self.spec
         if s.optimizer == "sgd":
             for w, g in zip(self.w, grads):
@@ -112,9 +114,10 @@ class TrainableModule(tf.Module):
         return {weight_key(i): tf.identity(w) for i, w in enumerate(self.w)}
 
     def _set_weights(self, ws):
-        for w, a, m, new in zip(self.w, self.anchor, self.m, ws):
+        for w, a, new in zip(self.w, self.anchor, ws):
             w.assign(new)
             a.assign(new)
+        for m in self.m:
             m.assign(tf.zeros_like(m))
         for v in self.v:
             v.assign(tf.zeros_like(v))
