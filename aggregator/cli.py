@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, help="aggregator TOML file")
     r.add_argument("--max-seconds", type=float, help="stop after this many seconds (testing)")
     r.add_argument("--check", action="store_true", help="validate the config and exit")
+    sm = sub.add_parser("simulate", help="run a whole fleet on this machine (broker, aggregator, N agents)",
+                        description="Simulate a fleet with real processes, a real broker and TFLite training.")
+    from .simulate import add_arguments
+
+    add_arguments(sm)
     e = sub.add_parser("export", help="export a Keras model to a verified trainable .tflite artifact",
                        description="Build, convert and verify a trainable TFLite artifact (builtins only).")
     e.add_argument("--model", required=True, help="zoo:NAME (mlp, 2nn, cnn, sensor1d) or package.module:function")
@@ -90,6 +95,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import Simulation, from_args, print_summary
+
+    cfg, run_dir = from_args(args)
+    try:
+        summary = Simulation(cfg, run_dir, progress=not args.no_progress).run()
+    except KeyboardInterrupt:
+        print("interrupted: every process was stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"fedmq-aggregator simulate: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    print_summary(summary)
+    print(f"  run directory: {run_dir}")
+    return EXIT_OK
+
+
 def cmd_strategies(args: argparse.Namespace) -> int:
     from .strategies import PRESETS, build_strategy
 
@@ -112,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"strategies": cmd_strategies, "export": cmd_export, "run": cmd_run}[args.cmd](args)
+        return {"strategies": cmd_strategies, "export": cmd_export, "run": cmd_run,
+                "simulate": cmd_simulate}[args.cmd](args)
     except ConfigError as e:
         print(f"fedmq-aggregator: config error: {e}", file=sys.stderr)
         return EXIT_USAGE

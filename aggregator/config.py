@@ -84,6 +84,7 @@ class RoundsSection:
 class TrainSection:
     epochs: int = 1
     lr: float = 0.05
+    lr_decay: float = 1.0  # local lr of round r = lr * lr_decay ** (r - 1)
     mu: float = 0.0
     encoding: str = "raw"
     topk_fraction: float = 0.01
@@ -93,6 +94,8 @@ class TrainSection:
             raise ConfigError(f"{section}.encoding must be one of {', '.join(ENCODINGS)}")
         if self.epochs < 1 or self.lr <= 0 or self.mu < 0:
             raise ConfigError(f"{section}: epochs >= 1, lr > 0 and mu >= 0 are required")
+        if not (0 < self.lr_decay <= 1):
+            raise ConfigError(f"{section}.lr_decay must be in (0, 1] (1 = constant learning rate)")
 
 
 @dataclass

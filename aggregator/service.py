@@ -243,7 +243,8 @@ class AggregatorService:
         if rc.select != "list" and len(self.online) < rc.min_agents:
             return
         tc = self.cfg.train
-        train = TrainConfig(tc.epochs, self.served.batch_size, tc.lr, tc.mu, Compression(tc.encoding, tc.topk_fraction),
+        lr = tc.lr * tc.lr_decay ** (self.next_round - 1)
+        train = TrainConfig(tc.epochs, self.served.batch_size, lr, tc.mu, Compression(tc.encoding, tc.topk_fraction),
                             seed=self.next_round)
         self.round_rejects = Counter()
         ann = self.controller.open(self.next_round, self.served.model_id, self.global_round, self.global_weights,

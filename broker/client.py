@@ -105,6 +105,18 @@ def backoff_delays(min_s: float, max_s: float, rng: random.Random | None = None)
         attempt = min(attempt + 1, 30)
 
 
+class _QuietDisconnect(logging.Filter):
+    """paho 2.2 logs "Client is not connected" at ERROR when its loop runs once after a clean
+    disconnect; real connection losses are reported by our own on_disconnect instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger(__name__ + ".paho")
+_PAHO_LOG.addFilter(_QuietDisconnect())
+
+
 class _Waiter:
     __slots__ = ("event", "value")
 
@@ -128,7 +140,7 @@ class MqttClient:
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else config.clean_start,
         )
-        self._c.enable_logger(logging.getLogger(__name__ + ".paho"))
+        self._c.enable_logger(_PAHO_LOG)
         if config.username is not None:
             self._c.username_pw_set(config.username, config.password)
         if config.tls is not None:

@@ -31,3 +31,45 @@ def test_provision_rejects_bad_agent_id(tmp_path):
                           "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Bad+Id" in out.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_example_configs_validate(tmp_path):
+    from aggregator.config import load_config as load_agg
+    from edge_agent.config import load_config as load_agent
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    cfg = load_agg(str(root / "aggregator.toml"))
+    assert cfg.strategy["name"] == "fedavgm" and cfg.rounds.rounds == 30
+    a = load_agent(str(root / "agent.toml"))
+    assert a.agent.id == "agent-001" and a.data.source.startswith("npz:")
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[rounds]\nselect = \"some\"\n", "rounds.select"),
+    ("[rounds]\nquorm = 3\n", "did you mean 'quorum'"),
+    ("[broker]\nport = 99999\n", "broker.port"),
+    ("[strategy]\nname = \"fedavgg\"\n", "did you mean 'fedavg'"),
+    ("[bogus]\nx = 1\n", "unknown table [bogus]"),
+    ("[train]\nencoding = \"zip\"\n", "train.encoding"),
+])
+def test_bad_aggregator_config_names_the_key_and_exits_2(tmp_path, text, key):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    out = subprocess.run([str(BIN / "fedmq-aggregator"), "run", "--config", str(p), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert key in out.stderr
+
+
+def test_bad_agent_config_and_env_override(tmp_path):
+    import os
+
+    p = tmp_path / "agent.toml"
+    p.write_text("[agent]\nid = \"a1\"\n[data]\nsource = \"npz:/nonexistent.npz\"\n[broker]\npassword = \"s3cret\"\n")
+    out = subprocess.run([str(BIN / "fedmq-agent"), "check", "--config", str(p)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "not found" in out.stderr and "s3cret" not in out.stderr + out.stdout
+    env = {**os.environ, "FEDMQ_BROKER_PORT": "notaport"}
+    out = subprocess.run([str(BIN / "fedmq-agent"), "check", "--config", str(p)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 2 and "FEDMQ_BROKER_PORT" in out.stderr

@@ -52,10 +52,11 @@ def test_every_dockerfile_copy_source_exists():
 
 
 def test_agent_image_installs_only_the_agent_extra():
-    text = (DOCKER / "agent.Dockerfile").read_text()
+    text = "\n".join(line for line in (DOCKER / "agent.Dockerfile").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
     installs = re.findall(r"pip install[^\n&]*", text)
     assert installs and all('".[agent]"' in i for i in installs), installs
-    assert "tensorflow" not in text.lower()
+    assert "tensorflow" not in text.lower() and "aggregator]" not in text
 
 
 def test_agent_commands_point_at_provisioned_configs():
@@ -66,3 +67,13 @@ def test_agent_commands_point_at_provisioned_configs():
     assert len(agents) == count
     for a in agents:
         assert f"/fleet/agents/{a}/agent.toml" in c["services"][a]["command"]
+
+
+def test_agents_get_their_data_and_state_dirs_from_the_environment():
+    c = compose()
+    for name, svc in c["services"].items():
+        if name.startswith("agent-"):
+            env = svc["environment"]
+            assert env["FEDMQ_DATA_SOURCE"] == f"npz:/data/{name}.npz"
+            assert env["FEDMQ_AGENT_CACHE_DIR"].startswith("/var/lib/fedmq")
+    assert c["services"]["aggregator"]["environment"]["FEDMQ_SERVICE_STATE_DIR"] == "/var/lib/fedmq"

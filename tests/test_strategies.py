@@ -370,3 +370,27 @@ def test_gaussian_noise_sigma_and_reproducibility():
 def test_config_errors_name_the_key(cfg, match):
     with pytest.raises(ConfigError, match=match):
         build_strategy(cfg)
+
+
+# -- partitions (simulation) ---------------------------------------------------------------------------
+def test_partitions_are_disjoint_and_shaped_as_documented():
+    from aggregator.partition import partition
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, size=6000)
+    for how in ("iid", "dirichlet", "shards"):
+        parts = partition(y, 100 if how != "dirichlet" else 20, how, alpha=0.1, seed=1)
+        allidx = np.concatenate(parts)
+        assert len(allidx) == len(set(allidx.tolist())) == 6000, how
+    shards = partition(y, 100, "shards", seed=1)
+    assert all(len(p) == 60 for p in shards)
+    assert np.mean([len(np.unique(y[p])) for p in shards]) <= 2.6  # 2 label-sorted shards: ~2 classes each
+    iid = partition(y, 10, "iid", seed=1)
+    assert np.mean([len(np.unique(y[p])) for p in iid]) == 10
+    skew = partition(y, 20, "dirichlet", alpha=0.05, seed=1)
+    assert np.mean([len(np.unique(y[p])) for p in skew if len(p)]) < 5
+    groups = np.repeat(np.arange(1, 4), 2000)
+    nat = partition(y, 3, "natural", groups=groups)
+    assert [set(groups[p].tolist()) for p in nat] == [{1}, {2}, {3}]
+    with pytest.raises(ValueError, match="--agents 3"):
+        partition(y, 5, "natural", groups=groups)

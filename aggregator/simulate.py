@@ -1,0 +1,363 @@
+"""``fedmq-aggregator simulate``: a whole fleet on one machine — real broker, real processes.
+
+Starts a local broker (Mosquitto; the embedded amqtt broker when Mosquitto is missing), the
+aggregator service and N agent processes (TFLite training, no TensorFlow in the agents), with the
+dataset partitioned across agents. Shows a progress bar per round, writes a run directory and
+prints a summary (with a centralized baseline trained on the same data when asked). Every process
+it started is stopped on exit, Ctrl-C or failure.
+
+Run directory: ``config.json`` (the settings), ``data/`` (agent shards, eval set), ``configs/``
+(TOML per process), ``logs/``, ``state/`` (checkpoint, ``history.jsonl``/``history.csv``,
+``final/model.keras`` and ``final/model.tflite``), ``plots/`` (accuracy and loss, bytes per round),
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from broker.client import MqttClient, MqttConfig
+from broker.launcher import LocalBroker
+from broker.messages import RoundMetrics
+from broker.receiver import Receiver
+from broker.topics import Topics
+
+from .partition import PARTITIONS, partition
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = {"watch": "zoo:sensor1d", "fashion-mnist": "zoo:2nn", "digits": "zoo:mlp"}
+
+
+@dataclass
+class SimConfig:
+    dataset: str = "watch"
+    partition: str = "natural"
+    alpha: float = 0.5
+    agents: int = 8
+    train_groups: list[int] = field(default_factory=lambda: list(range(1, 9)))
+    test_groups: list[int] = field(default_factory=lambda: [9, 10])
+    model: str = ""
+    batch_size: int = 16
+    optimizer: str = "sgd"
+    rounds: int = 30
+    epochs: int = 2
+    lr: float = 0.1
+    lr_decay: float = 1.0
+    mu: float = 0.0
+    fraction: float = 1.0
+    encoding: str = "raw"
+    topk_fraction: float = 0.01
+    strategy: dict = field(default_factory=lambda: {"name": "fedavg"})
+    deadline_s: float = 300.0
+    seed: int = 0
+    baseline: bool = True
+    max_examples_per_agent: int = 0
+    flatten: bool = False  # 28x28x1 images as 784 features (2NN / MLP)
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    return repr(v)
+
+
+def write_toml(path: Path, tables: dict[str, dict]) -> Path:
+    out = []
+    for t, kv in tables.items():
+        out.append(f"[{t}]")
+        out += [f"{k} = {toml_value(v)}" for k, v in kv.items() if v is not None]
+        out.append("")
+    path.write_text("\n".join(out))
+    return path
+
+
+def load_split(cfg: SimConfig):
+    """(train x, train y, train groups, test x, test y) for the configured dataset."""
+    from edge_agent.datasets import load_digits, load_fashion_mnist, load_watch
+
+    if cfg.dataset == "watch":
+        d = load_watch()
+        tr, te = d.subset(np.isin(d.groups, cfg.train_groups)), d.subset(np.isin(d.groups, cfg.test_groups))
+        return tr.x, tr.y, tr.groups, te.x, te.y
+    if cfg.dataset == "fashion-mnist":
+        tr, te = load_fashion_mnist("train"), load_fashion_mnist("test")
+        xs = (tr.x, te.x)
+        if cfg.flatten:
+            xs = tuple(x.reshape(len(x), -1) for x in xs)
+        return xs[0], tr.y, None, xs[1], te.y
+    if cfg.dataset == "digits":
+        d = load_digits()
+        order = np.random.default_rng(cfg.seed).permutation(len(d.y))
+        cut = int(0.8 * len(order))
+        return d.x[order[:cut]], d.y[order[:cut]], None, d.x[order[cut:]], d.y[order[cut:]]
+    raise ValueError(f"unknown dataset {cfg.dataset!r}: use watch, fashion-mnist or digits")
+
+
+class Simulation:
+    def __init__(self, cfg: SimConfig, run_dir: Path, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.procs: list[subprocess.Popen] = []
+        self.broker: LocalBroker | None = None
+        self.fleet = "sim"
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def prepare(self) -> list[str]:
+        c = self.cfg
+        for d in ("data", "configs", "logs", "state", "plots"):
+            (self.run_dir / d).mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(asdict(c), indent=2))
+        x, y, groups, xt, yt = load_split(c)
+        if c.partition == "natural" and groups is not None:
+            parts = partition(y, len(np.unique(groups)), "natural", groups=groups)
+            if c.agents != len(parts):
+                log.info("natural partition: %d agents (one per group)", len(parts))
+        else:
+            parts = partition(y, c.agents, c.partition, alpha=c.alpha, seed=c.seed)
+        agents = [f"agent-{i + 1:03d}" for i in range(len(parts))]
+        for a, idx in zip(agents, parts):
+            if c.max_examples_per_agent:
+                idx = idx[: c.max_examples_per_agent]
+            np.savez(self.run_dir / "data" / f"{a}.npz", x=x[idx], y=y[idx])
+        np.savez(self.run_dir / "data" / "eval.npz", x=xt, y=yt)
+        self.train = (x[np.concatenate(parts)], y[np.concatenate(parts)])
+        self.test = (xt, yt)
+        return agents
+
+    def _spawn(self, name: str, module: str, config: Path) -> subprocess.Popen:
+        logf = open(self.run_dir / "logs" / f"{name}.log", "ab")
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "PYTHONUNBUFFERED": "1"}
+        p = subprocess.Popen([sys.executable, "-m", module, "run", "--config", str(config)], stdout=logf,
+                             stderr=subprocess.STDOUT, env=env, cwd=str(self.run_dir), start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def start(self, agents: list[str]) -> subprocess.Popen:
+        c = self.cfg
+        self.broker = LocalBroker(workdir=str(self.run_dir / "broker"), persistence=False)
+        (self.run_dir / "broker").mkdir(exist_ok=True)
+        self.broker.start()
+        if self.broker.embedded:
+            log.warning("Mosquitto not installed: using the embedded amqtt broker (MQTT 3.1.1)")
+        btable = {"host": self.broker.host, "port": self.broker.port, "fleet": self.fleet,
+                  "protocol": self.broker.protocol, "max_payload": 4_000_000}
+        agg_cfg = write_toml(self.run_dir / "configs" / "aggregator.toml", {
+            "broker": btable,
+            "service": {"id": "aggregator", "state_dir": str(self.run_dir / "state")},
+            "model": {"source": c.model or DEFAULT_MODEL[c.dataset], "batch_size": c.batch_size,
+                      "optimizer": c.optimizer, "seed": c.seed},
+            "rounds": {"rounds": c.rounds, "min_agents": len(agents),
+                       "select": "fraction" if c.fraction < 1 else "all", "fraction": c.fraction,
+                       "quorum_fraction": 1.0, "deadline_s": c.deadline_s, "grace_s": 5.0, "seed": c.seed},
+            "train": {"epochs": c.epochs, "lr": c.lr, "lr_decay": c.lr_decay, "mu": c.mu, "encoding": c.encoding,
+                      "topk_fraction": c.topk_fraction},
+            "eval": {"dataset": f"npz:{self.run_dir / 'data' / 'eval.npz'}"},
+            "strategy": c.strategy,
+        })
+        agg = self._spawn("aggregator", "aggregator.cli", agg_cfg)
+        for a in agents:
+            cfg = write_toml(self.run_dir / "configs" / f"{a}.toml", {
+                "agent": {"id": a, "cache_dir": str(self.run_dir / "cache" / a)},
+                "broker": btable,
+                "data": {"source": f"npz:{self.run_dir / 'data' / f'{a}.npz'}", "eval_fraction": 0.0},
+            })
+            self._spawn(a, "edge_agent.cli", cfg)
+        return agg
+
+    # -- running ------------------------------------------------------------------------------------------
+    def watch(self, agg: subprocess.Popen) -> list[RoundMetrics]:
+        """Follow the metrics topic with a progress bar until the aggregator exits."""
+        from tqdm import tqdm
+
+        t = Topics(self.fleet)
+        client = MqttClient(MqttConfig(self.broker.host, self.broker.port, client_id="sim-observer",
+                                       protocol=self.broker.protocol))
+        client.connect()
+        client.subscribe(t.metrics())
+        rx = Receiver(t)
+        seen: list[RoundMetrics] = []
+        bar = tqdm(total=self.cfg.rounds, unit="round", disable=not self.progress, dynamic_ncols=True)
+        try:
+            while agg.poll() is None:
+                m = client.get(timeout=0.5)
+                if m is None:
+                    if any(p.poll() not in (None, 0) for p in self.procs[1:]):
+                        raise RuntimeError("an agent process failed: see " + str(self.run_dir / "logs"))
+                    continue
+                r = rx.feed(m.topic, m.payload)
+                if r is None or not isinstance(r.message, RoundMetrics):
+                    continue
+                mm = r.message
+                seen.append(mm)
+                v = mm.values
+                if mm.outcome == "aggregated":
+                    bar.update(1)
+                bar.set_postfix(round=mm.round, acc=f"{v.get('eval_accuracy', float('nan')):.3f}",
+                                loss=f"{v.get('train_loss', float('nan')):.3f}",
+                                agents=int(v.get("participants", 0)),
+                                MB=f"{v.get('bytes_received', 0) / 1e6:.1f}")
+        finally:
+            bar.close()
+            client.close()
+        if agg.returncode not in (0, None):
+            raise RuntimeError(f"the aggregator exited with {agg.returncode}: see {self.run_dir / 'logs'}")
+        return seen
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.broker is not None:
+            self.broker.stop()
+
+    # -- results ------------------------------------------------------------------------------------------
+    def history(self) -> list[dict]:
+        p = self.run_dir / "state" / "history.jsonl"
+        return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+    def plots(self, hist: list[dict]) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [h for h in hist if h["outcome"] == "aggregated"]
+        if not rows:
+            return []
+        r = [h["round"] for h in rows]
+        from matplotlib.ticker import MaxNLocator
+
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        for a in ax:
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax[0].plot(r, [h.get("eval_accuracy", np.nan) for h in rows], marker="o")
+        ax[0].set(xlabel="round", ylabel="held-out accuracy", title="accuracy per round")
+        ax[1].plot(r, [h.get("train_loss", np.nan) for h in rows], marker="o", label="train (agents)")
+        ax[1].plot(r, [h.get("eval_loss", np.nan) for h in rows], marker="s", label="held-out")
+        ax[1].set(xlabel="round", ylabel="loss", title="loss per round")
+        ax[1].legend()
+        fig.tight_layout()
+        p1 = self.run_dir / "plots" / "accuracy_loss.png"
+        fig.savefig(p1, dpi=110)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.bar(r, [h.get("bytes_received", 0) / 1e6 for h in rows])
+        ax.set(xlabel="round", ylabel="MB received (updates)", title="bytes per round")
+        fig.tight_layout()
+        p2 = self.run_dir / "plots" / "bytes.png"
+        fig.savefig(p2, dpi=110)
+        plt.close(fig)
+        return [p1, p2]
+
+    def centralized_baseline(self) -> float:
+        """The same model and optimizer trained on the union of the agents' data (TFLite trainer)."""
+        from edge_agent.trainer import TFLiteTrainer
+
+        models = sorted((self.run_dir / "state" / "models").glob("*/model.tflite"))
+        meta = json.loads((models[0].parent / "meta.json").read_text())
+        with np.load(models[0].parent / "initial.npz") as z:
+            init = [z[f"w{i}"] for i in range(len(meta["weights"]))]
+        t = TFLiteTrainer(models[0].read_bytes(), meta["model_id"])
+        t.set_weights(init)
+        x, y = self.train
+        for e in range(self.cfg.rounds * self.cfg.epochs):  # the same epochs and lr schedule
+            t.fit(x, y, epochs=1, lr=self.cfg.lr * self.cfg.lr_decay ** (e // self.cfg.epochs), seed=e)
+        return t.evaluate(*self.test)[1]
+
+    def run(self) -> dict:
+        t0 = time.time()
+        try:
+            agents = self.prepare()
+            agg = self.start(agents)
+            self.watch(agg)
+        finally:
+            self.stop()
+        hist = self.history()
+        plots = self.plots(hist)
+        done = [h for h in hist if h["outcome"] == "aggregated"]
+        summary = {"rounds": len(done), "agents": len(agents), "dataset": self.cfg.dataset,
+                   "strategy": self.cfg.strategy.get("name"), "seconds": round(time.time() - t0, 1),
+                   "final_accuracy": done[-1].get("eval_accuracy") if done else None,
+                   "best_accuracy": max((h.get("eval_accuracy", 0) for h in done), default=None),
+                   "bytes_received": sum(h.get("bytes_received", 0) for h in done),
+                   "plots": [str(p) for p in plots],
+                   "final_model": [str(p) for p in sorted((self.run_dir / "state" / "final").glob("model.*"))]}
+        if self.cfg.baseline and done:
+            summary["centralized_accuracy"] = self.centralized_baseline()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="watch", choices=["watch", "fashion-mnist", "digits"])
+    p.add_argument("--partition", default="natural", choices=PARTITIONS)
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (partition dirichlet)")
+    p.add_argument("--agents", type=int, default=8)
+    p.add_argument("--model", default="", help="zoo:NAME or module:function (default: by dataset)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"])
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=2, help="local epochs per round (E)")
+    p.add_argument("--lr", type=float, default=0.1, help="local learning rate")
+    p.add_argument("--lr-decay", type=float, default=1.0, help="local lr multiplier per round")
+    p.add_argument("--mu", type=float, default=0.0, help="FedProx mu")
+    p.add_argument("--fraction", type=float, default=1.0, help="agents asked per round (C)")
+    p.add_argument("--encoding", default="raw", choices=["raw", "f16", "int8", "topk"])
+    p.add_argument("--strategy", default="fedavg", help="strategy preset (fedmq-aggregator strategies)")
+    p.add_argument("--server-lr", type=float, help="server learning rate of the strategy")
+    p.add_argument("--run-dir", type=Path, help="output directory (default runs/<timestamp>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-baseline", action="store_true", help="skip the centralized baseline")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def from_args(a: argparse.Namespace) -> tuple[SimConfig, Path]:
+    strategy: dict = {"name": a.strategy}
+    if a.server_lr is not None:
+        strategy["server"] = {"lr": a.server_lr}
+    cfg = SimConfig(dataset=a.dataset, partition=a.partition if a.dataset == "watch" or a.partition != "natural"
+                    else "iid", alpha=a.alpha, agents=a.agents, model=a.model, batch_size=a.batch_size,
+                    optimizer=a.optimizer, rounds=a.rounds, epochs=a.epochs, lr=a.lr, lr_decay=a.lr_decay, mu=a.mu, fraction=a.fraction,
+                    encoding=a.encoding, strategy=strategy, seed=a.seed, baseline=not a.no_baseline,
+                    flatten=a.dataset == "fashion-mnist" and (a.model or "zoo:2nn") in ("zoo:2nn", "zoo:mlp"))
+    run_dir = a.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    return cfg, run_dir
+
+
+def print_summary(s: dict) -> None:
+    print(f"\nfedmq simulation: {s['agents']} agents, {s['rounds']} rounds of {s['strategy']} on {s['dataset']} "
+          f"in {s['seconds']} s")
+    if s.get("final_accuracy") is not None:
+        print(f"  federated held-out accuracy:   {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f})")
+    if "centralized_accuracy" in s:
+        print(f"  centralized baseline (same data, same model): {s['centralized_accuracy']:.4f}")
+    print(f"  bytes of updates received:     {s['bytes_received'] / 1e6:.1f} MB")
+    for p in s["plots"] + s["final_model"]:
+        print(f"  {p}")
