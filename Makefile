@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')
 TFLITE_VENV := .tflite-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help venv tflite-venv mosquitto test test-all bench clean
+.PHONY: help venv tflite-venv mosquitto datasets demo test test-all bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -35,6 +35,14 @@ mosquitto:  ## install Mosquitto (apt-get) when the binary is missing
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
 	  echo "installing mosquitto with apt-get"; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto mosquitto-clients; }
+
+datasets:  ## Debian's Fashion-MNIST (for the paper experiments; the watch data comes with the venv)
+	@[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || { \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
+
+DEMO_ARGS ?= --dataset watch --rounds 30 --epochs 2 --lr 0.1 --lr-decay 0.95 --strategy fedavg
+demo: venv mosquitto  ## a federated run: 8 agents (one per subject) on the smartwatch data, vs centralized
+	PATH="$$PATH:/usr/sbin" $(BIN)/fedmq-aggregator simulate $(DEMO_ARGS)
 
 test: venv tflite-venv mosquitto  ## run the whole test suite (fault and security tests included)
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest -m "not slow" tests

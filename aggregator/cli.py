@@ -12,8 +12,8 @@ import sys
 import numpy as np
 
 from broker.errors import ConfigError, FedmqError
+from broker.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,8 +131,7 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return {"strategies": cmd_strategies, "export": cmd_export, "run": cmd_run,
                 "simulate": cmd_simulate}[args.cmd](args)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.config import BrokerSection, build, load_toml
+from broker.config import BrokerSection, load_tables
 from broker.errors import ConfigError
 from broker.tensors import ENCODINGS
 from broker.topics import NAME_RE
@@ -121,21 +120,6 @@ class AggregatorConfig:
 
 
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> AggregatorConfig:
-    table = load_toml(path) if path else {}
-    for k, v in (overrides or {}).items():
-        table.setdefault(k, {}).update(v) if isinstance(v, dict) else table.__setitem__(k, v)
-    known = {f.name for f in dataclasses.fields(AggregatorConfig)}
-    for k in table:
-        if k not in known:
-            raise ConfigError(f"unknown table [{k}]; known: {', '.join(sorted(known))}")
-    cfg = AggregatorConfig(
-        broker=build(BrokerSection, table.get("broker", {}), "broker"),
-        service=build(ServiceSection, table.get("service", {}), "service"),
-        model=build(ModelSection, table.get("model", {}), "model"),
-        rounds=build(RoundsSection, table.get("rounds", {}), "rounds"),
-        train=build(TrainSection, table.get("train", {}), "train"),
-        eval=build(EvalSection, table.get("eval", {}), "eval"),
-        strategy=dict(table.get("strategy", {"name": "fedavg"})),
-    )
+    cfg = load_tables(path, AggregatorConfig, overrides, raw=("strategy",))
     build_strategy(cfg.strategy)  # validate now: a bad strategy must fail at start-up
     return cfg

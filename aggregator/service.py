@@ -34,26 +34,26 @@ log = logging.getLogger(__name__)
 
 
 def load_eval(cfg: AggregatorConfig):
+    """The server-side held-out set of ``[eval]``, or None."""
+    from broker.errors import ConfigError
+    from edge_agent.datasets import Dataset, DatasetMissing, load_fashion_mnist, load_watch
+
     e = cfg.eval
     if not e.dataset:
         return None
-    from edge_agent.datasets import load_fashion_mnist, load_watch
-
-    if e.dataset == "watch":
-        d = load_watch()
-        groups = e.groups or [9, 10]
-        d = d.subset(np.isin(d.groups, groups))
-    elif e.dataset == "fashion-mnist":
-        d = load_fashion_mnist("test")
-    elif e.dataset.startswith("npz:"):
-        with np.load(e.dataset[4:]) as z:
-            from edge_agent.datasets import Dataset
-
-            d = Dataset(z["x"], z["y"])
-    else:
-        from broker.errors import ConfigError
-
-        raise ConfigError(f"eval.dataset = {e.dataset!r}: use watch, fashion-mnist or npz:/path.npz")
+    try:
+        if e.dataset == "watch":
+            d = load_watch()
+            d = d.subset(np.isin(d.groups, e.groups or [9, 10]))
+        elif e.dataset == "fashion-mnist":
+            d = load_fashion_mnist("test")
+        elif e.dataset.startswith("npz:"):
+            with np.load(e.dataset[4:], allow_pickle=False) as z:
+                d = Dataset(z["x"], z["y"])
+        else:
+            raise ConfigError(f"eval.dataset = {e.dataset!r}: use watch, fashion-mnist or npz:/path.npz")
+    except (DatasetMissing, FileNotFoundError, KeyError) as err:
+        raise ConfigError(f"eval.dataset = {e.dataset!r}: {err}") from None
     if e.max_examples:
         d = d.subset(np.arange(len(d.y)) < e.max_examples)
     return d

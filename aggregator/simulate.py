@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from broker.client import MqttClient, MqttConfig
+from broker.config import write_toml
 from broker.launcher import LocalBroker
 from broker.messages import RoundMetrics
 from broker.receiver import Receiver
@@ -65,28 +66,6 @@ class SimConfig:
     baseline: bool = True
     max_examples_per_agent: int = 0
     flatten: bool = False  # 28x28x1 images as 784 features (2NN / MLP)
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    return repr(v)
-
-
-def write_toml(path: Path, tables: dict[str, dict]) -> Path:
-    out = []
-    for t, kv in tables.items():
-        out.append(f"[{t}]")
-        out += [f"{k} = {toml_value(v)}" for k, v in kv.items() if v is not None]
-        out.append("")
-    path.write_text("\n".join(out))
-    return path
 
 
 def load_split(cfg: SimConfig):

@@ -11,8 +11,6 @@ arriving at a subscriber; and bytes per update for each compression.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys

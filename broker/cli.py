@@ -6,18 +6,17 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from .entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
 from .errors import FedmqError
 from .launcher import LocalBroker, SecureFiles
 from .provision import ProvisionSpec, provision
 from .topics import check_name
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,8 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         if args.cmd == "provision":
             agents = ([a.strip() for a in args.agents.split(",") if a.strip()] if args.agents

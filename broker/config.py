@@ -199,6 +199,58 @@ class BrokerSection:
                           max_payload=self.max_payload, **kw)
 
 
+def load_tables(path: str | None, root: type, overrides: dict[str, Any] | None = None,
+                raw: tuple[str, ...] = ()) -> Any:
+    """Load a TOML file into the dataclass ``root`` whose fields are the tables.
+
+    Each table is built with :func:`build` (unknown keys, types, env overrides); ``raw`` names
+    tables passed through as plain dicts (validated by their owner, e.g. [strategy]).
+    """
+    table = load_toml(path) if path else {}
+    for k, v in (overrides or {}).items():
+        if isinstance(v, dict):
+            table.setdefault(k, {}).update(v)
+        else:
+            table[k] = v
+    fields = {f.name: f for f in dataclasses.fields(root)}
+    for k in table:
+        if k not in fields:
+            raise ConfigError(f"unknown table [{k}]; known: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(root)
+    kwargs = {}
+    for name in fields:
+        if name in raw:
+            if name in table:
+                kwargs[name] = dict(table[name])
+        else:
+            kwargs[name] = build(hints[name], table.get(name, {}), name)
+    return root(**kwargs)
+
+
+def write_toml(path: str | os.PathLike[str], tables: dict[str, dict[str, Any]]) -> Path:
+    """Write simple tables (scalars, lists, inline tables) as TOML; ``None`` values are left out."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+
+    lines: list[str] = []
+    for t, kv in tables.items():
+        lines.append(f"[{t}]")
+        lines += [f"{k} = {value(v)}" for k, v in kv.items() if v is not None]
+        lines.append("")
+    p = Path(path)
+    p.write_text("\n".join(lines))
+    return p
+
+
 def redact(obj: Any) -> Any:
     """A copy of a config (dataclass or dict) safe to log: secrets replaced by ``***``."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

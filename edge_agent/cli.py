@@ -11,8 +11,8 @@ import signal
 import sys
 
 from broker.errors import ConfigError, FedmqError
+from broker.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,8 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         if args.cmd == "info":
             from .runtime import interpreter_class

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.config import BrokerSection, build, load_toml
+from broker.config import BrokerSection, load_tables
 from broker.errors import ConfigError
 from broker.topics import NAME_RE
 
@@ -54,16 +53,7 @@ class AgentConfig:
 
 
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
-    table = load_toml(path) if path else {}
-    for k, v in (overrides or {}).items():
-        table.setdefault(k, {}).update(v)
-    known = {f.name for f in dataclasses.fields(AgentConfig)}
-    for k in table:
-        if k not in known:
-            raise ConfigError(f"unknown table [{k}]; known: {', '.join(sorted(known))}")
-    cfg = AgentConfig(build(AgentSection, table.get("agent", {}), "agent"),
-                      build(BrokerSection, table.get("broker", {}), "broker"),
-                      build(DataSection, table.get("data", {}), "data"))
+    cfg = load_tables(path, AgentConfig, overrides)
     if cfg.broker.username is not None and cfg.broker.username != cfg.agent.id:
         raise ConfigError(f"broker.username {cfg.broker.username!r} differs from agent.id {cfg.agent.id!r}: the "
                           "ACL lets an agent write only under its own username")

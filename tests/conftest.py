@@ -105,6 +105,17 @@ def secure_fleet(tmp_path, request):
     lb.cleanup()
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """The sensor1d artifact exported once per session, shared by aggregator processes."""
+    from aggregator.config import ModelSection
+    from aggregator.model_store import load_or_export
+
+    d = tmp_path_factory.mktemp("model-cache")
+    load_or_export(ModelSection(source="zoo:sensor1d", batch_size=16, verify_steps=5), d)
+    return d
+
+
 def wait_until(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
     """Poll ``pred`` until it is truthy; fail after ``timeout`` seconds."""
     import time

@@ -12,29 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from broker.config import write_toml
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    return repr(v)
-
-
-def write_toml(path: Path, tables: dict[str, dict]) -> Path:
-    lines = []
-    for t, kv in tables.items():
-        lines.append(f"[{t}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in kv.items() if v is not None]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 def watch_shards(agents: list[str], out: Path, per_agent: int | None = None) -> dict[str, Path]:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import json
 import signal
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from aggregator.config import ModelSection
-from aggregator.model_store import load_or_export
 from aggregator.strategies import ClientUpdate, build_strategy
 from broker import codec
 from broker.client import MqttClient, MqttConfig
@@ -27,13 +24,6 @@ from conftest import needs_mosquitto, wait_until
 from fleet import Fleet, watch_shards
 
 pytestmark = [pytest.mark.network, needs_mosquitto]
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model-cache")
-    load_or_export(ModelSection(source="zoo:sensor1d", batch_size=16, verify_steps=5), d)
-    return d
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ from broker.provision import ProvisionSpec, provision
 from broker.receiver import Receiver
 from conftest import needs_mosquitto, wait_until
 from fleet import Fleet, watch_shards
-from test_federation import history, model_cache  # noqa: F401  (session fixture)
+from test_federation import history
 
 pytestmark = [pytest.mark.network, needs_mosquitto]
 
 
 @pytest.fixture
-def secure(tmp_path, model_cache, request):  # noqa: F811
+def secure(tmp_path, model_cache, request):
     prov = provision(ProvisionSpec("sec-" + uuid.uuid4().hex[:6], ["agent-a", "agent-b", "agent-c"],
                                    tmp_path / "prov", host="localhost"))
     b = prov.broker_dir

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from broker import codec
-from broker.client import MqttClient, MqttConfig, Will, backoff_delays
+from broker.client import MqttClient, MqttConfig, backoff_delays
 from broker.errors import ConnectError, PayloadTooLarge
 from broker.messages import GlobalModel, Status, Update
 from broker.publisher import Publisher
