@@ -161,6 +161,7 @@ def test_quorum_closes_after_grace_and_abandons_without_quorum(fleet, tmp_path):
             f2.start_agent(a, shards[a])
         wait_until(lambda: len(history(f2, "agg2")) >= 2, 60, what="two abandoned rounds")
         agg2.kill(signal.SIGTERM)
+        assert agg2.popen.returncode == 0  # graceful shutdown on SIGTERM
         h = history(f2, "agg2")
         assert all(r["outcome"] == "abandoned" for r in h)
         assert all(r["global_round"] == 0 for r in h)  # the global model never changed
@@ -250,8 +251,11 @@ def test_duplicate_updates_count_once(fleet, tmp_path):
     shards = watch_shards(agents, tmp_path, per_agent=80)
     obs = Observer(f)
     try:
+        from broker.launcher import free_port
+
+        port = free_port()
         agg = f.start_aggregator(rounds={"rounds": 1, "select": "list", "agents": agents, "quorum": 2,
-                                         "grace_s": 1, "deadline_s": 60})
+                                         "grace_s": 1, "deadline_s": 60}, service={"prometheus_port": port})
         f.start_agent("agent-0", shards["agent-0"])
         obs.wait(lambda: len(obs.updates.get(1, [])) >= 1, 90, "agent-0's update")
         u = obs.updates[1][0]
@@ -262,6 +266,15 @@ def test_duplicate_updates_count_once(fleet, tmp_path):
         u2 = Update(u.round, u.agent, u.model_id, uuid.uuid4().hex, u.num_samples, u.tensors, u.metrics, u.created)
         pub.publish(t.update("agent-0"), codec.encode(u2))  # a second, different update for the same round
         pub.close()
+
+        def scraped():
+            import urllib.request
+
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return 'fedmq_updates_rejected_total{reason="duplicate"} 1.0' in body and \
+                "fedmq_updates_accepted_total 1.0" in body
+
+        wait_until(scraped, 30, what="the duplicate to show on /metrics")
         f.start_agent("agent-1", shards["agent-1"])  # its update completes the quorum after the duplicates
         wait_until(lambda: not agg.alive(), 90, what="round to end")
         (row,) = history(f)
