@@ -66,6 +66,8 @@ class SimConfig:
     baseline: bool = True
     max_examples_per_agent: int = 0
     flatten: bool = False  # 28x28x1 images as 784 features (2NN / MLP)
+    byzantine: int = 0  # robustness experiments: the first k agents attack
+    attack: str = "sign_flip"
 
 
 def load_split(cfg: SimConfig):
@@ -155,8 +157,9 @@ class Simulation:
         })
         agg = self._spawn("aggregator", "aggregator.cli", agg_cfg)
         for a in agents:
+            attack = c.attack if agents.index(a) < c.byzantine else None
             cfg = write_toml(self.run_dir / "configs" / f"{a}.toml", {
-                "agent": {"id": a, "cache_dir": str(self.run_dir / "cache" / a)},
+                "agent": {"id": a, "cache_dir": str(self.run_dir / "cache" / a), "attack": attack},
                 "broker": btable,
                 "data": {"source": f"npz:{self.run_dir / 'data' / f'{a}.npz'}", "eval_fraction": 0.0},
             })
@@ -313,6 +316,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-lr", type=float, help="server learning rate of the strategy")
     p.add_argument("--run-dir", type=Path, help="output directory (default runs/<timestamp>)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--byzantine", type=int, default=0, help="robustness experiments: the first k agents attack")
+    p.add_argument("--attack", default="sign_flip", choices=["sign_flip", "scale"])
     p.add_argument("--no-baseline", action="store_true", help="skip the centralized baseline")
     p.add_argument("--no-progress", action="store_true")
 
@@ -325,6 +330,7 @@ def from_args(a: argparse.Namespace) -> tuple[SimConfig, Path]:
                     else "iid", alpha=a.alpha, agents=a.agents, model=a.model, batch_size=a.batch_size,
                     optimizer=a.optimizer, rounds=a.rounds, epochs=a.epochs, lr=a.lr, lr_decay=a.lr_decay, mu=a.mu, fraction=a.fraction,
                     encoding=a.encoding, strategy=strategy, seed=a.seed, baseline=not a.no_baseline,
+                    byzantine=a.byzantine, attack=a.attack,
                     flatten=a.dataset == "fashion-mnist" and (a.model or "zoo:2nn") in ("zoo:2nn", "zoo:mlp"))
     run_dir = a.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     return cfg, run_dir

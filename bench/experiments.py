@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import numpy as np  # noqa: E402
+
 from common import machine, now  # noqa: E402
 
 FM = dict(dataset="fashion-mnist", partition="iid", agents=100, fraction=0.1, model="zoo:2nn", flatten=True,
@@ -34,6 +36,41 @@ EXPERIMENTS = {
              strategy={"name": "fedavgm", "server": {"momentum": 0.5}}),
         dict(name="FedAdam (server lr 0.01)", rounds=30, epochs=2, lr=0.1, lr_decay=0.95,
              strategy={"name": "fedadam", "server": {"lr": 0.01}}),
+    ],
+    # beyond FedAvg on the watch data: local Adam, FedProx, fewer local epochs
+    "watch-tune": [
+        dict(name="FedAvg, local Adam lr 0.003, E=2", rounds=30, epochs=2, lr=0.003, optimizer="adam",
+             strategy={"name": "fedavg"}),
+        dict(name="FedAvgM 0.5, local Adam lr 0.003, E=2", rounds=30, epochs=2, lr=0.003, optimizer="adam",
+             strategy={"name": "fedavgm", "server": {"momentum": 0.5}}),
+        dict(name="FedProx mu 0.1, E=2 lr 0.1 decay 0.95", rounds=30, epochs=2, lr=0.1, lr_decay=0.95, mu=0.1,
+             strategy={"name": "fedavg"}),
+    ],
+    "watch-more-rounds": [
+        dict(name="FedAvgM 0.5, E=1, 60 rounds, lr 0.1 decay 0.97", rounds=60, epochs=1, lr=0.1, lr_decay=0.97,
+             strategy={"name": "fedavgm", "server": {"momentum": 0.5}}),
+        dict(name="FedAvgM 0.9 (server lr 0.3), E=1, 60 rounds, lr 0.1 decay 0.97", rounds=60, epochs=1, lr=0.1,
+             lr_decay=0.97, strategy={"name": "fedavgm", "server": {"momentum": 0.9, "lr": 0.3}}),
+    ],
+    "watch-adam": [
+        dict(name="FedAvgM 0.5, local Adam lr 0.003 decay 0.95, E=2", rounds=30, epochs=2, lr=0.003,
+             lr_decay=0.95, optimizer="adam", strategy={"name": "fedavgm", "server": {"momentum": 0.5}}),
+        dict(name="FedAvgM 0.7, local Adam lr 0.002 decay 0.97, E=2", rounds=30, epochs=2, lr=0.002,
+             lr_decay=0.97, optimizer="adam", strategy={"name": "fedavgm", "server": {"momentum": 0.7}}),
+    ],
+    # experiment 3: compression on the watch data (the best setting of watch-more-rounds), bytes per round and accuracy
+    "watch-compression": [
+        dict(name=f"{enc}", rounds=60, epochs=1, lr=0.1, lr_decay=0.97, encoding=enc, topk_fraction=0.01,
+             strategy={"name": "fedavgm", "server": {"momentum": 0.9, "lr": 0.3}}, baseline=False)
+        for enc in ("raw", "f16", "int8", "topk")
+    ],
+    # experiment 4: 2 of 10 agents Byzantine (IID split of the watch training subjects)
+    "watch-byzantine": [
+        dict(name=f"{attack}: {strat['name']}", rounds=20, epochs=2, lr=0.1, partition="iid", agents=10,
+             byzantine=2, attack=attack, strategy=strat, baseline=False)
+        for attack in ("sign_flip", "scale")
+        for strat in ({"name": "fedavg"}, {"name": "median"}, {"name": "trimmed_mean", "beta": 0.2},
+                      {"name": "krum", "f": 2})
     ],
     # experiment 1 (2NN part): the FedAvg paper on Fashion-MNIST, 100 clients x 600, C = 0.1
     "fmnist-2nn": [
@@ -65,15 +102,18 @@ def main() -> int:
             hist = [json.loads(x) for x in (run_dir / "state/history.jsonl").read_text().splitlines()]
             acc = [h.get("eval_accuracy", 0) for h in hist if h["outcome"] == "aggregated"]
             first = lambda target: next((i + 1 for i, a in enumerate(acc) if a >= target), None)  # noqa: E731
+            mb = np.mean([h.get("bytes_received", 0) for h in hist if h["outcome"] == "aggregated"]) / 1e6
             rows.append((name, seed, s["final_accuracy"], max(acc), s.get("centralized_accuracy"),
-                         first(0.80), first(0.85), time.time() - t0))
+                         first(0.80), first(0.85), mb, time.time() - t0))
             print(rows[-1], flush=True)
     lines = [f"\n## bench/experiments {args.experiment} — {now()}\n", f"Machine: {machine()}\n",
              "| configuration | seed | final acc | best acc | centralized (same data, same epochs) "
-             "| rounds to 80% | rounds to 85% | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for n, seed, fin, best, cen, r80, r85, wall in rows:
+             "| rounds to 80% | rounds to 85% | MB of updates per round | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, seed, fin, best, cen, r80, r85, mb, wall in rows:
         cen_s = f"{cen:.4f}" if cen is not None else "—"
-        lines.append(f"| {n} | {seed} | {fin:.4f} | {best:.4f} | {cen_s} | {r80 or '—'} | {r85 or '—'} | {wall:.0f} |")
+        lines.append(f"| {n} | {seed} | {fin:.4f} | {best:.4f} | {cen_s} | {r80 or '—'} | {r85 or '—'} "
+                     f"| {mb:.3f} | {wall:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(ROOT / "bench" / "RESULTS.md", "a") as f:

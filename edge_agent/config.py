@@ -17,8 +17,13 @@ class AgentSection:
     cache_dir: str = "./fedmq-agent"
     runtime: str = ""  # "" = first available: ai_edge_litert, tflite_runtime, tensorflow
     num_threads: int = 0
+    #: robustness experiments only: make this agent Byzantine ("sign_flip": send -delta,
+    #: "scale": send 100 x delta). Never set on a real device.
+    attack: str = ""
 
     def validate(self, section: str) -> None:
+        if self.attack not in ("", "sign_flip", "scale"):
+            raise ConfigError(f"{section}.attack must be empty, sign_flip or scale")
         if not NAME_RE.match(self.id or ""):
             raise ConfigError(f"{section}.id = {self.id!r}: set it to this device's agent id ([a-z0-9-], "
                               "equal to its MQTT username)")

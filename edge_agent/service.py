@@ -202,6 +202,9 @@ class AgentService:
             vl, va = t.evaluate(self.x_eval, self.y_eval)
             metrics.update(val_loss=vl, val_accuracy=va)
         delta = {n: (w - b).astype(np.float32) for n, w, b in zip(names, r.weights, base)}
+        if self.cfg.agent.attack:  # robustness experiments: a Byzantine agent
+            factor = -1.0 if self.cfg.agent.attack == "sign_flip" else 100.0
+            delta = {n: (d * np.float32(factor)).astype(np.float32) for n, d in delta.items()}
         delta = apply_error_feedback(delta, cfg.compression, self.ef)
         upd = Update(ann.round, self.id, ann.model_id, uuid.uuid4().hex, r.num_samples, delta, metrics, time.time(),
                      cfg.compression)
