@@ -66,6 +66,7 @@ class SimConfig:
     baseline: bool = True
     max_examples_per_agent: int = 0
     flatten: bool = False  # 28x28x1 images as 784 features (2NN / MLP)
+    agent_eval_fraction: float = 0.0  # local hold-out on agents (reports val_accuracy for quality weighting)
     byzantine: int = 0  # robustness experiments: the first k agents attack
     attack: str = "sign_flip"
 
@@ -161,7 +162,8 @@ class Simulation:
             cfg = write_toml(self.run_dir / "configs" / f"{a}.toml", {
                 "agent": {"id": a, "cache_dir": str(self.run_dir / "cache" / a), "attack": attack},
                 "broker": btable,
-                "data": {"source": f"npz:{self.run_dir / 'data' / f'{a}.npz'}", "eval_fraction": 0.0},
+                "data": {"source": f"npz:{self.run_dir / 'data' / f'{a}.npz'}",
+                         "eval_fraction": c.agent_eval_fraction},
             })
             self._spawn(a, "edge_agent.cli", cfg)
         return agg

@@ -72,6 +72,26 @@ EXPERIMENTS = {
         for strat in ({"name": "fedavg"}, {"name": "median"}, {"name": "trimmed_mean", "beta": 0.2},
                       {"name": "krum", "f": 2})
     ],
+    # experiment 2: the seed's methods and beyond, side by side on the 2-shard non-IID split (2NN)
+    "fmnist-methods": [
+        dict(name=f"non-IID {label}", rounds=50, epochs=5, batch_size=10, lr=0.05,
+             **{**FM, "partition": "shards", "strategy": strat, **extra})
+        for label, strat, extra in (
+            ("simple mean", {"name": "mean"}, {}),
+            ("sample-weighted", {"name": "weighted"}, {}),
+            ("quality-weighted (softmax of val acc, T 0.05)",
+             {"name": "quality", "quality": {"mapping": "softmax", "temperature": 0.05}},
+             {"agent_eval_fraction": 0.1}),
+            ("FedAvg", {"name": "fedavg"}, {}),
+            ("hybrid: samples x quality, trimmed mean 0.1",
+             {"name": "hybrid", "quality": {"mapping": "softmax", "temperature": 0.05}, "reducer": "trimmed_mean",
+              "beta": 0.1}, {"agent_eval_fraction": 0.1}),
+            ("FedAvgM 0.9 (server lr 0.3)", {"name": "fedavgm", "server": {"momentum": 0.9, "lr": 0.3}}, {}),
+            ("FedAdam (server lr 0.01)", {"name": "fedadam", "server": {"lr": 0.01}}, {}),
+            ("FedYogi (server lr 0.01)", {"name": "fedyogi", "server": {"lr": 0.01}}, {}),
+            ("FedProx mu 0.1", {"name": "fedavg"}, {"mu": 0.1}),
+        )
+    ],
     # experiment 1 (2NN part): the FedAvg paper on Fashion-MNIST, 100 clients x 600, C = 0.1
     "fmnist-2nn": [
         dict(name="2NN IID FedAvg E=5 B=10 lr 0.05", rounds=20, epochs=5, batch_size=10, lr=0.05, **FM),

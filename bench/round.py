@@ -46,7 +46,7 @@ def fedmq_agent(host: str, port: int, fleet: str, agent: str) -> None:
         c.subscribe(f)
     c.publish(t.status(agent), codec.encode(Status(agent, "online", time.time())), retain=True)
     pub, rx = Publisher(c, t), Receiver(t)
-    g, done = None, set()
+    g, ann, done = None, None, set()
     while True:
         m = c.get(timeout=1)
         if m is None:
@@ -56,8 +56,8 @@ def fedmq_agent(host: str, port: int, fleet: str, agent: str) -> None:
             continue
         if isinstance(r.message, GlobalModel):
             g = r.message
-        ann = r.message if isinstance(r.message, RoundAnnouncement) else getattr(fedmq_agent, "ann", None)
-        fedmq_agent.ann = ann
+        elif isinstance(r.message, RoundAnnouncement):
+            ann = r.message
         if ann is None or g is None or g.round != ann.base_round or ann.round in done:
             continue
         zeros = {n: np.zeros_like(a) for n, a in g.tensors.items()}  # identity: the weights we got

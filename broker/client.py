@@ -213,7 +213,7 @@ class MqttClient:
             self.close()
             raise self._first.value
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self) -> None:
         """Disconnect cleanly (no last will is sent) and stop the network thread."""
         self._closing.set()
         if self._connected.is_set():
