@@ -128,6 +128,10 @@ class AggregatorService:
         if self.served is None:
             self.served = load_or_export(self.cfg.model, self.state_dir / "models")
         self._restore()
+        done = sum(1 for h in self.history if h["outcome"] == "aggregated")
+        if self.cfg.rounds.rounds and done >= self.cfg.rounds.rounds:
+            log.info("the checkpoint already holds %d aggregated rounds: nothing to do", done)
+            self._done = True
         self._eval = load_eval(self.cfg)
         if self._eval is not None:
             from edge_agent.trainer import TFLiteTrainer

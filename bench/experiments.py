@@ -72,6 +72,11 @@ EXPERIMENTS = {
         for strat in ({"name": "fedavg"}, {"name": "median"}, {"name": "trimmed_mean", "beta": 0.2},
                       {"name": "krum", "f": 2})
     ],
+    # experiment 1 (CNN, IID): the paper's CNN, 10 rounds (~75 s per round on 2 cores)
+    "fmnist-cnn": [
+        dict(name="CNN IID FedAvg E=5 B=10 lr 0.05", rounds=10, epochs=5, batch_size=10, lr=0.05,
+             **{**FM, "model": "zoo:cnn", "flatten": False}),
+    ],
     # experiment 2: the seed's methods and beyond, side by side on the 2-shard non-IID split (2NN)
     "fmnist-methods": [
         dict(name=f"non-IID {label}", rounds=50, epochs=5, batch_size=10, lr=0.05,

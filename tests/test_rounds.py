@@ -1,0 +1,87 @@
+"""Round control without transport: quorum, grace, deadline, and which updates count."""
+
+import numpy as np
+
+from aggregator.config import RoundsSection
+from aggregator.rounds import RoundController, quorum_for, select_agents
+from aggregator.strategies import build_strategy
+from broker.messages import TrainConfig, Update
+
+MID = "ab" * 32
+G = {"w": np.zeros(3, np.float32)}
+
+
+def upd(agent, rnd=1, model=MID, uid=None):
+    return Update(rnd, agent, model, uid or f"{abs(hash((agent, rnd, model))):016x}", 10,
+                  {"w": np.ones(3, np.float32)}, {}, 0.0)
+
+
+def controller(**kw):
+    cfg = RoundsSection(**{"deadline_s": 100, "grace_s": 5, **kw})
+    return RoundController(build_strategy({"name": "fedavg"}), cfg), cfg
+
+
+def test_selection_and_quorum():
+    online = [f"a{i}" for i in range(10)]
+    assert select_agents(online, RoundsSection(), 1) == sorted(online)
+    frac = RoundsSection(select="fraction", fraction=0.3, seed=4)
+    s1, s2 = select_agents(online, frac, 1), select_agents(online, frac, 2)
+    assert len(s1) == 3 and s1 == select_agents(online, frac, 1) and s1 != s2  # seeded, varies by round
+    assert select_agents(online, RoundsSection(select="list", agents=["x", "a1"]), 1) == ["a1", "x"]
+    assert quorum_for(10, RoundsSection(quorum_fraction=0.6)) == 6
+    assert quorum_for(4, RoundsSection(quorum=6)) == 4
+
+
+def test_closes_after_grace_once_quorum_is_reached():
+    c, _ = controller(quorum=2)
+    c.open(1, MID, 0, G, ["a", "b", "c"], TrainConfig(), now=0.0)
+    assert c.on_update(upd("a"), 100, 1.0) is None
+    assert c.poll(2.0) == "open"
+    assert c.on_update(upd("b"), 100, 3.0) is None  # quorum at t=3
+    assert c.poll(7.9) == "open" and c.poll(8.1) == "close"  # grace 5 s
+    r, result = c.close()
+    assert r.received == ["a", "b"] and result.outcome == "aggregated"
+    np.testing.assert_allclose(result.weights["w"], np.ones(3))
+
+
+def test_closes_at_once_when_everyone_reported():
+    c, _ = controller(quorum=1)
+    c.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0)
+    c.on_update(upd("a"), 1, 1.0)
+    assert c.poll(1.5) == "open"
+    c.on_update(upd("b"), 1, 2.0)
+    assert c.poll(2.0) == "close"
+
+
+def test_deadline_without_quorum_abandons_or_extends():
+    c, _ = controller(quorum=2)
+    c.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0)
+    c.on_update(upd("a"), 1, 1.0)
+    assert c.poll(99.0) == "open" and c.poll(100.1) == "timeout"
+    assert c.extend(100.1) is None  # policy abandon
+    r = c.abandon()
+    assert r.received == ["a"] and c.current is None
+    assert c.on_update(upd("b"), 1, 101.0) == "no_open_round"
+    c2, _ = controller(quorum=2, on_timeout="extend", max_extensions=1)
+    c2.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0)
+    ann = c2.extend(100.0)
+    assert ann is not None and ann.deadline == 200.0
+    assert c2.extend(200.0) is None
+
+
+def test_which_updates_count():
+    c, _ = controller(quorum=5)
+    c.open(3, MID, 2, G, ["a", "b", "c"], TrainConfig(), now=0.0)
+    c.closed_rounds.add(2)
+    assert c.on_update(upd("a", rnd=2), 1, 1) == "late"
+    assert c.on_update(upd("a", rnd=1), 1, 1) == "stale"
+    assert c.on_update(upd("a", rnd=4), 1, 1) == "future"
+    assert c.on_update(upd("a", rnd=3, model="cd" * 32), 1, 1) == "wrong_model"
+    assert c.on_update(upd("zz", rnd=3), 1, 1) == "not_asked"
+    assert c.on_update(upd("a", rnd=3), 1, 1) is None
+    assert c.on_update(upd("a", rnd=3, uid="f" * 16), 1, 1) == "duplicate"
+    nan = upd("b", rnd=3)
+    nan.tensors = {"w": np.full(3, np.nan, np.float32)}
+    assert c.on_update(nan, 1, 1) == "non_finite"
+    assert c.rejected == {"late": 1, "stale": 1, "future": 1, "wrong_model": 1, "not_asked": 1, "duplicate": 1,
+                          "non_finite": 1}
