@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')
 TFLITE_VENV := .tflite-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help venv tflite-venv mosquitto datasets demo test test-all bench clean
+.PHONY: help venv tflite-venv mosquitto datasets demo test bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -47,9 +47,6 @@ demo: venv mosquitto  ## a federated run: 8 agents (one per subject) on the smar
 
 test: venv tflite-venv mosquitto  ## run the whole test suite (fault and security tests included)
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest -m "not slow" tests
-
-test-all: venv tflite-venv mosquitto  ## the suite plus long experiments
-	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest tests
 
 bench: venv mosquitto  ## benchmarks (a separate .bench-venv holds the Flower reference)
 	bash bench/run.sh
