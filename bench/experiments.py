@@ -58,6 +58,10 @@ EXPERIMENTS = {
         dict(name="FedAvgM 0.7, local Adam lr 0.002 decay 0.97, E=2", rounds=30, epochs=2, lr=0.002,
              lr_decay=0.97, optimizer="adam", strategy={"name": "fedavgm", "server": {"momentum": 0.7}}),
     ],
+    "watch-best": [
+        dict(name="FedAvgM 0.9 (server lr 0.3), E=1, 60 rounds, lr 0.1 decay 0.97", rounds=60, epochs=1, lr=0.1,
+             lr_decay=0.97, strategy={"name": "fedavgm", "server": {"momentum": 0.9, "lr": 0.3}}),
+    ],
     # experiment 3: compression on the watch data (the best setting of watch-more-rounds), bytes per round and accuracy
     "watch-compression": [
         dict(name=f"{enc}", rounds=60, epochs=1, lr=0.1, lr_decay=0.97, encoding=enc, topk_fraction=0.01,
@@ -97,6 +101,15 @@ EXPERIMENTS = {
             ("FedProx mu 0.1", {"name": "fedavg"}, {"mu": 0.1}),
         )
     ],
+    "fmnist-methods-2": [
+        dict(name=f"non-IID {label}", rounds=40, epochs=5, batch_size=10, lr=0.05,
+             **{**FM, "partition": "shards", "strategy": strat})
+        for label, strat in (
+            ("FedAvgM 0.9 (server lr 1.0)", {"name": "fedavgm", "server": {"momentum": 0.9, "lr": 1.0}}),
+            ("FedAdam (server lr 0.03)", {"name": "fedadam", "server": {"lr": 0.03}}),
+            ("FedYogi (server lr 0.03)", {"name": "fedyogi", "server": {"lr": 0.03}}),
+        )
+    ],
     # experiment 1 (2NN part): the FedAvg paper on Fashion-MNIST, 100 clients x 600, C = 0.1
     "fmnist-2nn": [
         dict(name="2NN IID FedAvg E=5 B=10 lr 0.05", rounds=20, epochs=5, batch_size=10, lr=0.05, **FM),
@@ -111,6 +124,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--seed-offset", type=int, default=0, help="first seed")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments")
     args = ap.parse_args()
     from aggregator.simulate import SimConfig, Simulation
@@ -121,14 +135,16 @@ def main() -> int:
         name = conf.pop("name")
         for seed in range(args.seeds):
             run_dir = args.out / f"{args.experiment}-{len(rows)}-s{seed}"
+            if args.seed_offset:
+                run_dir = run_dir.with_name(run_dir.name + f"-o{args.seed_offset}")
             t0 = time.time()
             conf.setdefault("dataset", "watch")
-            s = Simulation(SimConfig(seed=seed, **conf), run_dir, progress=False).run()
+            s = Simulation(SimConfig(seed=seed + args.seed_offset, **conf), run_dir, progress=False).run()
             hist = [json.loads(x) for x in (run_dir / "state/history.jsonl").read_text().splitlines()]
             acc = [h.get("eval_accuracy", 0) for h in hist if h["outcome"] == "aggregated"]
             first = lambda target: next((i + 1 for i, a in enumerate(acc) if a >= target), None)  # noqa: E731
             mb = np.mean([h.get("bytes_received", 0) for h in hist if h["outcome"] == "aggregated"]) / 1e6
-            rows.append((name, seed, s["final_accuracy"], max(acc), s.get("centralized_accuracy"),
+            rows.append((name, seed + args.seed_offset, s["final_accuracy"], max(acc), s.get("centralized_accuracy"),
                          first(0.80), first(0.85), mb, time.time() - t0))
             print(rows[-1], flush=True)
     lines = [f"\n## bench/experiments {args.experiment} — {now()}\n", f"Machine: {machine()}\n",
