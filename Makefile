@@ -40,7 +40,7 @@ datasets:  ## Debian's Fashion-MNIST (for the paper experiments; the watch data 
 	@[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || { \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
 
-# FedAvgM (server momentum 0.9, server lr 0.3), E=1, 60 rounds: 81.0% vs 81.6% centralized (bench/RESULTS.md)
+# FedAvgM (server momentum 0.9, server lr 0.3), E=1, 60 rounds: 80.5% mean over 3 seeds (bench/RESULTS.md)
 DEMO_ARGS ?= --dataset watch --rounds 60 --epochs 1 --lr 0.1 --lr-decay 0.97 --strategy fedavgm --server-lr 0.3
 demo: venv mosquitto  ## a federated run: 8 agents (one per subject) on the smartwatch data, vs centralized
 	PATH="$$PATH:/usr/sbin" $(BIN)/fedmq-aggregator simulate $(DEMO_ARGS)
