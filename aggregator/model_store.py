@@ -7,6 +7,7 @@ loads the same artifact (same model id) without importing TensorFlow.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -69,8 +70,6 @@ def load_or_export(cfg: ModelSection, cache_dir: Path) -> ServedModel:
     keras.utils.set_random_seed(cfg.seed)
     ex = export_model(load_model_fn(cfg.source)(), TrainSpec(batch_size=cfg.batch_size, optimizer=cfg.optimizer),
                       verify_steps=cfg.verify_steps)
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, **{f"w{i}": w for i, w in enumerate(ex.initial_weights)})
     atomic_write(d / "initial.npz", buf.getvalue())

@@ -191,7 +191,7 @@ class AgentService:
 
     def _train(self, ann: RoundAnnouncement, g: GlobalModel) -> None:
         t = self.trainer
-        names = [n for n in t.weight_names]
+        names = t.weight_names
         base = [np.asarray(g.tensors[n], dtype=np.float32) for n in names]
         self._status("training")
         cfg = ann.config

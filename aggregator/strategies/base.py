@@ -115,13 +115,13 @@ class Strategy:
         if getattr(self._reducer, "full", lambda: False)():
             return self._reject(u, "too_many", f"{self.max_updates} updates held already")
         delta = [u.delta[n] for n in self._names]
-        scale = 1.0
-        if self.clipper is not None:
-            sq = sum_squares(delta)
-            if not math.isfinite(sq):
+        scale, known = 1.0, None
+        if self.clipper is not None:  # the norm is needed before folding; the reducer reuses it
+            known = sum_squares(delta)
+            if not math.isfinite(known):
                 return self._reject(u, "non_finite", "delta has NaN/Inf (or overflows)")
-            scale = self.clipper.scale(math.sqrt(sq))
-        sq = self._reducer.add(delta, w, scale)
+            scale = self.clipper.scale(math.sqrt(known))
+        sq = self._reducer.add(delta, w, scale, known)
         if not math.isfinite(sq):
             return self._reject(u, "non_finite", "delta has NaN/Inf (or overflows)")
         self._agents.append(u.agent)

@@ -45,13 +45,16 @@ class WeightedMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, delta: Sequence[np.ndarray], weight: float, scale: float = 1.0) -> float:
+    def add(self, delta: Sequence[np.ndarray], weight: float, scale: float = 1.0,
+            sq: float | None = None) -> float:
         """Fold ``weight * scale * delta``; return the delta's sum of squares (unscaled).
 
         Returns a non-finite value, leaving the mean unchanged, when the delta is not finite.
+        ``sq`` is the sum of squares when the caller already computed it (clipping): not recomputed.
         """
         with np.errstate(over="ignore", invalid="ignore"):  # overflow/NaN are detected via sq below
-            sq = self._fold(delta, np.float32(weight * scale))
+            folded = self._fold(delta, np.float32(weight * scale), sq is None)
+        sq = folded if sq is None else sq
         if not math.isfinite(sq):
             return sq
         self._acc, self._nxt = self._nxt, self._acc
@@ -59,8 +62,8 @@ class WeightedMean:
         self.count += 1
         return sq
 
-    def _fold(self, delta: Sequence[np.ndarray], coef: np.float32) -> float:
-        """next = acc + coef * delta, block by block; returns the delta's sum of squares."""
+    def _fold(self, delta: Sequence[np.ndarray], coef: np.float32, measure: bool = True) -> float:
+        """next = acc + coef * delta, block by block; returns the delta's sum of squares (if ``measure``)."""
         sq = 0.0
         tmp = self._tmp
         for acc, nxt, d in zip(self._acc, self._nxt, delta):
@@ -68,7 +71,8 @@ class WeightedMean:
             for s in range(0, f.size, self.block):
                 x = f[s : s + self.block]
                 n = x.size
-                sq += float(np.dot(x, x))
+                if measure:
+                    sq += float(np.dot(x, x))
                 t = tmp[:n]
                 np.multiply(x, coef, out=t)
                 np.add(acc[s : s + n], t, out=nxt[s : s + n])
@@ -96,8 +100,9 @@ class _Holding:
     def count(self) -> int:
         return len(self.items)
 
-    def add(self, delta: Sequence[np.ndarray], weight: float, scale: float = 1.0) -> float:
-        sq = sum_squares(delta)
+    def add(self, delta: Sequence[np.ndarray], weight: float, scale: float = 1.0,
+            sq: float | None = None) -> float:
+        sq = sum_squares(delta) if sq is None else sq
         if math.isfinite(sq):
             self.items.append((delta, weight, scale))
             self.total_weight += weight
