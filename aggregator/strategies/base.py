@@ -68,7 +68,12 @@ class Strategy:
         self._global = dict(global_weights)
         self._names = list(global_weights)
         self._round = round_no
-        self._reducer = self.make_reducer(list(global_weights.values()))
+        template = list(global_weights.values())
+        old = getattr(self, "_reducer", None)
+        if old is not None and hasattr(old, "fits") and old.fits(template):
+            old.reset()  # the streaming mean keeps its buffers from round to round
+        else:
+            self._reducer = self.make_reducer(template)
         self._rejected: Counter[str] = Counter()
         self._agents: list[str] = []
         self._weights: list[float] = []
