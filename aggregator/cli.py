@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="zoo:NAME (mlp, 2nn, cnn, sensor1d) or package.module:function")
     e.add_argument("--batch-size", type=int, default=32, help="fixed training batch size (default 32)")
     e.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"])
+    e.add_argument("--prox", action="store_true",
+                   help="include the FedProx term (train takes mu; one more model-size buffer on the device)")
     e.add_argument("--verify-steps", type=int, default=20, help="TF vs TFLite parity steps (default 20)")
     e.add_argument("--out", required=True, help="output .tflite path (a .json manifest is written beside it)")
     return p
@@ -52,7 +54,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         model = load_model_fn(args.model)()
-        ex = export_model(model, TrainSpec(batch_size=args.batch_size, optimizer=args.optimizer),
+        ex = export_model(model, TrainSpec(batch_size=args.batch_size, optimizer=args.optimizer, prox=args.prox),
                           verify_steps=args.verify_steps)
     except (ExportError, ValueError) as e:
         print(f"fedmq-aggregator export: {e}", file=sys.stderr)
@@ -61,7 +63,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(ex.artifact)
     meta = {"model_id": ex.model_id, "names": ex.names, "batch_size": ex.spec.batch_size,
-            "optimizer": ex.spec.optimizer, "weights": [w.to_wire() for w in ex.weights],
+            "optimizer": ex.spec.optimizer, "prox": ex.spec.prox, "weights": [w.to_wire() for w in ex.weights],
             "inputs": [i.to_wire() for i in ex.inputs], "verification": ex.verification}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     n = sum(int(np.prod(w.shape)) for w in ex.weights)

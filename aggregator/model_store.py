@@ -43,13 +43,18 @@ class ServedModel:
         return {w.name: a for w, a in zip(self.weights, self.initial)}
 
 
-def cache_key(cfg: ModelSection) -> str:
-    raw = json.dumps([cfg.source, cfg.batch_size, cfg.optimizer, cfg.seed, FORMAT])
+def cache_key(cfg: ModelSection, prox: bool = False) -> str:
+    raw = json.dumps([cfg.source, cfg.batch_size, cfg.optimizer, cfg.seed, FORMAT] + (["prox"] if prox else []))
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-def load_or_export(cfg: ModelSection, cache_dir: Path) -> ServedModel:
-    d = cache_dir / cache_key(cfg)
+def load_or_export(cfg: ModelSection, cache_dir: Path, prox: bool = False) -> ServedModel:
+    """The verified artifact for ``cfg``, from the cache or exported now.
+
+    ``prox``: include the FedProx anchor (the round config has mu > 0); without it the device
+    holds one model-size buffer less.
+    """
+    d = cache_dir / cache_key(cfg, prox)
     if (d / "meta.json").is_file():
         meta = json.loads((d / "meta.json").read_text())
         artifact = (d / "model.tflite").read_bytes()
@@ -68,7 +73,8 @@ def load_or_export(cfg: ModelSection, cache_dir: Path) -> ServedModel:
     from .export.trainable import TrainSpec
 
     keras.utils.set_random_seed(cfg.seed)
-    ex = export_model(load_model_fn(cfg.source)(), TrainSpec(batch_size=cfg.batch_size, optimizer=cfg.optimizer),
+    ex = export_model(load_model_fn(cfg.source)(), TrainSpec(batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+                                                                 prox=prox),
                       verify_steps=cfg.verify_steps)
     buf = io.BytesIO()
     np.savez(buf, **{f"w{i}": w for i, w in enumerate(ex.initial_weights)})

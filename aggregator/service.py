@@ -126,7 +126,7 @@ class AggregatorService:
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
         if self.served is None:
-            self.served = load_or_export(self.cfg.model, self.state_dir / "models")
+            self.served = load_or_export(self.cfg.model, self.state_dir / "models", prox=self.cfg.train.mu > 0)
         self._restore()
         done = sum(1 for h in self.history if h["outcome"] == "aggregated")
         if self.cfg.rounds.rounds and done >= self.cfg.rounds.rounds:
@@ -278,7 +278,7 @@ class AggregatorService:
         if self._evaluator is not None and outcome == "aggregated":
             t0 = time.perf_counter()
             self._evaluator.set_weights([self.global_weights[w.name] for w in self.served.weights])
-            loss, acc = self._evaluator.evaluate(self._eval.x, self._eval.y)
+            loss, acc = self._evaluator.evaluate(self._eval.x, self._eval.y, batch=256)
             values.update(eval_loss=loss, eval_accuracy=acc, eval_s=time.perf_counter() - t0)
         rejected = dict(self.round_rejects)
         row = {"round": r.ann.round, "outcome": outcome, "reason": reason, "ts": time.time(), **values,

@@ -273,7 +273,7 @@ class Simulation:
         x, y = self.train
         for e in range(self.cfg.rounds * self.cfg.epochs):  # the same epochs and lr schedule
             t.fit(x, y, epochs=1, lr=self.cfg.lr * self.cfg.lr_decay ** (e // self.cfg.epochs), seed=e)
-        return t.evaluate(*self.test)[1]
+        return t.evaluate(*self.test, batch=256)[1]
 
     def run(self) -> dict:
         t0 = time.time()

@@ -33,16 +33,23 @@ def hwm():
         if l.startswith("VmHWM:"): return int(l.split()[1]) / 1024
 base = hwm()
 import numpy as np
+from edge_agent.memory import limit_heap_growth
 from edge_agent.trainer import TFLiteTrainer
+low = sys.argv[3] == "low_memory"
+if low:
+    limit_heap_growth()
 c = np.load(sys.argv[1])
-t = TFLiteTrainer(c["artifact"].tobytes())
-t.set_weights([c[f"init{i}"] for i in range(len(t.weight_names))])
+t = TFLiteTrainer(c["artifact"].tobytes(), xnnpack=not low)
+init = [c[f"init{i}"] for i in range(len(t.weight_names))]
 n = int(sys.argv[2])
-x = np.random.default_rng(0).normal(size=(n * t.batch_size, *t.x_shape)).astype(np.float32)
-y = np.zeros(n * t.batch_size, np.int32)
-t.fit(x[: t.batch_size], y[: t.batch_size])  # warm-up
-r = t.fit(x, y, epochs=1, lr=0.01)
-print(json.dumps({"rss_mb": hwm(), "python_mb": base, "steps_per_s": r.steps / r.seconds,
+rng = np.random.default_rng(0)
+x = rng.normal(size=(n * t.batch_size, *t.x_shape)).astype(np.float32)
+y = rng.integers(0, t.num_classes, size=n * t.batch_size).astype(np.int32)
+t.fit(x[: t.batch_size], y[: t.batch_size], weights=init)  # warm-up
+r = t.fit(x, y, epochs=1, lr=0.01, weights=init)
+train = hwm()
+t.evaluate(x[:100], y[:100])  # the agent's held-out evaluation, in training-size batches
+print(json.dumps({"rss_mb": train, "round_mb": hwm(), "python_mb": base, "steps_per_s": r.steps / r.seconds,
                   "runtime": t.runtime, "steps": r.steps}))
 """
 
@@ -65,9 +72,13 @@ def main() -> int:
     from aggregator.export.zoo import ZOO
 
     print(f"## bench/agent_footprint — {now()}\n\nMachine: {machine()}\n")
-    print(f"Training batch size {args.batch_size}, SGD; agent process with TensorFlow blocked.\n")
-    print("| model | params | artifact KB | runtime | peak RSS MB | target MB | steps/s | examples/s |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    print(f"Training batch size {args.batch_size}, SGD; agent process with TensorFlow blocked. Peak RSS (VmHWM) "
+          "after set_weights + training + get_weights, and after the held-out evaluation too (a full agent "
+          "round). Modes: `default` (LiteRT with its XNNPACK delegate), `low_memory` (agent config "
+          "`[agent] low_memory = true`: no XNNPACK, glibc returns large buffers).\n")
+    print("| model | params | artifact KB | mode | peak RSS MB, training | … with evaluation | target MB | steps/s "
+          "| examples/s |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as d:
         for name in ("mlp", "2nn", "sensor1d", "cnn"):
             ex = export_model(ZOO[name](), TrainSpec(batch_size=args.batch_size), verify_steps=0)
@@ -75,12 +86,15 @@ def main() -> int:
             np.savez(path, artifact=np.frombuffer(ex.artifact, np.uint8),
                      **{f"init{i}": w for i, w in enumerate(ex.initial_weights)})
             steps = 30 if name == "cnn" else 300
-            out = subprocess.run([sys.executable, "-c", AGENT, str(path), str(steps)], capture_output=True,
-                                 text=True, check=True, cwd=str(ROOT), env={"PYTHONPATH": str(ROOT)})
-            r = json.loads(out.stdout.strip().splitlines()[-1])
             params = sum(int(np.prod(w.shape)) for w in ex.weights)
-            print(f"| {name} | {params:,} | {len(ex.artifact) / 1024:,.0f} | {r['runtime']} | {r['rss_mb']:.0f} "
-                  f"| {TARGETS.get(name, '—')} | {r['steps_per_s']:,.0f} | {r['steps_per_s'] * args.batch_size:,.0f} |")
+            for mode in ("default", "low_memory"):
+                out = subprocess.run([sys.executable, "-c", AGENT, str(path), str(steps), mode], capture_output=True,
+                                     text=True, check=True, cwd=str(ROOT), env={"PYTHONPATH": str(ROOT)})
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"| {name} | {params:,} | {len(ex.artifact) / 1024:,.0f} | {mode} | {r['rss_mb']:.1f} "
+                      f"| {r['round_mb']:.1f} | {TARGETS.get(name, '—')} | {r['steps_per_s']:,.0f} "
+                      f"| {r['steps_per_s'] * args.batch_size:,.0f} |")
+        print(f"\nRuntime: {r['runtime']}.")
     if args.agent_venv:
         sp = next(args.agent_venv.glob("lib/python*/site-packages"))
         has_tf = any(p.name.startswith("tensorflow") for p in sp.iterdir())

@@ -110,6 +110,31 @@ EXPERIMENTS = {
             ("FedYogi (server lr 0.03)", {"name": "fedyogi", "server": {"lr": 0.03}}),
         )
     ],
+    # experiment 2, third pass: more clients per round (C) against client drift, and milder server momentum
+    "fmnist-methods-3": [
+        dict(name=f"non-IID {label}", rounds=rounds, epochs=5, batch_size=10, lr=0.05,
+             **{**FM, "partition": "shards", "strategy": strat, "fraction": c})
+        for label, strat, c, rounds in (
+            ("FedAvg, C 0.3", {"name": "fedavg"}, 0.3, 60),
+            ("FedAdam (server lr 0.03), C 0.3", {"name": "fedadam", "server": {"lr": 0.03}}, 0.3, 60),
+            ("FedAvgM 0.5 (server lr 1.0), C 0.1", {"name": "fedavgm", "server": {"momentum": 0.5, "lr": 1.0}}, 0.1, 60),
+            ("FedAvgM 0.7 (server lr 0.5), C 0.3", {"name": "fedavgm", "server": {"momentum": 0.7, "lr": 0.5}}, 0.3, 60),
+            ("FedAvg, C 1.0", {"name": "fedavg"}, 1.0, 40),
+        )
+    ],
+    # experiment 2, fourth pass: C 0.3 oscillates around 83-84%; damp it (client lr decay, fewer local epochs)
+    "fmnist-methods-4": [
+        dict(name=f"non-IID {label}", rounds=80, batch_size=10, lr=0.05,
+             **{**FM, "partition": "shards", "strategy": strat, "fraction": 0.3, **extra})
+        for label, strat, extra in (
+            ("FedAvgM 0.7 (server lr 0.5), C 0.3, E 5, lr decay 0.97", {"name": "fedavgm", "server": {"momentum": 0.7, "lr": 0.5}},
+             {"epochs": 5, "lr_decay": 0.97}),
+            ("FedAvg, C 0.3, E 5, lr decay 0.97", {"name": "fedavg"}, {"epochs": 5, "lr_decay": 0.97}),
+            ("FedAvg, C 0.3, E 1", {"name": "fedavg"}, {"epochs": 1}),
+            ("FedAvgM 0.7 (server lr 0.5), C 0.3, E 2, lr decay 0.98", {"name": "fedavgm", "server": {"momentum": 0.7, "lr": 0.5}},
+             {"epochs": 2, "lr_decay": 0.98}),
+        )
+    ],
     # experiment 1 (2NN part): the FedAvg paper on Fashion-MNIST, 100 clients x 600, C = 0.1
     "fmnist-2nn": [
         dict(name="2NN IID FedAvg E=5 B=10 lr 0.05", rounds=20, epochs=5, batch_size=10, lr=0.05, **FM),

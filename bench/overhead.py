@@ -61,7 +61,7 @@ def main() -> int:
                                    {"loss": r.loss}))
         weights = strat.finish().weights
         trainer.set_weights([weights[n] for n in names])
-        trainer.evaluate(ev["x"], ev["y"])
+        trainer.evaluate(ev["x"], ev["y"], batch=256)
         inproc.append(time.perf_counter() - t0)
     p, q = statistics.median(pipeline), statistics.median(inproc)
     print(f"## bench/overhead (experiment 6) — {now()}\n\nMachine: {machine()}\n")

@@ -45,11 +45,25 @@ def interpreter_class(name: str | None = None) -> tuple[Any, str]:
                              + "; ".join(errors))
 
 
-def load_interpreter(artifact: bytes, runtime: str | None = None, num_threads: int | None = None) -> tuple[Any, str]:
+def load_interpreter(artifact: bytes, runtime: str | None = None, num_threads: int | None = None,
+                     xnnpack: bool | None = None) -> tuple[Any, str]:
+    """An interpreter with its tensors allocated.
+
+    ``xnnpack=False`` skips the default XNNPACK delegate (saves its packed-weight buffers on
+    small devices; see bench/agent_footprint for the speed it costs). ``None``: the
+    ``FEDMQ_TFLITE_XNNPACK`` environment variable (0/1), default on.
+    """
     cls, name = interpreter_class(runtime)
-    kw = {"model_content": bytes(artifact)}
+    kw: dict[str, Any] = {"model_content": bytes(artifact)}
     if num_threads:
         kw["num_threads"] = num_threads
+    if xnnpack is None:
+        xnnpack = os.environ.get("FEDMQ_TFLITE_XNNPACK", "1") not in ("0", "false", "no")
+    if not xnnpack:
+        mod = importlib.import_module(cls.__module__)
+        resolver = getattr(getattr(mod, "OpResolverType", None), "BUILTIN_WITHOUT_DEFAULT_DELEGATES", None)
+        if resolver is not None:
+            kw["experimental_op_resolver_type"] = resolver
     interp = cls(**kw)
     interp.allocate_tensors()
     log.debug("loaded artifact with %s", name)

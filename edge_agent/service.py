@@ -26,6 +26,7 @@ from broker.topics import Channel
 from .compress import ErrorFeedback, apply_error_feedback
 from .config import AgentConfig
 from .data import load_local, split_eval
+from .memory import limit_heap_growth
 from .outbox import Outbox
 from .trainer import ArtifactError, DataError, TFLiteTrainer, check_data
 
@@ -38,6 +39,8 @@ class AgentService:
         self.cfg = cfg
         self.id = cfg.agent.id
         self.topics = cfg.broker.topics()
+        if cfg.agent.low_memory:
+            limit_heap_growth()
         cache = cfg.cache_dir
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "models").mkdir(exist_ok=True)
@@ -140,7 +143,7 @@ class AgentService:
         for p in sorted((self.cfg.cache_dir / "models").glob("*.tflite"), key=lambda p: p.stat().st_mtime)[-1:]:
             try:
                 self.trainer = TFLiteTrainer(p.read_bytes(), p.stem, self.cfg.agent.runtime or None,
-                                             self.cfg.agent.num_threads or None)
+                                             self.cfg.agent.num_threads or None, xnnpack=not self.cfg.agent.low_memory)
                 log.info("model %s loaded from cache (%s)", p.stem[:12], self.trainer.runtime)
             except ArtifactError as e:
                 log.warning("cached model %s unusable (%s): removed", p.name, e)
@@ -152,7 +155,7 @@ class AgentService:
             return
         try:
             trainer = TFLiteTrainer(bytes(m.artifact), m.model_id, self.cfg.agent.runtime or None,
-                                    self.cfg.agent.num_threads or None)
+                                    self.cfg.agent.num_threads or None, xnnpack=not self.cfg.agent.low_memory)
         except ArtifactError as e:
             log.error("model %s refused: %s", m.model_id[:12], e)
             return

@@ -60,13 +60,13 @@ def check_data(x: np.ndarray, y: np.ndarray, x_shape: tuple[int, ...], num_class
 
 class TFLiteTrainer:
     def __init__(self, artifact: bytes, model_id: str | None = None, runtime: str | None = None,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, xnnpack: bool | None = None) -> None:
         digest = hashlib.sha256(artifact).hexdigest()
         if model_id is not None and digest != model_id:
             raise ArtifactError(f"artifact hash {digest[:16]}... does not match model id {model_id[:16]}...")
         self.model_id = digest
         try:
-            self.interp, self.runtime = load_interpreter(artifact, runtime, num_threads)
+            self.interp, self.runtime = load_interpreter(artifact, runtime, num_threads, xnnpack)
         except (ValueError, RuntimeError) as e:
             raise ArtifactError(f"not a loadable TFLite model: {e}") from None
         sigs = self.interp.get_signature_list()
@@ -82,11 +82,12 @@ class TFLiteTrainer:
         self.batch_size = int(xin["shape"][0])
         self.x_shape = tuple(int(d) for d in xin["shape"][1:])
         self.weight_names = sorted(self._set.get_input_details())
+        self.prox = "mu" in self._train.get_input_details()  # exported with the FedProx anchor
         self.num_classes = int(self._infer.get_output_details()["output"]["shape"][-1])
 
     def get_weights(self) -> list[np.ndarray]:
-        out = self._get()
-        return [np.array(out[n]) for n in self.weight_names]
+        out = self._get()  # the runner already returns fresh arrays: no second copy
+        return [out[n] for n in self.weight_names]
 
     def set_weights(self, weights: Sequence[np.ndarray]) -> None:
         """Set weights (also resets the local optimizer and the FedProx anchor)."""
@@ -104,6 +105,9 @@ class TFLiteTrainer:
     def fit(self, x: np.ndarray, y: np.ndarray, epochs: int = 1, lr: float = 0.01, mu: float = 0.0,
             seed: int = 0, weights: Sequence[np.ndarray] | None = None) -> FitResult:
         x, y = check_data(x, y, self.x_shape, self.num_classes)
+        if mu and not self.prox:
+            raise ArtifactError(f"mu = {mu} (FedProx) but the artifact was exported without the proximal term: "
+                                "export it with prox (the aggregator does so when [train] mu > 0)")
         if weights is not None:
             self.set_weights(weights)
         n, b = x.shape[0], self.batch_size
@@ -111,7 +115,9 @@ class TFLiteTrainer:
         xb = np.zeros((b, *self.x_shape), np.float32)
         yb = np.zeros(b, np.int32)
         mask = np.zeros(b, np.float32)
-        lr32, mu32 = np.float32(lr), np.float32(mu)
+        feed = {"lr": np.float32(lr)}
+        if self.prox:
+            feed["mu"] = np.float32(mu)
         total, steps = 0.0, 0
         t0 = time.perf_counter()
         for _ in range(epochs):
@@ -123,14 +129,17 @@ class TFLiteTrainer:
                 mask[:k] = 1.0
                 if k < b:  # pad the last partial batch; padded rows carry zero weight
                     xb[k:], yb[k:], mask[k:] = 0.0, 0, 0.0
-                loss = float(self._train(x=xb, y=yb, mask=mask, lr=lr32, mu=mu32)["loss"])
+                loss = float(self._train(x=xb, y=yb, mask=mask, **feed)["loss"])
                 total += loss
                 steps += 1
         return FitResult(self.get_weights(), int(n), total / steps if steps else float("nan"), steps,
                          time.perf_counter() - t0)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 256) -> tuple[float, float]:
-        """(mean loss, accuracy) on ``x, y``."""
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy) on ``x, y``, in batches of the training batch size by default
+        (the interpreter's arena grows with the largest batch it has seen: 256 CNN examples
+        would cost the device ~90 MB)."""
+        batch = batch or self.batch_size
         x, y = check_data(x, y, self.x_shape, self.num_classes)
         loss = correct = 0.0
         for s in range(0, x.shape[0], batch):

@@ -31,7 +31,7 @@ def tflite_python() -> str | None:
 def case(request, tmp_path_factory):
     name = request.param
     keras.utils.set_random_seed(0)
-    ex = export_model(ZOO[name](), TrainSpec(batch_size=8), verify_steps=0)
+    ex = export_model(ZOO[name](), TrainSpec(batch_size=8, prox=True), verify_steps=0)
     ker = KerasTrainer(ZOO[name](), batch_size=8)
     ker.set_weights(ex.initial_weights)
     rng = np.random.default_rng(5)

@@ -18,11 +18,12 @@ from edge_agent.trainer import ArtifactError, DataError, TFLiteTrainer  # noqa: 
 _cache: dict = {}
 
 
-def exported(name, batch=16, optimizer="sgd"):
-    key = (name, batch, optimizer)
+def exported(name, batch=16, optimizer="sgd", prox=False):
+    key = (name, batch, optimizer, prox)
     if key not in _cache:
         keras.utils.set_random_seed(0)
-        _cache[key] = export_model(ZOO[name](), TrainSpec(batch_size=batch, optimizer=optimizer), verify_steps=20)
+        _cache[key] = export_model(ZOO[name](), TrainSpec(batch_size=batch, optimizer=optimizer, prox=prox),
+                                   verify_steps=20)
     return _cache[key]
 
 
@@ -37,6 +38,17 @@ def test_zoo_exports_verified_with_parity(name, params):
     assert not [o for o in ops if o.startswith("custom:")]
     m = ex.manifest()
     assert m.train_batch_size == 16 and m.inputs[0].shape[0] == 16
+    # no weights in the artifact: the initializer FILLs zeros (the weights travel in GlobalModel)
+    assert "FILL" in ops and len(ex.artifact) < 64 * 1024 + 0.01 * params * 4
+
+
+def test_fresh_artifact_starts_from_zeros_and_takes_any_weights():
+    ex = exported("cnn")
+    t = TFLiteTrainer(ex.artifact)
+    assert all(not w.any() for w in t.get_weights())
+    t.set_weights(ex.initial_weights)
+    for a, b in zip(t.get_weights(), ex.initial_weights):
+        assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
@@ -47,7 +59,7 @@ def test_optimizers_export_with_parity(optimizer):
 
 def test_tflite_trainer_matches_keras_trainer():
     """Same data, same seed, same start: the TFLite and TensorFlow trainers agree (incl. padding + FedProx)."""
-    ex = exported("sensor1d")
+    ex = exported("sensor1d", prox=True)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(70, 100, 6)).astype(np.float32)  # 70 = 4 full batches + a padded one
     y = rng.integers(0, 7, size=70)
@@ -80,7 +92,7 @@ def test_padding_mask_means_each_example_counts_once():
 
 
 def test_fedprox_term_pulls_toward_global():
-    ex = exported("mlp")
+    ex = exported("mlp", prox=True)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(64, 64)).astype(np.float32)
     y = rng.integers(0, 10, size=64)
@@ -90,6 +102,19 @@ def test_fedprox_term_pulls_toward_global():
         r = t.fit(x, y, epochs=5, lr=0.05, mu=mu, weights=ex.initial_weights)
         dist[mu] = sum(float(np.sum((a - b) ** 2)) for a, b in zip(r.weights, ex.initial_weights))
     assert dist[10.0] < 0.5 * dist[0.0]
+
+
+def test_without_prox_the_artifact_has_no_mu_and_refuses_fedprox():
+    """The anchor costs a model-size buffer on the device: only FedProx artifacts carry it."""
+    plain, prox = exported("mlp"), exported("mlp", prox=True)
+    t = TFLiteTrainer(plain.artifact)
+    assert not t.prox and "mu" not in t._train.get_input_details()
+    assert TFLiteTrainer(prox.artifact).prox
+    x = np.zeros((4, 64), np.float32)
+    y = np.zeros(4, np.int64)
+    with pytest.raises(ArtifactError, match="prox"):
+        t.fit(x, y, mu=0.1, weights=plain.initial_weights)
+    assert t.fit(x, y, mu=0.0, weights=plain.initial_weights).steps == 1
 
 
 def test_stock_keras_layers_fail_with_named_ops_and_replacements():

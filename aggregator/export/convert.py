@@ -11,6 +11,13 @@
 
 The artifact's id is the SHA-256 of its bytes; its tensor specs travel in the ModelManifest so
 agents need no model code.
+
+The artifact carries no weights. The converter freezes each variable's saved value into the
+initializer as a constant; the weights (and the FedProx anchor) are saved as zeros, and
+``strip_zero_initializers`` then turns every all-zero initializer constant into a FILL op. The
+FedAvg CNN's artifact shrinks from 6.5 MB to ~40 KB: less to retain on the broker and send to
+every device, and 6.5 MB less resident on each device. The weights travel where they belong,
+in the GlobalModel message; agents (and the verification) always set them before training.
 """
 
 from __future__ import annotations
@@ -116,6 +123,85 @@ def load_model_fn(ref: str):
         raise ExportError(f"cannot load model function {ref!r}: {e}") from None
 
 
+def strip_zero_initializers(artifact: bytes, min_bytes: int = 1024) -> bytes:
+    """Replace all-zero constants assigned in the CALL_ONCE initializer by FILL(shape, 0).
+
+    Exact (a zero constant and FILL of zero are the same values); constants shared with any
+    other op, non-float ones and small ones (< ``min_bytes``) are left alone.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(artifact))
+    op_name = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+    def name_of(opcode_index: int) -> str:
+        oc = m.operatorCodes[opcode_index]
+        return op_name.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), "")
+
+    init_ids = {op.builtinOptions.initSubgraphIndex for sg in m.subgraphs for op in sg.operators
+                if name_of(op.opcodeIndex) == "CALL_ONCE"}
+    uses: dict[int, int] = {}  # buffer index -> number of tensors that point at it
+    for sg in m.subgraphs:
+        for t in sg.tensors:
+            uses[t.buffer] = uses.get(t.buffer, 0) + 1
+    fill_code = None
+    for sg_index in sorted(init_ids):
+        sg = m.subgraphs[sg_index]
+        new_ops = []
+        for op in sg.operators:
+            if name_of(op.opcodeIndex) == "ASSIGN_VARIABLE":
+                t = sg.tensors[op.inputs[1]]
+                data = m.buffers[t.buffer].data
+                if (t.type == schema.TensorType.FLOAT32 and data is not None and len(data) >= min_bytes
+                        and uses.get(t.buffer) == 1 and not np.frombuffer(bytes(data), np.uint8).any()):
+                    if fill_code is None:
+                        oc = schema.OperatorCodeT()
+                        oc.builtinCode = oc.deprecatedBuiltinCode = schema.BuiltinOperator.FILL
+                        oc.version = 1
+                        m.operatorCodes.append(oc)
+                        fill_code = len(m.operatorCodes) - 1
+                    shape = np.asarray(t.shape, np.int32)
+                    dims = _const_tensor(m, sg, shape, schema.TensorType.INT32, b"fill_dims")
+                    zero = _const_tensor(m, sg, np.zeros((), np.float32), schema.TensorType.FLOAT32, b"fill_zero")
+                    m.buffers[t.buffer].data = None  # the model-size constant is gone
+                    t.buffer = _empty_buffer(m)
+                    fill = schema.OperatorT()
+                    fill.opcodeIndex = fill_code
+                    fill.inputs = np.array([dims, zero], np.int32)
+                    fill.outputs = np.array([op.inputs[1]], np.int32)
+                    fill.builtinOptionsType = schema.BuiltinOptions.FillOptions
+                    fill.builtinOptions = schema.FillOptionsT()
+                    new_ops.append(fill)
+            new_ops.append(op)
+        sg.operators = new_ops
+    if fill_code is None:
+        return artifact
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
+
+
+def _empty_buffer(m) -> int:
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    m.buffers.append(schema.BufferT())
+    return len(m.buffers) - 1
+
+
+def _const_tensor(m, sg, value: np.ndarray, ttype: int, name: bytes) -> int:
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(value.tobytes(), np.uint8)
+    m.buffers.append(buf)
+    t = schema.TensorT()
+    t.shape = np.array(value.shape, np.int32)
+    t.type = ttype
+    t.buffer = len(m.buffers) - 1
+    t.name = name
+    sg.tensors.append(t)
+    return len(sg.tensors) - 1
+
+
 def convert(module: TrainableModule) -> bytes:
     with tempfile.TemporaryDirectory(prefix="fedmq-export-") as d:
         tf.saved_model.save(module, d, signatures=module.signatures())
@@ -138,7 +224,8 @@ def export_model(model: keras.Model, spec: TrainSpec = TrainSpec(), *, verify_st
     """Export and verify; raises ExportError when the artifact must not be published."""
     module = TrainableModule(model, spec)
     init = module.weights_numpy()
-    artifact = convert(module)
+    module.zero_weights()  # saved as zeros, then stripped from the artifact (see the module docstring)
+    artifact = strip_zero_initializers(convert(module))
     check_artifact(artifact)
     b = spec.batch_size
     weights = [TensorSpec(weight_key(i), tuple(w.shape), str(w.dtype)) for i, w in enumerate(init)]
@@ -168,13 +255,17 @@ def verify(module: TrainableModule, ex: Exported, steps: int, tolerance: float, 
     train = interp.get_signature_runner("train")
     num_classes = module.num_classes
     worst = 0.0
-    lr, mu = np.float32(0.05), np.float32(0.01)
+    lr = np.float32(0.05)
+    extra = {"mu": np.float32(0.01)} if ex.spec.prox else {}
+    # a learnable task (labels a fixed function of the inputs): with random labels the trajectory
+    # is chaotic and float rounding differences between the two runtimes grow without bound
+    proj = rng.normal(size=(int(np.prod(module.x_shape)), num_classes)).astype(np.float32)
     for _ in range(steps):
         x = rng.normal(size=(b, *module.x_shape)).astype(np.float32)
-        y = rng.integers(0, num_classes, size=b).astype(np.int32)
+        y = np.argmax(x.reshape(b, -1) @ proj, axis=-1).astype(np.int32)
         mask = np.ones(b, np.float32)
-        lite = float(train(x=x, y=y, mask=mask, lr=lr, mu=mu)["loss"])
-        ref = float(module.train(x, y, mask, lr, mu)["loss"])
+        lite = float(train(x=x, y=y, mask=mask, lr=lr, **extra)["loss"])
+        ref = float(module.train(x, y, mask, lr, *extra.values())["loss"])
         if not np.isfinite(lite):
             raise ExportError(f"TFLite training produced a non-finite loss ({runtime}): uninitialized state?")
         worst = max(worst, abs(lite - ref))

@@ -5,7 +5,8 @@ Signatures (all converted to TFLite builtins):
 * ``train(x[B..], y[B], mask[B], lr, mu) -> {loss}`` — one optimizer step on a fixed-size batch;
   ``mask`` (1 = real example, 0 = padding) lets the last partial batch be padded, not dropped;
   ``mu`` > 0 adds the FedProx term mu/2 * ||w - w_global||^2 (its gradient, to the update; the
-  returned loss is the data loss).
+  returned loss is the data loss). Only artifacts exported with ``prox=True`` hold the anchor
+  (a model-size buffer on the device) and take the ``mu`` input; the others have no ``mu``.
 * ``evaluate(x, y) -> {loss_sum, correct}`` and ``infer(x) -> {output}`` (softmax), any batch.
 * ``get_weights() -> {w000..}``, ``set_weights(w000..)`` (also resets optimizer state and sets the
   FedProx anchor: a round starts from the global weights with a fresh local optimizer).
@@ -13,6 +14,10 @@ Signatures (all converted to TFLite builtins):
 Weights are plain ``tf.Variable`` copies and the model runs through ``stateless_call``: Keras-3
 variables and optimizers get no initializer in the .tflite (a silent failure, see the notes).
 The optimizers are written here with ``tf.Variable`` state: sgd, momentum, adam.
+
+Device memory is what limits the CNN on a Pi, so the artifact holds few model-size buffers:
+each variable is read once per step (that read serves the forward pass and the update), no
+optimizer state for plain SGD, and the FedProx anchor only when exported with ``prox``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class TrainSpec:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-7
+    prox: bool = False  # hold the FedProx anchor (needed when the round's mu > 0)
 
 
 def weight_key(i: int) -> str:
@@ -48,9 +54,10 @@ class TrainableModule(tf.Module):
         self.model = model
         self.spec = spec
         self.names = [v.path for v in model.trainable_variables]
-        self.w = [tf.Variable(v.numpy(), name=weight_key(i)) for i, v in enumerate(model.trainable_variables)]
+        self.initial = [v.numpy() for v in model.trainable_variables]
+        self.w = [tf.Variable(w, name=weight_key(i)) for i, w in enumerate(self.initial)]
         self.nt = [tf.Variable(v.numpy(), trainable=False) for v in model.non_trainable_variables]
-        self.anchor = [tf.Variable(v.numpy(), trainable=False) for v in model.trainable_variables]
+        self.anchor = [tf.Variable(w, trainable=False) for w in self.initial] if spec.prox else []
         # optimizer state only where the optimizer needs it (each copy is a model-size buffer on the device)
         self.m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.w] if spec.optimizer != "sgd" else []
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.w] if spec.optimizer == "adam" else []
@@ -59,10 +66,12 @@ class TrainableModule(tf.Module):
         x_shape = tuple(model.inputs[0].shape[1:])
         self.x_shape = x_shape
         b = spec.batch_size
-        self.train = tf.function(self._train, input_signature=[
-            tf.TensorSpec((b, *x_shape), tf.float32, name="x"), tf.TensorSpec((b,), tf.int32, name="y"),
-            tf.TensorSpec((b,), tf.float32, name="mask"), tf.TensorSpec((), tf.float32, name="lr"),
-            tf.TensorSpec((), tf.float32, name="mu")])
+        train_sig = [tf.TensorSpec((b, *x_shape), tf.float32, name="x"), tf.TensorSpec((b,), tf.int32, name="y"),
+                     tf.TensorSpec((b,), tf.float32, name="mask"), tf.TensorSpec((), tf.float32, name="lr")]
+        if spec.prox:
+            self.train = tf.function(self._train, input_signature=[*train_sig, tf.TensorSpec((), tf.float32, name="mu")])
+        else:
+            self.train = tf.function(lambda x, y, mask, lr: self._train(x, y, mask, lr, 0.0), input_signature=train_sig)
         self.evaluate = tf.function(self._evaluate, input_signature=[
             tf.TensorSpec((None, *x_shape), tf.float32, name="x"), tf.TensorSpec((None,), tf.int32, name="y")])
         self.infer = tf.function(self._infer, input_signature=[tf.TensorSpec((None, *x_shape), tf.float32, name="x")])
@@ -70,36 +79,41 @@ class TrainableModule(tf.Module):
         specs = [tf.TensorSpec(v.shape, v.dtype, name=weight_key(i)) for i, v in enumerate(self.w)]
         self.set_weights = tf.function(lambda *ws: self._set_weights(ws), input_signature=specs)
 
-    def _logits(self, x, training: bool):
-        out, _ = self.model.stateless_call(self.w, self.nt, x, training=training)
+    def _logits(self, x, training: bool, w=None):
+        out, _ = self.model.stateless_call(self.w if w is None else w, self.nt, x, training=training)
         return out
 
     def _ce(self, logits, y):
         return -tf.reduce_sum(tf.one_hot(y, self.num_classes) * tf.nn.log_softmax(logits), axis=-1)
 
     def _train(self, x, y, mask, lr, mu):
-        with tf.GradientTape() as tape:
-            ce = self._ce(self._logits(x, True), y)
-            loss = tf.reduce_sum(ce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
-        # FedProx: the gradient of mu/2 ||w - w_global||^2 is mu (w - w_global), added directly
-        # (cheaper on the device than differentiating the term; mu = 0 leaves plain local training)
-        grads = [g + mu * (w - a) for g, w, a in zip(tape.gradient(loss, self.w), self.w, self.anchor)]
         s = self.spec
+        w = [v.read_value() for v in self.w]  # one read per variable, for the forward pass and the update
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            ce = self._ce(self._logits(x, True, w), y)
+            loss = tf.reduce_sum(ce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+        grads = tape.gradient(loss, w)
+        if s.prox:  # FedProx: the gradient of mu/2 ||w - w_global||^2 is mu (w - w_global), added directly
+            grads = [g + mu * (wi - a) for g, wi, a in zip(grads, w, self.anchor)]
         if s.optimizer == "sgd":
-            for w, g in zip(self.w, grads):
-                w.assign_sub(lr * g)
+            for v, wi, g in zip(self.w, w, grads):
+                v.assign(wi - lr * g)
         elif s.optimizer == "momentum":
-            for w, m, g in zip(self.w, self.m, grads):
-                m.assign(s.momentum * m + g)
-                w.assign_sub(lr * m)
+            for v, wi, m, g in zip(self.w, w, self.m, grads):
+                m_new = s.momentum * m + g
+                m.assign(m_new)
+                v.assign(wi - lr * m_new)
         else:
             self.t.assign_add(1.0)
             c1 = 1.0 - tf.pow(s.beta1, self.t)
             c2 = 1.0 - tf.pow(s.beta2, self.t)
-            for w, m, v, g in zip(self.w, self.m, self.v, grads):
-                m.assign(s.beta1 * m + (1.0 - s.beta1) * g)
-                v.assign(s.beta2 * v + (1.0 - s.beta2) * tf.square(g))
-                w.assign_sub(lr * (m / c1) / (tf.sqrt(v / c2) + s.eps))
+            for v, wi, m, vv, g in zip(self.w, w, self.m, self.v, grads):
+                m_new = s.beta1 * m + (1.0 - s.beta1) * g
+                v_new = s.beta2 * vv + (1.0 - s.beta2) * tf.square(g)
+                m.assign(m_new)
+                vv.assign(v_new)
+                v.assign(wi - lr * (m_new / c1) / (tf.sqrt(v_new / c2) + s.eps))
         return {"loss": loss}
 
     def _evaluate(self, x, y):
@@ -114,8 +128,9 @@ class TrainableModule(tf.Module):
         return {weight_key(i): tf.identity(w) for i, w in enumerate(self.w)}
 
     def _set_weights(self, ws):
-        for w, a, new in zip(self.w, self.anchor, ws):
+        for w, new in zip(self.w, ws):
             w.assign(new)
+        for a, new in zip(self.anchor, ws):
             a.assign(new)
         for m in self.m:
             m.assign(tf.zeros_like(m))
@@ -128,6 +143,11 @@ class TrainableModule(tf.Module):
         return {"train": self.train.get_concrete_function(), "evaluate": self.evaluate.get_concrete_function(),
                 "infer": self.infer.get_concrete_function(), "get_weights": self.get_weights.get_concrete_function(),
                 "set_weights": self.set_weights.get_concrete_function()}
+
+    def zero_weights(self) -> None:
+        """Set the weights (and the FedProx anchor) to zeros: what an export saves."""
+        for v in [*self.w, *self.anchor]:
+            v.assign(tf.zeros_like(v))
 
     def weights_numpy(self) -> list[np.ndarray]:
         return [w.numpy() for w in self.w]

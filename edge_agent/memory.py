@@ -1,0 +1,33 @@
+"""Process-level memory settings for small devices.
+
+``limit_heap_growth`` makes glibc serve every allocation above 128 KiB with its own mmap and
+give it back on free. By default glibc raises that threshold after the first large free, so
+model-size buffers (weights, deltas, payloads: megabytes each, allocated every round) end up
+on the heap and the process's RSS stays at its high-water mark. Measured on the FedAvg CNN
+(bench/agent_footprint): about -6 MB of peak RSS. No effect (and no error) off glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def limit_heap_growth(threshold: int = 128 * 1024) -> bool:
+    """Fix glibc's mmap and trim thresholds at ``threshold`` bytes; True when applied."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1 and libc.mallopt(M_TRIM_THRESHOLD, threshold) == 1
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    log.debug("glibc mmap/trim thresholds fixed at %d bytes: %s", threshold, ok)
+    return ok
