@@ -135,6 +135,18 @@ EXPERIMENTS = {
              {"epochs": 2, "lr_decay": 0.98}),
         )
     ],
+    # experiment 2, fifth pass: every client each round (C 1.0) removes the sampling noise that makes
+    # server momentum unstable at C 0.1-0.3
+    "fmnist-methods-5": [
+        dict(name=f"non-IID {label}", rounds=rounds, epochs=epochs, batch_size=10, lr=0.05,
+             **{**FM, "partition": "shards", "strategy": strat, "fraction": 1.0})
+        for label, strat, epochs, rounds in (
+            ("FedAvgM 0.9 (server lr 1.0), C 1.0, E 5", {"name": "fedavgm", "server": {"momentum": 0.9, "lr": 1.0}}, 5, 60),
+            ("FedAvgM 0.7 (server lr 1.0), C 1.0, E 5", {"name": "fedavgm", "server": {"momentum": 0.7, "lr": 1.0}}, 5, 60),
+            ("FedAdam (server lr 0.01), C 1.0, E 5", {"name": "fedadam", "server": {"lr": 0.01}}, 5, 60),
+            ("FedAvg, C 1.0, E 5", {"name": "fedavg"}, 5, 100),
+        )
+    ],
     # experiment 1 (2NN part): the FedAvg paper on Fashion-MNIST, 100 clients x 600, C = 0.1
     "fmnist-2nn": [
         dict(name="2NN IID FedAvg E=5 B=10 lr 0.05", rounds=20, epochs=5, batch_size=10, lr=0.05, **FM),

@@ -73,3 +73,26 @@ def test_bad_agent_config_and_env_override(tmp_path):
     out = subprocess.run([str(BIN / "fedmq-agent"), "check", "--config", str(p)], capture_output=True, text=True,
                          timeout=120, env=env)
     assert out.returncode == 2 and "FEDMQ_BROKER_PORT" in out.stderr
+
+
+@pytest.mark.parametrize("prox", [False, True])
+def test_export_cli_writes_a_verified_artifact(tmp_path, prox):
+    import json
+
+    from edge_agent.trainer import TFLiteTrainer
+
+    out = tmp_path / "m.tflite"
+    cmd = [str(BIN / "fedmq-aggregator"), "export", "--model", "zoo:mlp", "--batch-size", "8", "--verify-steps", "5",
+           "--out", str(out)] + (["--prox"] if prox else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["prox"] is prox and meta["verification"]["steps"] == 5
+    t = TFLiteTrainer(out.read_bytes(), meta["model_id"])
+    assert t.prox is prox and t.batch_size == 8
+
+
+def test_export_cli_unknown_model_exits_1(tmp_path):
+    r = subprocess.run([str(BIN / "fedmq-aggregator"), "export", "--model", "zoo:nope", "--out", str(tmp_path / "m")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "zoo" in r.stderr
