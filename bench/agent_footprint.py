@@ -36,8 +36,7 @@ import numpy as np
 from edge_agent.memory import limit_heap_growth
 from edge_agent.trainer import TFLiteTrainer
 low = sys.argv[3] == "low_memory"
-if low:
-    limit_heap_growth()
+limit_heap_growth()  # what the agent service does at start-up
 c = np.load(sys.argv[1])
 t = TFLiteTrainer(c["artifact"].tobytes(), xnnpack=not low)
 init = [c[f"init{i}"] for i in range(len(t.weight_names))]

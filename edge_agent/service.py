@@ -39,8 +39,7 @@ class AgentService:
         self.cfg = cfg
         self.id = cfg.agent.id
         self.topics = cfg.broker.topics()
-        if cfg.agent.low_memory:
-            limit_heap_growth()
+        limit_heap_growth()  # model-size buffers go back to the OS when freed (edge_agent/memory.py)
         cache = cfg.cache_dir
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "models").mkdir(exist_ok=True)
@@ -204,10 +203,12 @@ class AgentService:
         if len(self.y_eval):
             vl, va = t.evaluate(self.x_eval, self.y_eval)
             metrics.update(val_loss=vl, val_accuracy=va)
-        delta = {n: (w - b).astype(np.float32) for n, w, b in zip(names, r.weights, base)}
+        # in place: the trained weights become the delta (no second model-size copy on the device)
+        delta = {n: np.subtract(w, b, out=w) if w.dtype == np.float32 and w.flags.writeable
+                 else (w - b).astype(np.float32) for n, w, b in zip(names, r.weights, base)}
         if self.cfg.agent.attack:  # robustness experiments: a Byzantine agent
             factor = -1.0 if self.cfg.agent.attack == "sign_flip" else 100.0
-            delta = {n: (d * np.float32(factor)).astype(np.float32) for n, d in delta.items()}
+            delta = {n: np.multiply(d, np.float32(factor), out=d) for n, d in delta.items()}
         delta = apply_error_feedback(delta, cfg.compression, self.ef)
         upd = Update(ann.round, self.id, ann.model_id, uuid.uuid4().hex, r.num_samples, delta, metrics, time.time(),
                      cfg.compression)
