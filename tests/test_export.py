@@ -203,3 +203,20 @@ def test_tflite_trainer_learns_the_watch_data():
     loss, acc = t.evaluate(test.x, test.y)
     print(f"watch, subjects 9-10 held out: loss {loss:.3f}, accuracy {acc:.3f}")
     assert r.loss < 0.4 and acc >= 0.72, (r.loss, acc)  # chance is 0.14; centralized anchor 0.823
+
+
+def test_low_memory_interpreter_trains_the_same():
+    """Without XNNPACK (the agent's low_memory mode) the builtin kernels give the same trajectory."""
+    from edge_agent.memory import limit_heap_growth
+
+    assert limit_heap_growth()  # glibc here: the thresholds are set
+    ex = exported("sensor1d")
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(48, 100, 6)).astype(np.float32)
+    y = rng.integers(0, 7, size=48)
+    fast = TFLiteTrainer(ex.artifact, xnnpack=True).fit(x, y, epochs=2, lr=0.05, seed=1, weights=ex.initial_weights)
+    low = TFLiteTrainer(ex.artifact, xnnpack=False).fit(x, y, epochs=2, lr=0.05, seed=1, weights=ex.initial_weights)
+    assert fast.steps == low.steps == 6
+    assert abs(fast.loss - low.loss) < 1e-4
+    for a, b in zip(fast.weights, low.weights):
+        np.testing.assert_allclose(a, b, atol=1e-4)
