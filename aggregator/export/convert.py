@@ -255,7 +255,7 @@ def verify(module: TrainableModule, ex: Exported, steps: int, tolerance: float, 
     train = interp.get_signature_runner("train")
     num_classes = module.num_classes
     worst = 0.0
-    lr = np.float32(0.05)
+    lr = np.float32(0.01)  # small enough that rounding differences do not compound (the CNN at batch 600)
     extra = {"mu": np.float32(0.01)} if ex.spec.prox else {}
     # a learnable task (labels a fixed function of the inputs): with random labels the trajectory
     # is chaotic and float rounding differences between the two runtimes grow without bound
