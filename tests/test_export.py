@@ -220,3 +220,17 @@ def test_low_memory_interpreter_trains_the_same():
     assert abs(fast.loss - low.loss) < 1e-4
     for a, b in zip(fast.weights, low.weights):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_verification_catches_an_artifact_that_trains_differently(name):
+    """The parity check is sensitive at its small learning rate: an SGD artifact checked against a
+    momentum-SGD module (same weights, same batches, different update) is refused."""
+    from aggregator.export.convert import verify
+    from aggregator.export.trainable import TrainableModule
+
+    ex = exported(name)
+    keras.utils.set_random_seed(0)
+    other = TrainableModule(ZOO[name](), TrainSpec(batch_size=16, optimizer="momentum"))
+    with pytest.raises(ExportError, match="differs from TensorFlow"):
+        verify(other, ex, steps=20, tolerance=1e-4, seed=0)
