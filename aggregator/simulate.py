@@ -69,6 +69,7 @@ class SimConfig:
     agent_eval_fraction: float = 0.0  # local hold-out on agents (reports val_accuracy for quality weighting)
     byzantine: int = 0  # robustness experiments: the first k agents attack
     attack: str = "sign_flip"
+    agent_low_memory: bool = False  # agents without XNNPACK, releasing the interpreter between rounds
 
 
 def load_split(cfg: SimConfig):
@@ -160,7 +161,8 @@ class Simulation:
         for a in agents:
             attack = c.attack if agents.index(a) < c.byzantine else None
             cfg = write_toml(self.run_dir / "configs" / f"{a}.toml", {
-                "agent": {"id": a, "cache_dir": str(self.run_dir / "cache" / a), "attack": attack},
+                "agent": {"id": a, "cache_dir": str(self.run_dir / "cache" / a), "attack": attack,
+                          "low_memory": c.agent_low_memory},
                 "broker": btable,
                 "data": {"source": f"npz:{self.run_dir / 'data' / f'{a}.npz'}",
                          "eval_fraction": c.agent_eval_fraction},
@@ -320,6 +322,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--byzantine", type=int, default=0, help="robustness experiments: the first k agents attack")
     p.add_argument("--attack", default="sign_flip", choices=["sign_flip", "scale"])
+    p.add_argument("--agent-low-memory", action="store_true",
+                   help="agents in low_memory mode (no XNNPACK; interpreter released between rounds)")
     p.add_argument("--no-baseline", action="store_true", help="skip the centralized baseline")
     p.add_argument("--no-progress", action="store_true")
 
@@ -332,7 +336,7 @@ def from_args(a: argparse.Namespace) -> tuple[SimConfig, Path]:
                     else "iid", alpha=a.alpha, agents=a.agents, model=a.model, batch_size=a.batch_size,
                     optimizer=a.optimizer, rounds=a.rounds, epochs=a.epochs, lr=a.lr, lr_decay=a.lr_decay, mu=a.mu, fraction=a.fraction,
                     encoding=a.encoding, strategy=strategy, seed=a.seed, baseline=not a.no_baseline,
-                    byzantine=a.byzantine, attack=a.attack,
+                    byzantine=a.byzantine, attack=a.attack, agent_low_memory=a.agent_low_memory,
                     flatten=a.dataset == "fashion-mnist" and (a.model or "zoo:2nn") in ("zoo:2nn", "zoo:mlp"))
     run_dir = a.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     return cfg, run_dir

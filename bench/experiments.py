@@ -86,6 +86,12 @@ EXPERIMENTS = {
         dict(name="CNN non-IID FedAvg E=5 B=10 lr 0.05", rounds=20, epochs=5, batch_size=10, lr=0.05,
              **{**FM, "model": "zoo:cnn", "flatten": False, "partition": "shards"}),
     ],
+    # experiment 1, CNN FedSGD (E=1, B=all 600): 660 MB per training agent, so the agents release their
+    # interpreter between rounds (low_memory); only the 10 selected per round hold one
+    "fmnist-cnn-fedsgd": [
+        dict(name="CNN IID FedSGD E=1 B=600 lr 0.1, low_memory agents", rounds=100, epochs=1, batch_size=600,
+             lr=0.1, agent_low_memory=True, **{**FM, "model": "zoo:cnn", "flatten": False}),
+    ],
     # experiment 2: the seed's methods and beyond, side by side on the 2-shard non-IID split (2NN)
     "fmnist-methods": [
         dict(name=f"non-IID {label}", rounds=50, epochs=5, batch_size=10, lr=0.05,

@@ -17,8 +17,9 @@ class AgentSection:
     cache_dir: str = "./fedmq-agent"
     runtime: str = ""  # "" = first available: ai_edge_litert, tflite_runtime, tensorflow
     num_threads: int = 0
-    #: small devices: no XNNPACK delegate (its packed copies of the weights). FedAvg CNN: ~8 MB
-    #: less peak RSS, about half the training speed (bench/agent_footprint).
+    #: small devices: no XNNPACK delegate (its packed copies of the weights), and the interpreter
+    #: is released between rounds (an idle agent holds no model-size buffers). FedAvg CNN: 98 MB
+    #: peak instead of 106, about half the training speed (bench/agent_footprint).
     low_memory: bool = False
     #: robustness experiments only: make this agent Byzantine ("sign_flip": send -delta,
     #: "scale": send 100 x delta). Never set on a real device.

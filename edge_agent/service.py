@@ -173,6 +173,8 @@ class AgentService:
                 old.unlink(missing_ok=True)
         self.trainer, self.manifest = trainer, m
         log.info("model %s ready (%s, batch %d)", m.model_id[:12], trainer.runtime, trainer.batch_size)
+        if self.cfg.agent.low_memory:
+            trainer.release()  # loaded again when a round asks for this agent
 
     def _maybe_work(self) -> None:
         ann = self.announcement
@@ -218,6 +220,8 @@ class AgentService:
         log.info("round %d: trained %d steps in %.1fs, loss %.4f; sending %d bytes", ann.round, r.steps, r.seconds,
                  r.loss, len(payload))
         self._send((ann.round, ann.opened), payload)
+        if self.cfg.agent.low_memory:
+            t.release()  # idle between rounds without the interpreter's model-size buffers
         self._status("idle")
 
     def _send(self, key: tuple[int, float], payload: bytes) -> None:

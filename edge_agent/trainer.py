@@ -65,8 +65,19 @@ class TFLiteTrainer:
         if model_id is not None and digest != model_id:
             raise ArtifactError(f"artifact hash {digest[:16]}... does not match model id {model_id[:16]}...")
         self.model_id = digest
+        self._artifact, self._runtime_name, self._num_threads, self._xnnpack = artifact, runtime, num_threads, xnnpack
+        self._load()
+        xin = self._train.get_input_details()["x"]
+        self.batch_size = int(xin["shape"][0])
+        self.x_shape = tuple(int(d) for d in xin["shape"][1:])
+        self.weight_names = sorted(self._set.get_input_details())
+        self.prox = "mu" in self._train.get_input_details()  # exported with the FedProx anchor
+        self.num_classes = int(self._infer.get_output_details()["output"]["shape"][-1])
+
+    def _load(self) -> None:
         try:
-            self.interp, self.runtime = load_interpreter(artifact, runtime, num_threads, xnnpack)
+            self.interp, self.runtime = load_interpreter(self._artifact, self._runtime_name, self._num_threads,
+                                                         self._xnnpack)
         except (ValueError, RuntimeError) as e:
             raise ArtifactError(f"not a loadable TFLite model: {e}") from None
         sigs = self.interp.get_signature_list()
@@ -78,14 +89,20 @@ class TFLiteTrainer:
         self._infer = self.interp.get_signature_runner("infer")
         self._get = self.interp.get_signature_runner("get_weights")
         self._set = self.interp.get_signature_runner("set_weights")
-        xin = self._train.get_input_details()["x"]
-        self.batch_size = int(xin["shape"][0])
-        self.x_shape = tuple(int(d) for d in xin["shape"][1:])
-        self.weight_names = sorted(self._set.get_input_details())
-        self.prox = "mu" in self._train.get_input_details()  # exported with the FedProx anchor
-        self.num_classes = int(self._infer.get_output_details()["output"]["shape"][-1])
+
+    def release(self) -> None:
+        """Drop the interpreter and its buffers (weights, training temporaries): the process gives
+        them back to the OS. The next call loads the artifact again, with the weights at zero, so
+        set the weights (``fit(weights=...)``) first. The agent's ``low_memory`` mode calls this
+        after each round: an idle device holds no model-size buffers."""
+        self.interp = self._train = self._eval = self._infer = self._get = self._set = None
+
+    def _ready(self) -> None:
+        if self.interp is None:
+            self._load()
 
     def get_weights(self) -> list[np.ndarray]:
+        self._ready()
         out = self._get()  # the runner already returns fresh arrays: no second copy
         return [out[n] for n in self.weight_names]
 
@@ -93,6 +110,7 @@ class TFLiteTrainer:
         """Set weights (also resets the local optimizer and the FedProx anchor)."""
         if len(weights) != len(self.weight_names):
             raise ArtifactError(f"{len(weights)} weight tensors given, the model has {len(self.weight_names)}")
+        self._ready()
         details = self._set.get_input_details()
         feed = {}
         for n, w in zip(self.weight_names, weights):
@@ -110,6 +128,7 @@ class TFLiteTrainer:
                                 "export it with prox (the aggregator does so when [train] mu > 0)")
         if weights is not None:
             self.set_weights(weights)
+        self._ready()
         n, b = x.shape[0], self.batch_size
         rng = np.random.default_rng(seed)
         xb = np.zeros((b, *self.x_shape), np.float32)
@@ -140,6 +159,7 @@ class TFLiteTrainer:
         (the interpreter's arena grows with the largest batch it has seen: 256 CNN examples
         would cost the device ~90 MB)."""
         batch = batch or self.batch_size
+        self._ready()
         x, y = check_data(x, y, self.x_shape, self.num_classes)
         loss = correct = 0.0
         for s in range(0, x.shape[0], batch):
@@ -151,4 +171,5 @@ class TFLiteTrainer:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        self._ready()
         return np.array(self._infer(x=x)["output"])
