@@ -47,9 +47,16 @@ y = rng.integers(0, t.num_classes, size=n * t.batch_size).astype(np.int32)
 t.fit(x[: t.batch_size], y[: t.batch_size], weights=init)  # warm-up
 r = t.fit(x, y, epochs=1, lr=0.01, weights=init)
 train = hwm()
+steps_per_s, steps = r.steps / r.seconds, r.steps
 t.evaluate(x[:100], y[:100])  # the agent's held-out evaluation, in training-size batches
-print(json.dumps({"rss_mb": train, "round_mb": hwm(), "python_mb": base, "steps_per_s": r.steps / r.seconds,
-                  "runtime": t.runtime, "steps": r.steps}))
+round_mb = hwm()
+del r
+if low:
+    t.release()  # what a low_memory agent does after sending its update
+for l in open("/proc/self/status"):
+    if l.startswith("VmRSS:"): idle = int(l.split()[1]) / 1024
+print(json.dumps({"rss_mb": train, "round_mb": round_mb, "idle_mb": idle, "python_mb": base,
+                  "steps_per_s": steps_per_s, "runtime": t.runtime, "steps": steps}))
 """
 
 TARGETS = {"mlp": 64, "cnn": 100}
@@ -73,11 +80,13 @@ def main() -> int:
     print(f"## bench/agent_footprint — {now()}\n\nMachine: {machine()}\n")
     print(f"Training batch size {args.batch_size}, SGD; agent process with TensorFlow blocked. Peak RSS (VmHWM) "
           "after set_weights + training + get_weights, and after the held-out evaluation too (a full agent "
-          "round). Modes: `default` (LiteRT with its XNNPACK delegate), `low_memory` (agent config "
-          "`[agent] low_memory = true`: no XNNPACK, glibc returns large buffers).\n")
-    print("| model | params | artifact KB | mode | peak RSS MB, training | … with evaluation | target MB | steps/s "
-          "| examples/s |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+          "round), and the resident size once the round is over (the test data and the global weights still "
+          "held). Modes: `default` (LiteRT with its XNNPACK delegate), `low_memory` (agent config "
+          "`[agent] low_memory = true`: no XNNPACK; the interpreter is released between rounds). Both fix "
+          "glibc's mmap threshold, as the agent does.\n")
+    print("| model | params | artifact KB | mode | peak RSS MB, training | … with evaluation | RSS MB between rounds "
+          "| target MB | steps/s | examples/s |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as d:
         for name in ("mlp", "2nn", "sensor1d", "cnn"):
             ex = export_model(ZOO[name](), TrainSpec(batch_size=args.batch_size), verify_steps=0)
@@ -91,7 +100,7 @@ def main() -> int:
                                      text=True, check=True, cwd=str(ROOT), env={"PYTHONPATH": str(ROOT)})
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"| {name} | {params:,} | {len(ex.artifact) / 1024:,.0f} | {mode} | {r['rss_mb']:.1f} "
-                      f"| {r['round_mb']:.1f} | {TARGETS.get(name, '—')} | {r['steps_per_s']:,.0f} "
+                      f"| {r['round_mb']:.1f} | {r['idle_mb']:.1f} | {TARGETS.get(name, '—')} | {r['steps_per_s']:,.0f} "
                       f"| {r['steps_per_s'] * args.batch_size:,.0f} |")
         print(f"\nRuntime: {r['runtime']}.")
     if args.agent_venv:
