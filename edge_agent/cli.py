@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config ok: agent {cfg.agent.id}, {len(y)} examples of shape {x.shape[1:]}, "
                   f"runtime {interpreter_class(cfg.agent.runtime or None)[1]}")
             return EXIT_OK
+        from .memory import limit_heap_growth
         from .service import AgentService
 
+        limit_heap_growth()  # process-wide: model-size buffers go back to the OS when freed
         svc = AgentService(cfg)
         signal.signal(signal.SIGTERM, lambda *_: svc.stop())
         signal.signal(signal.SIGINT, lambda *_: svc.stop())

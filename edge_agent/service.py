@@ -26,7 +26,6 @@ from broker.topics import Channel
 from .compress import ErrorFeedback, apply_error_feedback
 from .config import AgentConfig
 from .data import load_local, split_eval
-from .memory import limit_heap_growth
 from .outbox import Outbox
 from .trainer import ArtifactError, DataError, TFLiteTrainer, check_data
 
@@ -39,7 +38,6 @@ class AgentService:
         self.cfg = cfg
         self.id = cfg.agent.id
         self.topics = cfg.broker.topics()
-        limit_heap_growth()  # model-size buffers go back to the OS when freed (edge_agent/memory.py)
         cache = cfg.cache_dir
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "models").mkdir(exist_ok=True)

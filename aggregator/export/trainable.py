@@ -54,10 +54,10 @@ class TrainableModule(tf.Module):
         self.model = model
         self.spec = spec
         self.names = [v.path for v in model.trainable_variables]
-        self.initial = [v.numpy() for v in model.trainable_variables]
-        self.w = [tf.Variable(w, name=weight_key(i)) for i, w in enumerate(self.initial)]
+        initial = [v.numpy() for v in model.trainable_variables]
+        self.w = [tf.Variable(w, name=weight_key(i)) for i, w in enumerate(initial)]
         self.nt = [tf.Variable(v.numpy(), trainable=False) for v in model.non_trainable_variables]
-        self.anchor = [tf.Variable(w, trainable=False) for w in self.initial] if spec.prox else []
+        self.anchor = [tf.Variable(w, trainable=False) for w in initial] if spec.prox else []
         # optimizer state only where the optimizer needs it (each copy is a model-size buffer on the device)
         self.m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.w] if spec.optimizer != "sgd" else []
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.w] if spec.optimizer == "adam" else []
