@@ -164,6 +164,11 @@ EXPERIMENTS = {
              **{**FM, "partition": "shards", "fraction": 1.0,
                 "strategy": {"name": "fedavgm", "server": {"momentum": 0.9, "lr": 1.0}}}),
     ],
+    "fmnist-methods-best-100": [
+        dict(name="non-IID FedAvgM 0.9 (server lr 1.0), C 1.0, E 5, 100 rounds", rounds=100, epochs=5, batch_size=10,
+             lr=0.05, **{**FM, "partition": "shards", "fraction": 1.0,
+                         "strategy": {"name": "fedavgm", "server": {"momentum": 0.9, "lr": 1.0}}}),
+    ],
     # experiment 1 (2NN part): the FedAvg paper on Fashion-MNIST, 100 clients x 600, C = 0.1
     "fmnist-2nn": [
         dict(name="2NN IID FedAvg E=5 B=10 lr 0.05", rounds=20, epochs=5, batch_size=10, lr=0.05, **FM),
