@@ -109,7 +109,7 @@ def encode_tensor(name: str, array: np.ndarray, compression: Compression | None 
         if not math.isfinite(amax):
             raise EncodeError(f"tensor {name!r} has non-finite values")
         scale = amax / 127.0
-        if scale > 0:
+        if np.float32(scale) > 0:  # (a float64 scale below ~1e-45 is 0 in float32: all values round to 0)
             q = np.clip(np.rint(flat / np.float32(scale)), -127, 127).astype(np.int8)
         else:
             q = np.zeros(flat.size, dtype=np.int8)
