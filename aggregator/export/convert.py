@@ -76,20 +76,25 @@ def _flex_ops_from_error(msg: str) -> list[str]:
     return sorted(ops)
 
 
+def _builtin_name(oc) -> str:
+    """Name of a flatbuffer OperatorCode's builtin op ("FILL", "CALL_ONCE", ...)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
+    return next((k for k, v in vars(schema.BuiltinOperator).items() if v == code and not k.startswith("_")), str(code))
+
+
 def inspect_ops(artifact: bytes) -> tuple[set[str], int, bool]:
     """(op names, subgraph count, has CALL_ONCE) read from the flatbuffer."""
-    from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
     m = flatbuffer_utils.convert_bytearray_to_object(bytearray(artifact))
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     ops: set[str] = set()
     for oc in m.operatorCodes:
-        code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
         if oc.customCode:
             ops.add("custom:" + oc.customCode.decode() if isinstance(oc.customCode, bytes) else str(oc.customCode))
         else:
-            ops.add(names.get(code, str(code)))
+            ops.add(_builtin_name(oc))
     return ops, len(m.subgraphs), "CALL_ONCE" in ops
 
 
@@ -133,11 +138,10 @@ def strip_zero_initializers(artifact: bytes, min_bytes: int = 1024) -> bytes:
     from tensorflow.lite.tools import flatbuffer_utils
 
     m = flatbuffer_utils.convert_bytearray_to_object(bytearray(artifact))
-    op_name = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    names = [_builtin_name(oc) for oc in m.operatorCodes]
 
     def name_of(opcode_index: int) -> str:
-        oc = m.operatorCodes[opcode_index]
-        return op_name.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), "")
+        return names[opcode_index]
 
     init_ids = {op.builtinOptions.initSubgraphIndex for sg in m.subgraphs for op in sg.operators
                 if name_of(op.opcodeIndex) == "CALL_ONCE"}

@@ -62,6 +62,7 @@ class Strategy:
         self.max_updates = max_updates
         self.rounds_done = 0
         self._global: dict[str, np.ndarray] | None = None
+        self._reducer = None  # kept across rounds when it can be reused (the streaming mean)
 
     # -- round protocol ---------------------------------------------------------------------------
     def begin_round(self, global_weights: Mapping[str, np.ndarray], round_no: int) -> None:
@@ -69,8 +70,8 @@ class Strategy:
         self._names = list(global_weights)
         self._round = round_no
         template = list(global_weights.values())
-        old = getattr(self, "_reducer", None)
-        if old is not None and hasattr(old, "fits") and old.fits(template):
+        old = self._reducer
+        if hasattr(old, "fits") and old.fits(template):
             old.reset()  # the streaming mean keeps its buffers from round to round
         else:
             self._reducer = self.make_reducer(template)
