@@ -308,6 +308,43 @@ def test_streaming_mean_reused_across_rounds_starts_from_zero():
     np.testing.assert_array_equal(m.result()[0], (np.arange(5) + 1.0) / 2)
 
 
+def test_streaming_mean_result_is_idempotent_and_adding_after_it_stays_exact():
+    """result() normalises the accumulator in place: a second call, or more updates, must not drift."""
+    rng = np.random.default_rng(3)
+    xs = [rng.normal(size=50).astype(np.float32) for _ in range(4)]
+    w = [3.0, 1.0, 7.0, 2.0]
+    m = WeightedMean([np.empty(50, np.float32)], block=16)
+    m.add([xs[0]], w[0])
+    m.add([xs[1]], w[1])
+    first = m.result()[0].copy()
+    np.testing.assert_array_equal(m.result()[0], first)
+    np.testing.assert_allclose(first, np.average(np.stack(xs[:2]), axis=0, weights=w[:2]), rtol=1e-5, atol=1e-6)
+    m.add([xs[2]], w[2])
+    m.add([xs[3]], w[3])
+    np.testing.assert_allclose(m.result()[0], np.average(np.stack(xs), axis=0, weights=w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+def test_new_global_is_fresh_and_survives_the_next_round(opt):
+    """The new global never aliases the reducer's buffer, the old global or the update."""
+    g = {"k": np.ones((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+    s = build_strategy({"name": "weighted", "server": {"name": opt, "lr": 0.5}})
+    s.begin_round(g, 1)
+    s.add(ClientUpdate("a", 2, {"k": np.full((4, 3), 2.0, np.float32), "b": np.ones(3, np.float32)}))
+    new = s.finish().weights
+    kept = {n: a.copy() for n, a in new.items()}
+    assert all(a.dtype == np.float32 and a.shape == g[n].shape for n, a in new.items())
+    s.begin_round(new, 2)
+    s.add(ClientUpdate("a", 2, {"k": np.full((4, 3), -9.0, np.float32), "b": np.full(3, 5.0, np.float32)}))
+    s.finish()
+    for n in g:
+        np.testing.assert_array_equal(new[n], kept[n])
+    np.testing.assert_array_equal(g["k"], 1.0)
+    if opt == "sgd":  # x + 0.5 * delta
+        np.testing.assert_array_equal(kept["k"], 2.0)
+        np.testing.assert_array_equal(kept["b"], 0.5)
+
+
 # -- bad inputs ------------------------------------------------------------------------------------
 def test_bad_updates_excluded_with_reasons():
     g, good = model(), updates(3)

@@ -47,9 +47,10 @@ class WeightedMean:
     def __init__(self, template: Sequence[np.ndarray], block: int = BLOCK) -> None:
         self.block = block
         self._acc = [np.empty(t.size, dtype=np.float32) for t in template]
-        # (accumulator block view, start, stop) made once: the fold loop only slices the update
-        self._blocks = [[(acc[s : s + block], s, min(s + block, acc.size)) for s in range(0, acc.size, block)]
-                        for acc in self._acc]
+        # (tensor index, accumulator block view, start, stop) made once, last block first: the
+        # check reads the update front to back, so its tail is still in L2 when the fold starts
+        self._blocks = [(i, acc[s : s + block], s, min(s + block, acc.size))
+                        for i, acc in enumerate(self._acc) for s in range(0, acc.size, block)][::-1]
         self._shapes = [tuple(t.shape) for t in template]
         self._tmp: np.ndarray | None = None  # only the tiny-coefficient path needs a scratch block
         self.reset()
@@ -90,30 +91,38 @@ class WeightedMean:
                 np.copyto(acc, d.reshape(-1))
             self._scale = c
         elif c >= _FAST_RATIO * self._cmax:  # A = A * (s / c) + x, in place, block by block
-            r = np.float32(self._scale / c)
+            r = np.array(self._scale / c, dtype=np.float32)
             mul, add = np.multiply, np.add
-            for blocks, d in zip(self._blocks, delta):
-                f = d.reshape(-1)
-                for a, lo, hi in blocks:
-                    mul(a, r, out=a)
-                    add(a, f[lo:hi], out=a)
+            flat = [d.reshape(-1) for d in delta]
+            for i, a, lo, hi in self._blocks:
+                mul(a, r, a)
+                add(a, flat[i][lo:hi], a)
             self._scale = c
         else:  # a tiny coefficient: A += (c / s) * x, s unchanged
-            k = np.float32(c / self._scale)
+            k = np.array(c / self._scale, dtype=np.float32)
             if self._tmp is None:
                 self._tmp = np.empty(min(b, max(a.size for a in self._acc)), dtype=np.float32)
-            for blocks, d in zip(self._blocks, delta):
-                f = d.reshape(-1)
-                for a, lo, hi in blocks:
-                    t = self._tmp[: hi - lo]
-                    np.multiply(f[lo:hi], k, out=t)
-                    np.add(a, t, out=a)
+            flat = [d.reshape(-1) for d in delta]
+            for i, a, lo, hi in self._blocks:
+                t = self._tmp[: hi - lo]
+                np.multiply(flat[i][lo:hi], k, t)
+                np.add(a, t, a)
 
     def result(self) -> list[np.ndarray] | None:
+        """The weighted mean, as views of the accumulator (no copy, no allocation).
+
+        The accumulator is normalised in place (``A *= s / W``; then ``s = W``, so calling again,
+        or adding more, stays correct). The views are valid until the next ``reset``/``add``:
+        the caller consumes them (the server step writes the new global into fresh arrays).
+        """
         if self.count == 0 or self.total_weight <= 0 or self._scale == 0.0:
             return None
-        f = np.float32(self._scale / self.total_weight)
-        return [np.multiply(a, f).reshape(shape) for a, shape in zip(self._acc, self._shapes)]
+        if self._scale != self.total_weight:
+            f = np.float32(self._scale / self.total_weight)
+            for a in self._acc:
+                np.multiply(a, f, out=a)
+            self._scale = self.total_weight
+        return [a.reshape(shape) for a, shape in zip(self._acc, self._shapes)]
 
 
 class _Holding:

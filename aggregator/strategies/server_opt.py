@@ -25,6 +25,32 @@ import numpy as np
 NAMES = ("sgd", "momentum", "adagrad", "adam", "yogi")
 
 
+def _fresh(x: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Arrays shaped like ``x`` that are views of one new flat buffer per dtype.
+
+    The new global must not alias anything; one allocation of the whole model (rather than one
+    per tensor) is ~10x cheaper here: a model-sized buffer is reused from the heap or backed by
+    huge pages instead of faulting in every 4 KiB page of every tensor.
+    """
+    out: list[np.ndarray | None] = [None] * len(x)
+    for dt in {a.dtype for a in x}:
+        idx = [i for i, a in enumerate(x) if a.dtype == dt]
+        flat = np.empty(sum(x[i].size for i in idx), dtype=dt)
+        o = 0
+        for i in idx:
+            out[i] = flat[o : o + x[i].size].reshape(x[i].shape)
+            o += x[i].size
+    return out  # type: ignore[return-value]
+
+
+def _step_into(out: np.ndarray, x: np.ndarray, lr: np.float32, v: np.ndarray) -> np.ndarray:
+    """``out = x + lr * v`` with the expression's rounding (``lr * v`` in float32 first; exact at lr 1)."""
+    if lr == 1:
+        return np.add(x, v, out=out, casting="same_kind")
+    np.multiply(v, lr, out=out, casting="same_kind")
+    return np.add(x, out, out=out, casting="same_kind")
+
+
 @dataclass
 class ServerOptimizer:
     name: str = "sgd"
@@ -44,20 +70,20 @@ class ServerOptimizer:
         self.steps += 1
         lr = np.float32(self.lr)
         if self.name == "sgd":
-            return [(xi + lr * di).astype(xi.dtype) for xi, di in zip(x, delta)]
+            return [_step_into(o, xi, lr, di) for o, xi, di in zip(_fresh(x), x, delta)]
         if self.name == "momentum":
             if self.m is None:
                 self.m = [np.zeros_like(d, dtype=np.float32) for d in delta]
             for m, d in zip(self.m, delta):
                 m *= np.float32(self.momentum)
                 m += d
-            return [(xi + lr * m).astype(xi.dtype) for xi, m in zip(x, self.m)]
+            return [_step_into(o, xi, lr, m) for o, xi, m in zip(_fresh(x), x, self.m)]
         b1, b2, tau = np.float32(self.beta1), np.float32(self.beta2), np.float32(self.tau)
         if self.m is None:
             self.m = [np.zeros_like(d, dtype=np.float32) for d in delta]
             self.v = [np.full_like(d, tau * tau, dtype=np.float32) for d in delta]
-        out = []
-        for xi, d, m, v in zip(x, delta, self.m, self.v):
+        out = _fresh(x)
+        for o, xi, d, m, v in zip(out, x, delta, self.m, self.v):
             m *= b1
             m += (1 - b1) * d
             d2 = d * d
@@ -68,7 +94,7 @@ class ServerOptimizer:
                 v += (1 - b2) * d2
             else:  # yogi
                 v -= (1 - b2) * d2 * np.sign(v - d2)
-            out.append((xi + lr * m / (np.sqrt(v) + tau)).astype(xi.dtype))
+            np.add(xi, lr * m / (np.sqrt(v) + tau), out=o, casting="same_kind")
         return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
