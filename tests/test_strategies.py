@@ -385,11 +385,12 @@ def test_empty_round_leaves_model_unchanged():
 
 
 # -- clipping and noise ------------------------------------------------------------------------------
-def test_clipping_bounds_each_contribution():
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_clipping_bounds_each_contribution(lanes):
     g = {"w": np.zeros(4, np.float32)}
     ups = [ClientUpdate("a", 1, {"w": np.array([30, 40, 0, 0], np.float32)}),  # norm 50 -> clipped to 5
            ClientUpdate("b", 1, {"w": np.array([0, 0, 3, 0], np.float32)})]  # norm 3 -> unchanged
-    _, r, _ = run({"name": "mean", "clip": {"bound": 5.0}}, g, ups)
+    _, r, _ = run({"name": "mean", "clip": {"bound": 5.0}, "lanes": lanes}, g, ups)
     np.testing.assert_allclose(r.weights["w"], [1.5, 2.0, 1.5, 0.0], rtol=1e-6)
     assert r.metrics["clipped_fraction"] == 0.5
 
@@ -427,6 +428,8 @@ def test_gaussian_noise_sigma_and_reproducibility():
     ({"name": "quality", "quality": {"mapping": "exp"}}, "strategy.quality.mapping"),
     ({"name": "mean", "reducer": "mode"}, "strategy.reducer"),
     ({"name": "mean", "colour": 1}, "unknown key strategy.colour"),
+    ({"name": "fedavg", "lanes": -1}, r"strategy.lanes = -1: must be an integer"),
+    ({"name": "fedavg", "lanes": 2.5}, r"strategy.lanes = 2.5"),
 ])
 def test_config_errors_name_the_key(cfg, match):
     with pytest.raises(ConfigError, match=match):

@@ -12,6 +12,8 @@ overrides) composes the pieces explicitly::
     beta = 0.1                                # trimmed_mean;  f, m for (multi)krum
     noise = { multiplier = 0.5, seed = 0 }    # needs clip
     server = { name = "adam", lr = 0.01, beta1 = 0.9, beta2 = 0.99, tau = 1e-3 }
+    lanes = 0                                 # mean: fold threads; 0 = auto (2 on multi-core hosts
+                                              # for models of >= 262,144 parameters), 1 = none
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "doc": "DP-FedAvg (McMahan 2018): clipped uniform mean + Gaussian noise"},
     "hybrid": {"weights": ["samples", "quality"], "doc": "compose weights, clip, reducer, noise, server freely"},
 }
-KEYS = {"name", "weights", "quality", "clip", "reducer", "beta", "f", "m", "noise", "server", "max_updates"}
+KEYS = {"name", "weights", "quality", "clip", "reducer", "beta", "f", "m", "noise", "server", "max_updates",
+        "lanes"}
 REDUCERS = ("mean", "median", "trimmed_mean", "krum", "multikrum")
 
 
@@ -113,8 +116,9 @@ def build_strategy(table: Mapping[str, Any] | None = None, section: str = "strat
     reducer = cfg.get("reducer", "mean")
     if reducer not in REDUCERS:
         raise ConfigError(f"{section}.reducer = {reducer!r}: use one of {', '.join(REDUCERS)}")
+    lanes = _num(cfg, "lanes", section, 0, 16, 0, integer=True)
     if reducer == "mean":
-        make = WeightedMean
+        make = partial(WeightedMean, lanes=lanes or None)
     elif reducer == "median":
         make = partial(CoordinateMedian, max_updates=max_updates)
     elif reducer == "trimmed_mean":
