@@ -4,6 +4,9 @@
     s.add(ClientUpdate(...)) -> None | reason # never raises on network input
     result = s.finish()                       # RoundResult: new weights (or None) + metrics
 
+The strategy may read an update's arrays until ``finish()`` (the mean folds on worker threads
+for large models): do not modify them after ``add``.
+
 Every update is checked before it counts: tensor names, shapes and dtypes equal the global
 model's, all values finite, a weight that is finite and > 0, one update per agent. A rejected
 update is excluded with a short reason (counted in ``result.rejected``). A round with no usable
