@@ -257,13 +257,14 @@ def test_scaling_all_weights_leaves_result_unchanged():
     assert_close(a.weights, b.weights, tol=1e-6)
 
 
+@pytest.mark.parametrize("lanes", [1, 2, 3])  # lanes > 1: worker threads (tests/test_fold_lanes.py)
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 30), st.integers(1, 5000), st.integers(0, 1000))
-def test_streaming_mean_equals_batch_mean(k, size, seed):
+def test_streaming_mean_equals_batch_mean(lanes, k, size, seed):
     rng = np.random.default_rng(seed)
     xs = [rng.normal(size=size).astype(np.float32) for _ in range(k)]
     w = rng.uniform(0.1, 10, size=k)
-    m = WeightedMean([np.empty(size, np.float32)], block=97)  # blocks that do not divide the size
+    m = WeightedMean([np.empty(size, np.float32)], block=97, lanes=lanes)  # blocks that do not divide the size
     for x, wi in zip(xs, w):
         m.add([x], float(wi))
     np.testing.assert_allclose(m.result()[0], np.average(np.stack(xs), axis=0, weights=w), rtol=1e-4, atol=1e-5)
@@ -284,14 +285,15 @@ def test_streaming_mean_memory_is_independent_of_update_count():
     assert peak < 1.2 * size * 4  # one accumulator, not 40 copies
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.floats(-12, 6), min_size=1, max_size=20), st.integers(0, 1000))
-def test_streaming_mean_with_extreme_weight_ratios(log_w, seed):
+def test_streaming_mean_with_extreme_weight_ratios(lanes, log_w, seed):
     """Coefficients 18 orders of magnitude apart take both fold paths; the mean still equals np.average."""
     rng = np.random.default_rng(seed)
     w = [10.0 ** e for e in log_w]
     xs = [rng.normal(size=300).astype(np.float32) * 1e3 for _ in w]
-    m = WeightedMean([np.empty(300, np.float32)], block=64)
+    m = WeightedMean([np.empty(300, np.float32)], block=64, lanes=lanes)
     for x, wi in zip(xs, w):
         m.add([x], wi)
     ref = np.average(np.stack(xs).astype(np.float64), axis=0, weights=w)
