@@ -108,8 +108,11 @@ def test_happy_path_matches_offline_strategy(fleet, tmp_path):
     shards = watch_shards(agents, tmp_path, per_agent=120)
     obs = Observer(f)
     try:
+        # two fold lanes (worker threads), which this small model would not get by default: the
+        # other service tests run the single-lane path
         agg = f.start_aggregator(rounds={"rounds": 3, "min_agents": 5, "grace_s": 5},
-                                 eval={"dataset": "watch", "groups": [9, 10]})
+                                 eval={"dataset": "watch", "groups": [9, 10]},
+                                 strategy={"name": "fedavg", "lanes": 2})
         for a in agents:
             f.start_agent(a, shards[a])
         obs.wait(lambda: 3 in obs.globals, 120, "global model of round 3")
@@ -119,7 +122,7 @@ def test_happy_path_matches_offline_strategy(fleet, tmp_path):
         assert all(r["participants"] == 5 for r in h)
         assert 0.0 <= h[-1]["eval_accuracy"] <= 1.0
         # the global model changes each round and equals the strategy applied offline to the same updates
-        strat = build_strategy({"name": "fedavg"})
+        strat = build_strategy({"name": "fedavg", "lanes": 1})
         prev = obs.globals[0].tensors
         for rnd in (1, 2, 3):
             ups = obs.updates[rnd]
