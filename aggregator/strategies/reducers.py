@@ -251,10 +251,10 @@ class WeightedMean:
     def result(self) -> list[np.ndarray] | None:
         """The weighted mean, as views of one lane's accumulator (no copy, no allocation).
 
-        Lanes are normalised in place and merged into the first that holds anything (``A *= s / W``, then ``s = W``,
-        so calling again, or adding more, stays correct). The views are valid until the next
-        ``reset``/``add``: the caller consumes them (the server step writes the new global into
-        fresh arrays).
+        Lanes are normalised in place (``A *= s / W``, then ``s = W``, so calling again, or adding
+        more, stays correct) and merged into the first that holds anything. The views are valid
+        until the next ``reset``/``add``: the caller consumes them (the server step writes the new
+        global into fresh arrays).
         """
         self._drain()
         live = [s for s in self._sums if s.scale != 0.0]
