@@ -66,11 +66,6 @@ def run_case(which: str, k: int, p: int, repeat: int) -> dict:
                 strat.add(u)
             return strat.finish().weights
 
-        base0 = rss_kb()
-        reset_peak()
-        first = fn()
-        check = [first[n] for n in names]
-        del first
     elif which == "flower":
         from flwr.server.strategy.aggregate import aggregate
 
@@ -79,14 +74,16 @@ def run_case(which: str, k: int, p: int, repeat: int) -> dict:
         def fn():
             return aggregate(results)
 
-        base0 = rss_kb()
-        reset_peak()
-        check = fn()
     else:  # copy bandwidth: np.copyto of 400 MB
         src = np.ones(100_000_000, np.float32)
         dst = np.empty_like(src)
         t = timeit(lambda: np.copyto(dst, src), repeat)
         return {"seconds": t, "gbps": 0.4 / t}
+    base0 = rss_kb()
+    reset_peak()
+    out = fn()
+    check = [out[n] for n in names] if which == "fedmq" else out
+    del out
     first_mb = (rss_peak_kb() - base0) / 1024  # the first round: buffers made once + the result
     ref = [np.average(np.stack([u[i] for u in ups]), axis=0, weights=ns) for i in range(4)] if k * p <= 10**8 else None
     if ref is not None:
