@@ -105,16 +105,16 @@ def test_default_lanes_follow_model_size_and_cores():
 def test_strategy_on_a_large_model_uses_lanes_and_equals_np_average():
     """Through the whole strategy (validation, weighting, server step) with the config key."""
     rng = np.random.default_rng(4)
-    g = {"k": np.zeros((512, 600), np.float32), "b": np.zeros(600, np.float32)}
+    g = {"k": np.zeros((512, 1100), np.float32), "b": np.zeros(1100, np.float32)}
     ups = [ClientUpdate(f"a{i}", int(rng.integers(1, 500)),
                         {n: rng.normal(size=a.shape).astype(np.float32) for n, a in g.items()}) for i in range(12)]
-    ups.insert(5, ClientUpdate("nan", 100, {"k": np.full((512, 600), np.nan, np.float32), "b": g["b"]}))
+    ups.insert(5, ClientUpdate("nan", 100, {"k": np.full((512, 1100), np.nan, np.float32), "b": g["b"]}))
     for lanes in (0, 2):
         s = build_strategy({"name": "fedavg", "lanes": lanes})
         s.begin_round(g, 1)
         reasons = [s.add(u) for u in ups]
         assert reasons.count("non_finite") == 1 and reasons.count(None) == 12
-        assert s._reducer.lanes == (default_lanes(512 * 600 + 600) if lanes == 0 else 2)
+        assert s._reducer.lanes == (default_lanes(512 * 1100 + 1100) if lanes == 0 else 2)
         out = s.finish().weights
         ok = [u for u in ups if u.agent != "nan"]
         for n in g:

@@ -41,7 +41,9 @@ BLOCK = 1 << 17  # elements per fold block (512 KiB of float32): A's block stays
 # with two lanes every numpy call also takes the GIL back from the other lane: fewer, larger
 # calls win (measured, K=100 x P=1M: 2^17 -> 19.3 ms, 2^20 -> 17.7 ms; 2^15 -> 25 ms)
 LANE_BLOCK = 1 << 20
-PARALLEL_MIN = 1 << 18  # parameters from which two lanes pay for their hand-offs (~20 us per update)
+# parameters from which two lanes pay for their hand-offs (K=100, strategy time, one lane vs two:
+# 262k 8.0 vs 9.2 ms, 393k 10.5 vs 10.8, 524k 13.4 vs 12.7, 786k 18.9 vs 16.1, 2.1M 58.7 vs 47.9)
+PARALLEL_MIN = 1 << 19
 _FAST_RATIO = 1e-6  # below this fraction of the largest coefficient, fold with a scaled copy
 
 

@@ -13,7 +13,7 @@ overrides) composes the pieces explicitly::
     noise = { multiplier = 0.5, seed = 0 }    # needs clip
     server = { name = "adam", lr = 0.01, beta1 = 0.9, beta2 = 0.99, tau = 1e-3 }
     lanes = 0                                 # mean: fold threads; 0 = auto (2 on multi-core hosts
-                                              # for models of >= 262,144 parameters), 1 = none
+                                              # for models of >= 524,288 parameters), 1 = none
 """
 
 from __future__ import annotations
