@@ -97,7 +97,9 @@ def load_split(cfg: SimConfig):
 class Simulation:
     def __init__(self, cfg: SimConfig, run_dir: Path, progress: bool = True) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        # absolute: the processes it starts run inside the run directory, and the paths written
+        # into their configs must not be resolved a second time from there
+        self.run_dir = Path(run_dir).resolve()
         self.progress = progress
         self.procs: list[subprocess.Popen] = []
         self.broker: LocalBroker | None = None

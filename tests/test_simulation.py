@@ -1,6 +1,7 @@
 """The simulation command end to end: a reduced experiment 5 (watch data, one agent per subject)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_reduced_watch_experiment(tmp_path):
-    run = tmp_path / "run"
+    """As `make demo` runs it: a run directory relative to the current directory."""
+    run = tmp_path / "runs" / "demo"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-m", "aggregator.cli", "simulate", "--dataset", "watch", "--rounds", "4",
-                          "--epochs", "1", "--run-dir", str(run), "--no-progress"],
-                         capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+                          "--epochs", "1", "--run-dir", "runs/demo", "--no-progress"],
+                         capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     s = json.loads((run / "summary.json").read_text())
     assert s["rounds"] == 4 and s["agents"] == 8  # subjects 1-8, one agent each
