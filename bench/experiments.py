@@ -92,6 +92,11 @@ EXPERIMENTS = {
         dict(name="CNN IID FedSGD E=1 B=600 lr 0.1, low_memory agents", rounds=100, epochs=1, batch_size=600,
              lr=0.1, agent_low_memory=True, **{**FM, "model": "zoo:cnn", "flatten": False}),
     ],
+    # experiment 1, 2NN FedSGD on the 2-shard non-IID split (anchor: 80% at round 228, 0.67 at round 100)
+    "fmnist-2nn-fedsgd-noniid": [
+        dict(name="2NN non-IID FedSGD E=1 B=all lr 0.1", rounds=300, epochs=1, batch_size=600, lr=0.1,
+             **{**FM, "partition": "shards"}),
+    ],
     # experiment 2: the seed's methods and beyond, side by side on the 2-shard non-IID split (2NN)
     "fmnist-methods": [
         dict(name=f"non-IID {label}", rounds=50, epochs=5, batch_size=10, lr=0.05,
