@@ -32,6 +32,7 @@ def test_zoo_exports_verified_with_parity(name, params):
     ex = exported(name)
     assert sum(int(np.prod(w.shape)) for w in ex.weights) == params
     assert ex.verification["steps"] == 20 and ex.verification["max_loss_diff"] < 1e-4
+    assert ex.verification["update_diff"] < 1e-3  # no rounding event on these seeds: ~1e-5
     assert ex.model_id == hashlib.sha256(ex.artifact).hexdigest()
     ops, subgraphs, call_once = inspect_ops(ex.artifact)
     assert call_once and subgraphs >= 2
@@ -222,18 +223,33 @@ def test_low_memory_interpreter_trains_the_same():
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "sensor1d"])
 def test_verification_catches_an_artifact_that_trains_differently(name):
-    """The parity check is sensitive at its small learning rate: an SGD artifact checked against a
-    momentum-SGD module (same weights, same batches, different update) is refused."""
+    """An SGD artifact checked against a momentum-SGD module (same weights, same batches, different
+    update) is refused with the default tolerances, and by the update check on its own."""
     from aggregator.export.convert import verify
     from aggregator.export.trainable import TrainableModule
 
     ex = exported(name)
-    keras.utils.set_random_seed(0)
-    other = TrainableModule(ZOO[name](), TrainSpec(batch_size=16, optimizer="momentum"))
-    with pytest.raises(ExportError, match="differs from TensorFlow"):
-        verify(other, ex, steps=20, tolerance=1e-4, seed=0)
+
+    def momentum_module():
+        keras.utils.set_random_seed(0)
+        return TrainableModule(ZOO[name](), TrainSpec(batch_size=16, optimizer="momentum"))
+
+    with pytest.raises(ExportError, match="differ"):
+        verify(momentum_module(), ex, steps=20, tolerance=1e-3, seed=0)
+    with pytest.raises(ExportError, match=r"updates differ from TensorFlow's by [0-9.]+% of their norm"):
+        verify(momentum_module(), ex, steps=20, tolerance=10.0, seed=0)
+
+
+def test_verification_accepts_a_correct_artifact_with_a_rounding_event():
+    """The FedAvg CNN at seed 1, batch 10: a ReLU/max-pool rounding event in one runtime moves the
+    losses ~2e-4 apart (the old 1e-4 check refused this correct artifact, and the aggregator with it)."""
+    keras.utils.set_random_seed(1)
+    ex = export_model(ZOO["cnn"](), TrainSpec(batch_size=10), verify_steps=20)
+    v = ex.verification
+    assert v["max_loss_diff"] > 1e-4, "no rounding event at this seed with these runtimes: find a seed with one"
+    assert v["max_loss_diff"] < 1e-3 and 1e-3 < v["update_diff"] < 0.1
 
 
 def test_release_gives_the_interpreter_memory_back_and_training_resumes_identically():

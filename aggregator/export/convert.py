@@ -7,7 +7,12 @@
 2. it holds a CALL_ONCE initializer subgraph (Keras-3 state converted without one trains garbage
    silently);
 3. a set_weights/get_weights round trip in a TFLite interpreter is bit-identical;
-4. on the same batches, the TFLite ``train`` losses equal TensorFlow's within ``tolerance``.
+4. on the same batches, the TFLite ``train`` losses equal TensorFlow's within ``tolerance``
+   (1e-3), and the weight update after the steps equals TensorFlow's within ``update_tolerance``
+   (10% of its norm). Correct artifacts agree to ~1e-6 on both, except when a ReLU input or a
+   max-pool tie rounds the other way in one runtime: then the losses drift apart by up to ~3e-4
+   and the update by ~2% (the CNN, seed 1, batch 10). An artifact that trains differently
+   (momentum instead of SGD) is 7e-3 to 0.3 away in loss and 77-85% in the update.
 
 The artifact's id is the SHA-256 of its bytes; its tensor specs travel in the ModelManifest so
 agents need no model code.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import tempfile
 import time
@@ -224,7 +230,7 @@ def convert(module: TrainableModule) -> bytes:
 
 
 def export_model(model: keras.Model, spec: TrainSpec = TrainSpec(), *, verify_steps: int = 20,
-                 tolerance: float = 1e-4, seed: int = 0) -> Exported:
+                 tolerance: float = 1e-3, update_tolerance: float = 0.1, seed: int = 0) -> Exported:
     """Export and verify; raises ExportError when the artifact must not be published."""
     module = TrainableModule(model, spec)
     init = module.weights_numpy()
@@ -237,11 +243,12 @@ def export_model(model: keras.Model, spec: TrainSpec = TrainSpec(), *, verify_st
     exported = Exported(artifact, hashlib.sha256(artifact).hexdigest(), module.names, weights, inputs, spec,
                         init, {})
     if verify_steps:
-        exported.verification = verify(module, exported, verify_steps, tolerance, seed)
+        exported.verification = verify(module, exported, verify_steps, tolerance, seed, update_tolerance)
     return exported
 
 
-def verify(module: TrainableModule, ex: Exported, steps: int, tolerance: float, seed: int) -> dict[str, float]:
+def verify(module: TrainableModule, ex: Exported, steps: int, tolerance: float, seed: int,
+           update_tolerance: float = 0.1) -> dict[str, float]:
     interp, runtime = load_interpreter(ex.artifact)
     rng = np.random.default_rng(seed)
     # 1. set/get round trip, bit-identical
@@ -278,6 +285,16 @@ def verify(module: TrainableModule, ex: Exported, steps: int, tolerance: float, 
         if worst > tolerance:
             raise ExportError(f"TFLite loss {lite:.6f} differs from TensorFlow's {ref:.6f} by {worst:.2e} "
                               f"(> {tolerance}) at step {_ + 1} ({runtime})")
+    # 3. the update the steps made, TFLite vs TensorFlow, relative to its size
+    got = interp.get_signature_runner("get_weights")()
+    lite_w, tf_w = [got[w.name] for w in ex.weights], module.weights_numpy()
+    num = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(lite_w, tf_w))
+    den = sum(float(np.sum((b.astype(np.float64) - i) ** 2)) for b, i in zip(tf_w, ex.initial_weights))
+    update_diff = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+    if not update_diff <= update_tolerance:
+        raise ExportError(f"TFLite training updates differ from TensorFlow's by {update_diff:.1%} of their norm "
+                          f"(> {update_tolerance:.0%}) after {steps} steps ({runtime})")
     module.set_weights(*[tf.constant(i) for i in ex.initial_weights])
-    log.info("artifact %s verified with %s: %d steps, max |loss diff| %.2e", ex.model_id[:12], runtime, steps, worst)
-    return {"steps": float(steps), "max_loss_diff": worst}
+    log.info("artifact %s verified with %s: %d steps, max |loss diff| %.2e, update diff %.1e", ex.model_id[:12],
+             runtime, steps, worst, update_diff)
+    return {"steps": float(steps), "max_loss_diff": worst, "update_diff": update_diff}
