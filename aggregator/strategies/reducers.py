@@ -192,8 +192,7 @@ class WeightedMean:
     def __init__(self, template: Sequence[np.ndarray], block: int | None = None, lanes: int | None = None) -> None:
         self.lanes = default_lanes(sum(t.size for t in template)) if not lanes else int(lanes)
         self.block = block or (BLOCK if self.lanes == 1 else LANE_BLOCK)
-        block = self.block
-        self._sums = [_ScaledSum(template, block) for _ in range(self.lanes)]
+        self._sums = [_ScaledSum(template, self.block) for _ in range(self.lanes)]
         self._last: list[_Job | None] = [None] * self.lanes
         self._shapes = [tuple(t.shape) for t in template]
         self.reset()
