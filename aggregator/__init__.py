@@ -1,1 +1,1 @@
-"""fedmq."""
+"""fedmq aggregator: round control, aggregation strategies, model export, checkpoints, metrics, simulation."""

@@ -11,9 +11,8 @@ import sys
 
 import numpy as np
 
-from broker.errors import ConfigError, FedmqError
-from broker.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
-
+from fedmq.broker.commands.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
+from fedmq.broker.errors import ConfigError, FedmqError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
-    from broker.config import redact
+    from fedmq.broker.commands.config import redact
 
     from .config import load_config
 
@@ -118,7 +117,7 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     from .strategies import PRESETS, build_strategy
 
     if args.check:
-        from broker.config import load_toml
+        from fedmq.broker.commands.config import load_toml
 
         table = load_toml(args.check).get("strategy")
         strat = build_strategy(table)

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.config import BrokerSection, load_tables
-from broker.errors import ConfigError
-from broker.tensors import ENCODINGS
-from broker.topics import NAME_RE
+from fedmq.broker.commands.config import BrokerSection, load_tables
+from fedmq.broker.contract.tensors import ENCODINGS
+from fedmq.broker.contract.topics import NAME_RE
+from fedmq.broker.errors import ConfigError
 
 from .strategies import build_strategy
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.messages import ModelManifest, TensorSpec
+from fedmq.broker.contract.messages import ModelManifest, TensorSpec
 
 from .config import ModelSection
 from .state import atomic_write

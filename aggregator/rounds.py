@@ -16,7 +16,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from broker.messages import RoundAnnouncement, TrainConfig, Update
+from fedmq.broker.contract.messages import RoundAnnouncement, TrainConfig, Update
 
 from .config import RoundsSection
 from .strategies import ClientUpdate, Strategy

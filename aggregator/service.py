@@ -1,7 +1,7 @@
 """The aggregator service: round control over MQTT, checkpoints, metrics, final export.
 
 One thread runs the protocol (paho's network thread only enqueues messages): it decodes and
-validates every message (broker.receiver), feeds updates to the round controller, closes rounds,
+validates every message (fedmq.broker.transport.receiver), feeds updates to the round controller, closes rounds,
 checkpoints, republishes the global model and opens the next round. See docs/architecture.md.
 """
 
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.client import MqttClient
-from broker.messages import GlobalModel, RoundMetrics, Status, TrainConfig, Update
-from broker.publisher import Publisher
-from broker.receiver import Receiver
-from broker.tensors import Compression
-from broker.topics import Channel
+from fedmq.broker.contract.messages import GlobalModel, RoundMetrics, Status, TrainConfig, Update
+from fedmq.broker.contract.tensors import Compression
+from fedmq.broker.contract.topics import Channel
+from fedmq.broker.transport.client import MqttClient
+from fedmq.broker.transport.publisher import Publisher
+from fedmq.broker.transport.receiver import Receiver
 
 from .config import AggregatorConfig
 from .model_store import ServedModel, export_final, load_or_export
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 def load_eval(cfg: AggregatorConfig):
     """The server-side held-out set of ``[eval]``, or None."""
-    from broker.errors import ConfigError
-    from edge_agent.datasets import Dataset, DatasetMissing, load_fashion_mnist, load_watch
+    from fedmq.aggregator.datasets import Dataset, DatasetMissing, load_fashion_mnist, load_watch
+    from fedmq.broker.errors import ConfigError
 
     e = cfg.eval
     if not e.dataset:
@@ -134,7 +134,7 @@ class AggregatorService:
             self._done = True
         self._eval = load_eval(self.cfg)
         if self._eval is not None:
-            from edge_agent.trainer import TFLiteTrainer
+            from fedmq.edge_agent.trainer import TFLiteTrainer
 
             self._evaluator = TFLiteTrainer(self.served.artifact, self.served.model_id)
         if self.cfg.service.prometheus_port:
@@ -205,7 +205,7 @@ class AggregatorService:
                 self._checkpoint()
 
     def _republish_state(self) -> None:
-        from broker.errors import FedmqError
+        from fedmq.broker.errors import FedmqError
 
         try:
             self.publisher.publish(self.topics.model(), self.served.manifest(), retain=True)

@@ -27,17 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.client import MqttClient, MqttConfig
-from broker.config import write_toml
-from broker.launcher import LocalBroker
-from broker.messages import RoundMetrics
-from broker.receiver import Receiver
-from broker.topics import Topics
+from fedmq.broker.commands.config import write_toml
+from fedmq.broker.contract.messages import RoundMetrics
+from fedmq.broker.contract.topics import Topics
+from fedmq.broker.ops.launcher import LocalBroker
+from fedmq.broker.transport.client import MqttClient, MqttConfig
+from fedmq.broker.transport.receiver import Receiver
 
 from .partition import PARTITIONS, partition
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = {"watch": "zoo:sensor1d", "fashion-mnist": "zoo:2nn", "digits": "zoo:mlp"}
 
 
@@ -74,7 +73,7 @@ class SimConfig:
 
 def load_split(cfg: SimConfig):
     """(train x, train y, train groups, test x, test y) for the configured dataset."""
-    from edge_agent.datasets import load_digits, load_fashion_mnist, load_watch
+    from fedmq.aggregator.datasets import load_digits, load_fashion_mnist, load_watch
 
     if cfg.dataset == "watch":
         d = load_watch()
@@ -130,8 +129,7 @@ class Simulation:
 
     def _spawn(self, name: str, module: str, config: Path) -> subprocess.Popen:
         logf = open(self.run_dir / "logs" / f"{name}.log", "ab")
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         p = subprocess.Popen([sys.executable, "-m", module, "run", "--config", str(config)], stdout=logf,
                              stderr=subprocess.STDOUT, env=env, cwd=str(self.run_dir), start_new_session=True)
         self.procs.append(p)
@@ -159,7 +157,7 @@ class Simulation:
             "eval": {"dataset": f"npz:{self.run_dir / 'data' / 'eval.npz'}"},
             "strategy": c.strategy,
         })
-        agg = self._spawn("aggregator", "aggregator.cli", agg_cfg)
+        agg = self._spawn("aggregator", "fedmq.aggregator.cli", agg_cfg)
         for a in agents:
             attack = c.attack if agents.index(a) < c.byzantine else None
             cfg = write_toml(self.run_dir / "configs" / f"{a}.toml", {
@@ -169,7 +167,7 @@ class Simulation:
                 "data": {"source": f"npz:{self.run_dir / 'data' / f'{a}.npz'}",
                          "eval_fraction": c.agent_eval_fraction},
             })
-            self._spawn(a, "edge_agent.cli", cfg)
+            self._spawn(a, "fedmq.edge_agent.cli", cfg)
         return agg
 
     # -- running ------------------------------------------------------------------------------------------
@@ -266,7 +264,7 @@ class Simulation:
 
     def centralized_baseline(self) -> float:
         """The same model and optimizer trained on the union of the agents' data (TFLite trainer)."""
-        from edge_agent.trainer import TFLiteTrainer
+        from fedmq.edge_agent.trainer import TFLiteTrainer
 
         models = sorted((self.run_dir / "state" / "models").glob("*/model.tflite"))
         meta = json.loads((models[0].parent / "meta.json").read_text())

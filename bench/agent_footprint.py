@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,8 @@ def hwm():
         if l.startswith("VmHWM:"): return int(l.split()[1]) / 1024
 base = hwm()
 import numpy as np
-from edge_agent.memory import limit_heap_growth
-from edge_agent.trainer import TFLiteTrainer
+from fedmq.edge_agent.memory import limit_heap_growth
+from fedmq.edge_agent.trainer import TFLiteTrainer
 low = sys.argv[3] == "low_memory"
 limit_heap_growth()  # what the agent service does at start-up
 c = np.load(sys.argv[1])
@@ -73,9 +74,9 @@ def main() -> int:
     args = ap.parse_args()
     import numpy as np
 
-    from aggregator.export.convert import export_model
-    from aggregator.export.trainable import TrainSpec
-    from aggregator.export.zoo import ZOO
+    from fedmq.aggregator.export.convert import export_model
+    from fedmq.aggregator.export.trainable import TrainSpec
+    from fedmq.aggregator.export.zoo import ZOO
 
     print(f"## bench/agent_footprint — {now()}\n\nMachine: {machine()}\n")
     print(f"Training batch size {args.batch_size}, SGD; agent process with TensorFlow blocked. Peak RSS (VmHWM) "
@@ -97,7 +98,7 @@ def main() -> int:
             params = sum(int(np.prod(w.shape)) for w in ex.weights)
             for mode in ("default", "low_memory"):
                 out = subprocess.run([sys.executable, "-c", AGENT, str(path), str(steps), mode], capture_output=True,
-                                     text=True, check=True, cwd=str(ROOT), env={"PYTHONPATH": str(ROOT)})
+                                     text=True, check=True, cwd=str(ROOT), env=dict(os.environ))
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"| {name} | {params:,} | {len(ex.artifact) / 1024:,.0f} | {mode} | {r['rss_mb']:.1f} "
                       f"| {r['round_mb']:.1f} | {r['idle_mb']:.1f} | {TARGETS.get(name, '—')} | {r['steps_per_s']:,.0f} "

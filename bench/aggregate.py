@@ -54,7 +54,7 @@ def run_case(which: str, k: int, p: int, repeat: int) -> dict:
     sizes, ups, ns = make_inputs(k, p)
     names = [f"l{i}" for i in range(4)]
     if which == "fedmq":
-        from aggregator.strategies import ClientUpdate, build_strategy
+        from fedmq.aggregator.strategies import ClientUpdate, build_strategy
 
         g = {n: np.zeros(s, np.float32) for n, s in zip(names, sizes)}
         cus = [ClientUpdate(f"a{i}", ns[i], dict(zip(names, u))) for i, u in enumerate(ups)]

@@ -17,10 +17,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from broker import codec  # noqa: E402
-from broker.messages import GlobalModel, Update  # noqa: E402
-from broker.tensors import Compression  # noqa: E402
 from common import machine, now, timeit  # noqa: E402
+
+from fedmq.broker.contract import codec  # noqa: E402
+from fedmq.broker.contract.messages import GlobalModel, Update  # noqa: E402
+from fedmq.broker.contract.tensors import Compression  # noqa: E402
 
 MID = "ab" * 32
 

@@ -20,7 +20,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
-
 from common import machine, now  # noqa: E402
 
 FM = dict(dataset="fashion-mnist", partition="iid", agents=100, fraction=0.1, model="zoo:2nn", flatten=True,
@@ -191,7 +190,7 @@ def main() -> int:
     ap.add_argument("--seed-offset", type=int, default=0, help="first seed")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments")
     args = ap.parse_args()
-    from aggregator.simulate import SimConfig, Simulation
+    from fedmq.aggregator.simulate import SimConfig, Simulation
 
     rows = []
     for conf in EXPERIMENTS[args.experiment]:

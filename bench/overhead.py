@@ -30,8 +30,8 @@ def main() -> int:
     ap.add_argument("run_dir", type=Path, help="a simulate run directory")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    from aggregator.strategies import ClientUpdate, build_strategy
-    from edge_agent.trainer import TFLiteTrainer
+    from fedmq.aggregator.strategies import ClientUpdate, build_strategy
+    from fedmq.edge_agent.trainer import TFLiteTrainer
 
     cfg = json.loads((args.run_dir / "config.json").read_text())
     hist = [json.loads(x) for x in (args.run_dir / "state/history.jsonl").read_text().splitlines()]

@@ -32,12 +32,12 @@ SIZES = lambda p: [p // 2, p // 4, p // 8, p - p // 2 - p // 4 - p // 8]  # noqa
 
 # -- fedmq ------------------------------------------------------------------------------------------
 def fedmq_agent(host: str, port: int, fleet: str, agent: str) -> None:
-    from broker import codec
-    from broker.client import MqttClient, MqttConfig
-    from broker.messages import GlobalModel, RoundAnnouncement, Status, Update
-    from broker.publisher import Publisher
-    from broker.receiver import Receiver
-    from broker.topics import Topics
+    from fedmq.broker.contract import codec
+    from fedmq.broker.contract.messages import GlobalModel, RoundAnnouncement, Status, Update
+    from fedmq.broker.contract.topics import Topics
+    from fedmq.broker.transport.client import MqttClient, MqttConfig
+    from fedmq.broker.transport.publisher import Publisher
+    from fedmq.broker.transport.receiver import Receiver
 
     t = Topics(fleet)
     c = MqttClient(MqttConfig(host, port, client_id=agent, max_payload=64 << 20))
@@ -66,11 +66,11 @@ def fedmq_agent(host: str, port: int, fleet: str, agent: str) -> None:
 
 
 def run_fedmq(n_agents: int, params: int, rounds: int) -> list[float]:
-    from aggregator.config import load_config
-    from aggregator.model_store import ServedModel
-    from aggregator.service import AggregatorService
-    from broker.launcher import LocalBroker
-    from broker.messages import TensorSpec
+    from fedmq.aggregator.config import load_config
+    from fedmq.aggregator.model_store import ServedModel
+    from fedmq.aggregator.service import AggregatorService
+    from fedmq.broker.contract.messages import TensorSpec
+    from fedmq.broker.ops.launcher import LocalBroker
 
     fleet = "bench" + uuid.uuid4().hex[:6]
     weights = [np.zeros(s, np.float32) for s in SIZES(params)]
@@ -123,7 +123,7 @@ def run_flower(n_agents: int, params: int, rounds: int) -> list[float]:
     import flwr as fl
     from flwr.server.strategy import FedAvg
 
-    from broker.launcher import free_port
+    from fedmq.broker.ops.launcher import free_port
 
     stamps: list[float] = []
 
@@ -155,15 +155,15 @@ def quorum_to_global(n_agents: int, params: int, repeats: int) -> list[float]:
     import hashlib
     import tempfile
 
-    from aggregator.config import load_config
-    from aggregator.model_store import ServedModel
-    from aggregator.service import AggregatorService
-    from broker import codec
-    from broker.client import MqttClient, MqttConfig
-    from broker.launcher import LocalBroker
-    from broker.messages import GlobalModel, RoundAnnouncement, Status, TensorSpec, Update
-    from broker.receiver import Receiver
-    from broker.topics import Topics
+    from fedmq.aggregator.config import load_config
+    from fedmq.aggregator.model_store import ServedModel
+    from fedmq.aggregator.service import AggregatorService
+    from fedmq.broker.contract import codec
+    from fedmq.broker.contract.messages import GlobalModel, RoundAnnouncement, Status, TensorSpec, Update
+    from fedmq.broker.contract.topics import Topics
+    from fedmq.broker.ops.launcher import LocalBroker
+    from fedmq.broker.transport.client import MqttClient, MqttConfig
+    from fedmq.broker.transport.receiver import Receiver
 
     fleet = "q" + uuid.uuid4().hex[:6]
     t = Topics(fleet)

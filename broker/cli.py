@@ -11,12 +11,11 @@ import sys
 import threading
 from pathlib import Path
 
-from .entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
-from .errors import FedmqError
-from .launcher import LocalBroker, SecureFiles
-from .provision import ProvisionSpec, provision
-from .topics import check_name
-
+from fedmq.broker.commands.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
+from fedmq.broker.contract.topics import check_name
+from fedmq.broker.errors import FedmqError
+from fedmq.broker.ops.launcher import LocalBroker, SecureFiles
+from fedmq.broker.ops.provision import ProvisionSpec, provision
 
 
 def _parser() -> argparse.ArgumentParser:

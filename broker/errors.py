@@ -19,7 +19,7 @@ class FedmqError(Exception):
 
 
 class TopicError(FedmqError, ValueError):
-    """A topic or agent id does not follow the layout (see broker.topics)."""
+    """A topic or agent id does not follow the layout (see fedmq.broker.contract.topics)."""
 
     reason = "bad_topic"
 

@@ -2,9 +2,10 @@
 FROM python:3.11-slim
 WORKDIR /opt/fedmq
 COPY pyproject.toml README.md ./
+COPY LICENSE ./
 COPY broker ./broker
 COPY edge_agent ./edge_agent
-COPY aggregator/__init__.py ./aggregator/__init__.py
+COPY aggregator ./aggregator
 RUN pip install --no-cache-dir ".[agent]" && useradd --system --home /var/lib/fedmq fedmq \
     && mkdir -p /var/lib/fedmq && chown fedmq /var/lib/fedmq
 USER fedmq

@@ -2,6 +2,7 @@
 FROM python:3.11-slim
 WORKDIR /opt/fedmq
 COPY pyproject.toml README.md ./
+COPY LICENSE ./
 COPY broker ./broker
 COPY edge_agent ./edge_agent
 COPY aggregator ./aggregator

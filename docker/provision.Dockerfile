@@ -2,8 +2,9 @@
 FROM python:3.11-slim
 WORKDIR /opt/fedmq
 COPY pyproject.toml README.md ./
+COPY LICENSE ./
 COPY broker ./broker
-COPY edge_agent/__init__.py ./edge_agent/__init__.py
-COPY aggregator/__init__.py ./aggregator/__init__.py
+COPY edge_agent ./edge_agent
+COPY aggregator ./aggregator
 RUN pip install --no-cache-dir ".[broker]"
 ENTRYPOINT ["fedmq-broker"]

@@ -10,9 +10,8 @@ import logging
 import signal
 import sys
 
-from broker.errors import ConfigError, FedmqError
-from broker.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
-
+from fedmq.broker.commands.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
+from fedmq.broker.errors import ConfigError, FedmqError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(interpreter_class()[1])
             return EXIT_OK
-        from broker.config import redact
+        from fedmq.broker.commands.config import redact
 
         from .config import load_config
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.tensors import Compression, topk_count
+from fedmq.broker.contract.tensors import Compression, topk_count
 
 
 class ErrorFeedback:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.errors import ConfigError
+from fedmq.broker.errors import ConfigError
 
 
 def load_local(source: str) -> tuple[np.ndarray, np.ndarray]:

@@ -15,13 +15,14 @@ import zlib
 
 import numpy as np
 
-from broker import codec
-from broker.client import MqttClient, Will
-from broker.errors import FedmqError
-from broker.messages import GlobalModel, ModelManifest, RoundAnnouncement, Status, Update
-from broker.publisher import Publisher
-from broker.receiver import Receiver
-from broker.topics import Channel
+from fedmq.broker import __version__
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.messages import GlobalModel, ModelManifest, RoundAnnouncement, Status, Update
+from fedmq.broker.contract.topics import Channel
+from fedmq.broker.errors import FedmqError
+from fedmq.broker.transport.client import MqttClient, Will
+from fedmq.broker.transport.publisher import Publisher
+from fedmq.broker.transport.receiver import Receiver
 
 from .compress import ErrorFeedback, apply_error_feedback
 from .config import AgentConfig
@@ -30,7 +31,7 @@ from .outbox import Outbox
 from .trainer import ArtifactError, DataError, TFLiteTrainer, check_data
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
+VERSION = __version__
 
 
 class AgentService:

@@ -1,12 +1,12 @@
 """An example of an operator-supplied model: ``[model] source = "examples.custom_model:small_cnn"``.
 
-Build it from ``aggregator.export.layers`` (builtin-safe relu, conv and pooling) and return
+Build it from ``fedmq.aggregator.export.layers`` (builtin-safe relu, conv and pooling) and return
 logits; fedmq exports it to a trainable TFLite artifact and verifies it before serving it.
 """
 
 import keras
 
-from aggregator.export.layers import Conv2D, Dense, MaxPool2D
+from fedmq.aggregator.export.layers import Conv2D, Dense, MaxPool2D
 
 
 def small_cnn(num_classes: int = 10) -> keras.Model:

@@ -19,7 +19,7 @@ sys.meta_path.insert(0, BlockTensorFlow())
 
 import numpy as np  # noqa: E402
 
-from edge_agent.trainer import TFLiteTrainer  # noqa: E402
+from fedmq.edge_agent.trainer import TFLiteTrainer  # noqa: E402
 
 case = np.load(sys.argv[1])
 t = TFLiteTrainer(case["artifact"].tobytes())

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.launcher import LocalBroker, SecureFiles, find_mosquitto
-from broker.provision import ProvisionSpec, provision
-from broker.topics import Topics
+from fedmq.broker.contract.topics import Topics
+from fedmq.broker.ops.launcher import LocalBroker, SecureFiles, find_mosquitto
+from fedmq.broker.ops.provision import ProvisionSpec, provision
 
 
 @dataclass
@@ -108,8 +108,8 @@ def secure_fleet(tmp_path, request):
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory):
     """The sensor1d artifact exported once per session, shared by aggregator processes."""
-    from aggregator.config import ModelSection
-    from aggregator.model_store import load_or_export
+    from fedmq.aggregator.config import ModelSection
+    from fedmq.aggregator.model_store import load_or_export
 
     d = tmp_path_factory.mktemp("model-cache")
     load_or_export(ModelSection(source="zoo:sensor1d", batch_size=16, verify_steps=5), d)

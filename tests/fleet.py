@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.config import write_toml
+from fedmq.broker.commands.config import write_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def watch_shards(agents: list[str], out: Path, per_agent: int | None = None) -> dict[str, Path]:
     """One agent per watch subject (1..), optionally capped at ``per_agent`` windows."""
-    from edge_agent.datasets import load_watch
+    from fedmq.aggregator.datasets import load_watch
 
     d = load_watch()
     paths = {}
@@ -59,7 +59,7 @@ class Fleet:
 
     def spawn(self, name: str, module: str, config: Path, *extra: str) -> Proc:
         log = self.tmp / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         p = subprocess.Popen([sys.executable, "-m", module, "run", "--config", str(config), *extra],
                              stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
                              start_new_session=True)
@@ -90,10 +90,10 @@ class Fleet:
         return write_toml(self.tmp / f"{agent}.toml", t)
 
     def start_aggregator(self, name="aggregator", **tables) -> Proc:
-        return self.spawn(name, "aggregator.cli", self.aggregator_config(name, **tables))
+        return self.spawn(name, "fedmq.aggregator.cli", self.aggregator_config(name, **tables))
 
     def start_agent(self, agent: str, data: Path, **tables) -> Proc:
-        return self.spawn(agent, "edge_agent.cli", self.agent_config(agent, data, **tables))
+        return self.spawn(agent, "fedmq.edge_agent.cli", self.agent_config(agent, data, **tables))
 
     def stop_all(self) -> None:
         for p in self.procs:

@@ -5,11 +5,11 @@ import urllib.request
 import numpy as np
 import pytest
 
-from broker.errors import ConfigError
-from broker.tensors import Compression, decode_tensor, encode_tensor
-from edge_agent.compress import ErrorFeedback, apply_error_feedback
-from edge_agent.data import load_local, split_eval
-from edge_agent.outbox import Outbox
+from fedmq.broker.contract.tensors import Compression, decode_tensor, encode_tensor
+from fedmq.broker.errors import ConfigError
+from fedmq.edge_agent.compress import ErrorFeedback, apply_error_feedback
+from fedmq.edge_agent.data import load_local, split_eval
+from fedmq.edge_agent.outbox import Outbox
 
 
 def test_npz_csv_and_callable_sources(tmp_path):
@@ -81,8 +81,8 @@ def test_topk_error_feedback_loses_nothing_over_rounds(tmp_path):
 
 
 def test_prometheus_endpoint_serves_the_metrics():
-    from aggregator.telemetry import Telemetry
-    from broker.launcher import free_port
+    from fedmq.aggregator.telemetry import Telemetry
+    from fedmq.broker.ops.launcher import free_port
 
     t = Telemetry()
     port = free_port()

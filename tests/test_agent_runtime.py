@@ -11,10 +11,10 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from aggregator.export.convert import export_model  # noqa: E402
-from aggregator.export.trainable import TrainSpec  # noqa: E402
-from aggregator.export.zoo import ZOO  # noqa: E402
-from edge_agent.keras_trainer import KerasTrainer  # noqa: E402
+from fedmq.aggregator.export.convert import export_model  # noqa: E402
+from fedmq.aggregator.export.keras_trainer import KerasTrainer  # noqa: E402
+from fedmq.aggregator.export.trainable import TrainSpec  # noqa: E402
+from fedmq.aggregator.export.zoo import ZOO  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "agent_parity_script.py"
@@ -56,7 +56,6 @@ def run(python: str, case_path: Path, runtime: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "FEDMQ_TFLITE_RUNTIME"}
     if runtime:
         env["FEDMQ_TFLITE_RUNTIME"] = runtime
-    env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([python, str(SCRIPT), str(case_path)], capture_output=True, text=True, env=env,
                          timeout=300, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr[-3000:]

@@ -3,10 +3,10 @@ import random
 
 import pytest
 
-from broker import codec
-from broker.chunking import ReassemblyLimits, Reassembler, split
-from broker.errors import ChunkError
-from broker.messages import Chunk
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.chunking import Reassembler, ReassemblyLimits, split
+from fedmq.broker.contract.messages import Chunk
+from fedmq.broker.errors import ChunkError
 
 
 class Clock:

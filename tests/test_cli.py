@@ -34,8 +34,8 @@ def test_provision_rejects_bad_agent_id(tmp_path):
 
 
 def test_example_configs_validate(tmp_path):
-    from aggregator.config import load_config as load_agg
-    from edge_agent.config import load_config as load_agent
+    from fedmq.aggregator.config import load_config as load_agg
+    from fedmq.edge_agent.config import load_config as load_agent
 
     root = Path(__file__).resolve().parent.parent / "examples"
     cfg = load_agg(str(root / "aggregator.toml"))
@@ -79,7 +79,7 @@ def test_bad_agent_config_and_env_override(tmp_path):
 def test_export_cli_writes_a_verified_artifact(tmp_path, prox):
     import json
 
-    from edge_agent.trainer import TFLiteTrainer
+    from fedmq.edge_agent.trainer import TFLiteTrainer
 
     out = tmp_path / "m.tflite"
     cmd = [str(BIN / "fedmq-aggregator"), "export", "--model", "zoo:mlp", "--batch-size", "8", "--verify-steps", "5",

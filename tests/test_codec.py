@@ -11,12 +11,22 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from broker import codec
-from broker.errors import DecodeError, EncodeError
-from broker.messages import (Chunk, DecodeLimits, GlobalModel, ModelManifest, RoundAnnouncement, RoundMetrics,
-                             Status, TensorSpec, TrainConfig, Update)
-from broker.msgview import ReadLimits, unpack
-from broker.tensors import RAW_DTYPES, Compression, decode_tensor, encode_tensor, topk_count
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.messages import (
+    Chunk,
+    DecodeLimits,
+    GlobalModel,
+    ModelManifest,
+    RoundAnnouncement,
+    RoundMetrics,
+    Status,
+    TensorSpec,
+    TrainConfig,
+    Update,
+)
+from fedmq.broker.contract.msgview import ReadLimits, unpack
+from fedmq.broker.contract.tensors import RAW_DTYPES, Compression, decode_tensor, encode_tensor, topk_count
+from fedmq.broker.errors import DecodeError, EncodeError
 
 MID = "ab" * 32
 UID = "0123456789abcdef"

@@ -4,13 +4,13 @@ import uuid
 
 import numpy as np
 import pytest
-
-from broker.client import MqttClient, MqttConfig
-from broker.launcher import LocalBroker
-from broker.messages import GlobalModel, Update
-from broker.publisher import Publisher
-from broker.receiver import Receiver
 from conftest import wait_until
+
+from fedmq.broker.contract.messages import GlobalModel, Update
+from fedmq.broker.ops.launcher import LocalBroker
+from fedmq.broker.transport.client import MqttClient, MqttConfig
+from fedmq.broker.transport.publisher import Publisher
+from fedmq.broker.transport.receiver import Receiver
 
 pytest.importorskip("amqtt")
 pytestmark = pytest.mark.network

@@ -9,11 +9,11 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from aggregator.export.convert import ExportError, check_artifact, export_model, inspect_ops  # noqa: E402
-from aggregator.export.trainable import TrainSpec  # noqa: E402
-from aggregator.export.zoo import ZOO  # noqa: E402
-from edge_agent.keras_trainer import KerasTrainer  # noqa: E402
-from edge_agent.trainer import ArtifactError, DataError, TFLiteTrainer  # noqa: E402
+from fedmq.aggregator.export.convert import ExportError, check_artifact, export_model, inspect_ops  # noqa: E402
+from fedmq.aggregator.export.keras_trainer import KerasTrainer  # noqa: E402
+from fedmq.aggregator.export.trainable import TrainSpec  # noqa: E402
+from fedmq.aggregator.export.zoo import ZOO  # noqa: E402
+from fedmq.edge_agent.trainer import ArtifactError, DataError, TFLiteTrainer  # noqa: E402
 
 _cache: dict = {}
 
@@ -123,7 +123,7 @@ def test_stock_keras_layers_fail_with_named_ops_and_replacements():
     model = keras.Model(inp, keras.layers.Dense(4)(keras.layers.Dense(16, activation="relu")(inp)))
     with pytest.raises(ExportError) as e:
         export_model(model, TrainSpec(batch_size=4), verify_steps=0)
-    assert "ReluGrad" in str(e.value) and "aggregator.export.layers.Dense" in str(e.value)
+    assert "ReluGrad" in str(e.value) and "fedmq.aggregator.export.layers.Dense" in str(e.value)
     inp = keras.Input((8, 8, 1))
     model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Conv2D(2, 3)(inp))))
     with pytest.raises(ExportError) as e:
@@ -191,7 +191,7 @@ def test_data_that_does_not_match_the_model_is_refused():
 
 def test_tflite_trainer_learns_the_watch_data():
     """Real data: the 1-D conv trained on-device (LiteRT) on subjects 1-8, tested on unseen subjects 9-10."""
-    from edge_agent.datasets import load_watch
+    from fedmq.aggregator.datasets import load_watch
 
     d = load_watch()
     train, test = d.subset(d.groups <= 8), d.subset(d.groups >= 9)
@@ -208,7 +208,7 @@ def test_tflite_trainer_learns_the_watch_data():
 
 def test_low_memory_interpreter_trains_the_same():
     """Without XNNPACK (the agent's low_memory mode) the builtin kernels give the same trajectory."""
-    from edge_agent.memory import limit_heap_growth
+    from fedmq.edge_agent.memory import limit_heap_growth
 
     assert limit_heap_growth()  # glibc here: the thresholds are set
     ex = exported("sensor1d")
@@ -227,8 +227,8 @@ def test_low_memory_interpreter_trains_the_same():
 def test_verification_catches_an_artifact_that_trains_differently(name):
     """An SGD artifact checked against a momentum-SGD module (same weights, same batches, different
     update) is refused with the default tolerances, and by the update check on its own."""
-    from aggregator.export.convert import verify
-    from aggregator.export.trainable import TrainableModule
+    from fedmq.aggregator.export.convert import verify
+    from fedmq.aggregator.export.trainable import TrainableModule
 
     ex = exported(name)
 
@@ -254,7 +254,7 @@ def test_verification_accepts_a_correct_artifact_with_a_rounding_event():
 
 def test_release_gives_the_interpreter_memory_back_and_training_resumes_identically():
     """low_memory agents release the interpreter between rounds; the next round must not notice."""
-    from edge_agent.memory import limit_heap_growth
+    from fedmq.edge_agent.memory import limit_heap_growth
 
     def rss_mb() -> float:
         for line in open("/proc/self/status"):

@@ -12,16 +12,16 @@ import uuid
 
 import numpy as np
 import pytest
-
-from aggregator.strategies import ClientUpdate, build_strategy
-from broker import codec
-from broker.client import MqttClient, MqttConfig
-from broker.launcher import LocalBroker
-from broker.messages import GlobalModel, RoundAnnouncement, Update
-from broker.receiver import Receiver
-from broker.topics import Topics
 from conftest import needs_mosquitto, wait_until
 from fleet import Fleet, watch_shards
+
+from fedmq.aggregator.strategies import ClientUpdate, build_strategy
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.messages import GlobalModel, RoundAnnouncement, Update
+from fedmq.broker.contract.topics import Topics
+from fedmq.broker.ops.launcher import LocalBroker
+from fedmq.broker.transport.client import MqttClient, MqttConfig
+from fedmq.broker.transport.receiver import Receiver
 
 pytestmark = [pytest.mark.network, needs_mosquitto]
 
@@ -254,7 +254,7 @@ def test_duplicate_updates_count_once(fleet, tmp_path):
     shards = watch_shards(agents, tmp_path, per_agent=80)
     obs = Observer(f)
     try:
-        from broker.launcher import free_port
+        from fedmq.broker.ops.launcher import free_port
 
         port = free_port()
         agg = f.start_aggregator(rounds={"rounds": 1, "select": "list", "agents": agents, "quorum": 2,

@@ -10,16 +10,16 @@ import uuid
 import msgpack
 import numpy as np
 import pytest
-
-from broker import codec
-from broker.client import MqttClient, MqttConfig, TlsConfig
-from broker.launcher import LocalBroker, SecureFiles
-from broker.messages import Chunk, RoundAnnouncement, Status, Update
-from broker.provision import ProvisionSpec, provision
-from broker.receiver import Receiver
 from conftest import needs_mosquitto, wait_until
 from fleet import Fleet, watch_shards
 from test_federation import history
+
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.messages import Chunk, RoundAnnouncement, Status, Update
+from fedmq.broker.ops.launcher import LocalBroker, SecureFiles
+from fedmq.broker.ops.provision import ProvisionSpec, provision
+from fedmq.broker.transport.client import MqttClient, MqttConfig, TlsConfig
+from fedmq.broker.transport.receiver import Receiver
 
 pytestmark = [pytest.mark.network, needs_mosquitto]
 
@@ -69,7 +69,7 @@ verify_steps = 5
 epochs = 1
 lr = 0.05
 """)
-    agg = f.spawn("aggregator", "aggregator.cli", agg_cfg)
+    agg = f.spawn("aggregator", "fedmq.aggregator.cli", agg_cfg)
     for a in agents:
         cfg = provisioned_config(prov, lb, a, f"""
 [data]
@@ -78,7 +78,7 @@ source = "npz:{shards[a]}"
         cfg = cfg.replace("[agent]", "[agent]")  # keep provisioned id/credentials
         text = open(cfg).read().replace('[agent]\nid = ', f'[agent]\ncache_dir = "{f.tmp / (a + "-cache")}"\nid = ')
         open(cfg, "w").write(text)
-        f.spawn(a, "edge_agent.cli", cfg)
+        f.spawn(a, "fedmq.edge_agent.cli", cfg)
     return agg
 
 

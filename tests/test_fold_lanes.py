@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from aggregator.strategies import ClientUpdate, build_strategy
-from aggregator.strategies.reducers import PARALLEL_MIN, WeightedMean, default_lanes
+from fedmq.aggregator.strategies import ClientUpdate, build_strategy
+from fedmq.aggregator.strategies.reducers import PARALLEL_MIN, WeightedMean, default_lanes
 
 
 def average(xs, w):

@@ -8,15 +8,15 @@ import uuid
 
 import numpy as np
 import pytest
-
-from broker import codec
-from broker.client import MqttClient, MqttConfig, backoff_delays
-from broker.errors import ConnectError, PayloadTooLarge
-from broker.messages import GlobalModel, Status, Update
-from broker.publisher import Publisher
-from broker.receiver import Receiver
-from broker.topics import Channel
 from conftest import needs_mosquitto, wait_until
+
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.messages import GlobalModel, Status, Update
+from fedmq.broker.contract.topics import Channel
+from fedmq.broker.errors import ConnectError, PayloadTooLarge
+from fedmq.broker.transport.client import MqttClient, MqttConfig, backoff_delays
+from fedmq.broker.transport.publisher import Publisher
+from fedmq.broker.transport.receiver import Receiver
 
 MID = "ab" * 32
 pytestmark = pytest.mark.network
@@ -141,9 +141,9 @@ def test_rejections_counted_and_receiver_keeps_serving(broker, topics):
 AGENT_SCRIPT = r"""
 import sys, time
 sys.path.insert(0, {root!r})
-from broker.client import MqttClient, MqttConfig, Will
-from broker import codec
-from broker.messages import Status
+from fedmq.broker.transport.client import MqttClient, MqttConfig, Will
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.messages import Status
 c = MqttClient(MqttConfig({host!r}, {port}, client_id="will-agent", protocol={proto!r},
                will=Will({topic!r}, codec.encode(Status("will-agent", "offline", 0.0)))))
 c.connect()
@@ -190,7 +190,7 @@ def test_reconnects_and_resubscribes_after_broker_restart(own_broker, topics):
 
 
 def test_connect_to_closed_port_fails_fast():
-    from broker.launcher import free_port
+    from fedmq.broker.ops.launcher import free_port
 
     c = MqttClient(MqttConfig("127.0.0.1", free_port(), client_id="x"))
     with pytest.raises(ConnectError):

@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from aggregator.config import RoundsSection
-from aggregator.rounds import RoundController, quorum_for, select_agents
-from aggregator.strategies import build_strategy
-from broker.messages import TrainConfig, Update
+from fedmq.aggregator.config import RoundsSection
+from fedmq.aggregator.rounds import RoundController, quorum_for, select_agents
+from fedmq.aggregator.strategies import build_strategy
+from fedmq.broker.contract.messages import TrainConfig, Update
 
 MID = "ab" * 32
 G = {"w": np.zeros(3, np.float32)}

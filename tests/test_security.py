@@ -5,12 +5,12 @@ import uuid
 import numpy as np
 import pytest
 
-from broker import codec
-from broker.certs import make_ca
-from broker.client import MqttClient, MqttConfig, TlsConfig
-from broker.errors import AuthError, ConnectError, MqttError, PublishRejected, SubscribeRejected
-from broker.messages import Update
-from broker.provision import hash_password
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.messages import Update
+from fedmq.broker.errors import AuthError, ConnectError, MqttError, PublishRejected, SubscribeRejected
+from fedmq.broker.ops.certs import make_ca
+from fedmq.broker.ops.provision import hash_password
+from fedmq.broker.transport.client import MqttClient, MqttConfig, TlsConfig
 
 pytestmark = pytest.mark.network
 MID = "ab" * 32

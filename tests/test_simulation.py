@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_mosquitto
 
 pytestmark = [pytest.mark.network, needs_mosquitto]
@@ -17,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_reduced_watch_experiment(tmp_path):
     """As `make demo` runs it: a run directory relative to the current directory."""
     run = tmp_path / "runs" / "demo"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-m", "aggregator.cli", "simulate", "--dataset", "watch", "--rounds", "4",
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "fedmq.aggregator.cli", "simulate", "--dataset", "watch", "--rounds", "4",
                           "--epochs", "1", "--run-dir", "runs/demo", "--no-progress"],
                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

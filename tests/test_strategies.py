@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.strategies import ClientUpdate, build_strategy
-from aggregator.strategies.reducers import WeightedMean
-from broker.errors import ConfigError
+from fedmq.aggregator.strategies import ClientUpdate, build_strategy
+from fedmq.aggregator.strategies.reducers import WeightedMean
+from fedmq.broker.errors import ConfigError
 
 SHAPES = {"k": (4, 3), "b": (3,)}
 
@@ -442,7 +442,7 @@ def test_config_errors_name_the_key(cfg, match):
 
 # -- partitions (simulation) ---------------------------------------------------------------------------
 def test_partitions_are_disjoint_and_shaped_as_documented():
-    from aggregator.partition import partition
+    from fedmq.aggregator.partition import partition
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, size=6000)

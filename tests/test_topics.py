@@ -1,7 +1,7 @@
 import pytest
 
-from broker.errors import TopicError
-from broker.topics import Channel, ParsedTopic, Topics, check_name
+from fedmq.broker.contract.topics import Channel, ParsedTopic, Topics, check_name
+from fedmq.broker.errors import TopicError
 
 
 def test_build_and_parse_every_topic():

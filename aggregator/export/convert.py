@@ -39,8 +39,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from broker.messages import ModelManifest, TensorSpec
-from edge_agent.runtime import load_interpreter
+from fedmq.broker.contract.messages import ModelManifest, TensorSpec
+from fedmq.edge_agent.runtime import load_interpreter
 
 from .trainable import TrainableModule, TrainSpec, weight_key
 
@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 
 FORMAT = "tflite-trainable-v1"
 REPLACEMENTS = {
-    "ReluGrad": "activation='relu' -> aggregator.export.layers.Dense(..., activation='relu') or layers.relu",
+    "ReluGrad": "activation='relu' -> fedmq.aggregator.export.layers.Dense(..., activation='relu') or layers.relu",
     "Relu6Grad": "relu6 -> tf.minimum(tf.maximum(x, 0), 6)",
-    "Conv2DBackpropFilter": "keras Conv2D/Conv1D -> aggregator.export.layers.Conv2D / Conv1D",
-    "Conv2DBackpropInput": "keras Conv2D/Conv1D -> aggregator.export.layers.Conv2D / Conv1D",
-    "MaxPoolGrad": "keras MaxPooling2D/1D -> aggregator.export.layers.MaxPool2D / MaxPool1D",
+    "Conv2DBackpropFilter": "keras Conv2D/Conv1D -> fedmq.aggregator.export.layers.Conv2D / Conv1D",
+    "Conv2DBackpropInput": "keras Conv2D/Conv1D -> fedmq.aggregator.export.layers.Conv2D / Conv1D",
+    "MaxPoolGrad": "keras MaxPooling2D/1D -> fedmq.aggregator.export.layers.MaxPool2D / MaxPool1D",
     "BroadcastGradientArgs": "a None batch dimension in train -> export with a fixed batch size",
 }
 

@@ -26,7 +26,7 @@ import numpy as np
 from .privacy import Clipper, GaussianNoise
 from .reducers import Krum, sum_squares
 from .server_opt import ServerOptimizer
-from .weighting import WeightRejected, Weighting
+from .weighting import Weighting, WeightRejected
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import difflib
 from functools import partial
 from typing import Any, Mapping
 
-from broker.errors import ConfigError
+from fedmq.broker.errors import ConfigError
 
 from .base import Strategy
 from .privacy import Clipper, GaussianNoise

@@ -1,7 +1,7 @@
 """An embedded pure-Python MQTT broker (amqtt), the launcher's fallback when Mosquitto is missing.
 
 amqtt 0.12 speaks MQTT 3.1.1 only, enforces no ACL and is several times slower than Mosquitto:
-fine for trying fedmq on a laptop, not for production. Run: ``python -m broker.embedded --port N``.
+fine for trying fedmq on a laptop, not for production. Run: ``python -m fedmq.broker.ops.embedded --port N``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ async def serve(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m broker.embedded", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fedmq.broker.ops.embedded", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     args = p.parse_args(argv)

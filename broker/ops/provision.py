@@ -21,9 +21,9 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import certs
-from .mosquitto_conf import BrokerConf, Listener, render_acl
-from .topics import Topics, check_name
+from fedmq.broker.contract.topics import Topics, check_name
+from fedmq.broker.ops import certs
+from fedmq.broker.ops.mosquitto_conf import BrokerConf, Listener, render_acl
 
 PBKDF2_ITERATIONS = 101  # Mosquitto 2.0's default for $7$ hashes
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from . import codec
-from .chunking import CHUNK_OVERHEAD, split
-from .client import MqttClient
-from .messages import Message
-from .topics import Topics
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.chunking import CHUNK_OVERHEAD, split
+from fedmq.broker.contract.messages import Message
+from fedmq.broker.contract.topics import Topics
+from fedmq.broker.transport.client import MqttClient
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .errors import AuthError, ConnectError, MqttError, MqttTimeout, PayloadTooLarge, PublishRejected, SubscribeRejected
+from fedmq.broker.errors import (
+    AuthError,
+    ConnectError,
+    MqttError,
+    MqttTimeout,
+    PayloadTooLarge,
+    PublishRejected,
+    SubscribeRejected,
+)
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Every payload is a msgpack map ``{"v": 1, "kind": <kind>, ...fields}``; all meta
 payload so the protocol works on MQTT 3.1.1. The field tables are documented in docs/protocol.md.
 ``to_wire`` builds the map (tensor data as zero-copy views); ``from_wire`` validates a decoded map
 and raises DecodeError with a reason for anything wrong. Encoding and framing live in
-broker.codec.
+fedmq.broker.contract.codec.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from .errors import DecodeError
-from .tensors import ENCODINGS, Compression, decode_tensor, encode_tensor
-from .topics import NAME_RE
+from fedmq.broker.contract.tensors import ENCODINGS, Compression, decode_tensor, encode_tensor
+from fedmq.broker.contract.topics import NAME_RE
+from fedmq.broker.errors import DecodeError
 
 SCHEMA_VERSION = 1
 HEX_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
@@ -362,7 +362,7 @@ class RoundMetrics(Message):
 
 @dataclass
 class Chunk(Message):
-    """One piece of a payload too large for a single packet (see broker.chunking)."""
+    """One piece of a payload too large for a single packet (see fedmq.broker.contract.chunking)."""
 
     KIND: ClassVar[str] = "chunk"
     blob_id: str

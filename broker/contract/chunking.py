@@ -1,6 +1,6 @@
 """Splitting large payloads into chunks and reassembling them, bounded and idempotent.
 
-A payload larger than the maximum is sent as ``Chunk`` messages (broker.messages) carrying the
+A payload larger than the maximum is sent as ``Chunk`` messages (fedmq.broker.contract.messages) carrying the
 blob id, index, total, offset, blob size and the SHA-256 of the whole blob. The reassembler
 accepts chunks in any order, ignores duplicates (QoS 1 redelivers), verifies the hash, expires
 incomplete blobs after a TTL and bounds memory: blob size, blobs in flight (overall and per
@@ -19,8 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
-from .errors import ChunkError
-from .messages import Chunk
+from fedmq.broker.contract.messages import Chunk
+from fedmq.broker.errors import ChunkError
 
 log = logging.getLogger(__name__)
 

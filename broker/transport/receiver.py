@@ -13,11 +13,11 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from . import codec
-from .chunking import ReassemblyLimits, Reassembler
-from .errors import ChunkError, DecodeError, TopicError
-from .messages import Chunk, DecodeLimits, Message, Update
-from .topics import ParsedTopic, Topics
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.chunking import Reassembler, ReassemblyLimits
+from fedmq.broker.contract.messages import Chunk, DecodeLimits, Message, Update
+from fedmq.broker.contract.topics import ParsedTopic, Topics
+from fedmq.broker.errors import ChunkError, DecodeError, TopicError
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import DecodeError, EncodeError
+from fedmq.broker.errors import DecodeError, EncodeError
 
 RAW_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),

@@ -16,9 +16,9 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from .client import MqttConfig, TlsConfig
-from .errors import ConfigError
-from .topics import Topics
+from fedmq.broker.contract.topics import Topics
+from fedmq.broker.errors import ConfigError
+from fedmq.broker.transport.client import MqttConfig, TlsConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FedmqError
-from .mosquitto_conf import BrokerConf, Listener
+from fedmq.broker.errors import FedmqError
+from fedmq.broker.ops.mosquitto_conf import BrokerConf, Listener
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def wait_for_port(host: str, port: int, timeout: float, alive=lambda: True) -> N
 
 @dataclass
 class SecureFiles:
-    """Files of a provisioned broker (see broker.provision)."""
+    """Files of a provisioned broker (see fedmq.broker.ops.provision)."""
 
     password_file: str
     acl_file: str
@@ -115,7 +115,7 @@ class LocalBroker:
             if self.secure:
                 raise FedmqError("the embedded broker cannot enforce TLS/ACL: install mosquitto")
             log.warning("mosquitto not found: using the embedded amqtt broker (MQTT 3.1.1 only)")
-            cmd = [sys.executable, "-m", "broker.embedded", "--host", self.host, "--port", str(self.port)]
+            cmd = [sys.executable, "-m", "fedmq.broker.ops.embedded", "--host", self.host, "--port", str(self.port)]
         else:
             self.conf_path.write_text(self.config_text())
             cmd = [self.binary, "-c", str(self.conf_path)]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from string import Template
 
-from .topics import Topics
+from fedmq.broker.contract.topics import Topics
 
 
 @dataclass
@@ -73,4 +73,4 @@ def render_acl(topics: Topics, aggregator: str = "aggregator") -> str:
 
 
 def _template(name: str) -> str:
-    return resources.files("broker").joinpath("templates", name).read_text()
+    return resources.files("fedmq.broker.ops").joinpath("templates", name).read_text()

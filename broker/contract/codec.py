@@ -1,8 +1,8 @@
-"""The wire format: msgpack framing of broker.messages, with limits checked before parsing.
+"""The wire format: msgpack framing of fedmq.broker.contract.messages, with limits checked before parsing.
 
 ``encode`` returns ``bytes``; ``Encoder.encode`` returns a view into a reused buffer (no fresh
 40 MB allocation per message) that stays valid until its next call. ``decode`` checks the size
-first, walks the payload with the zero-copy reader (broker.msgview) and validates the schema;
+first, walks the payload with the zero-copy reader (fedmq.broker.contract.msgview) and validates the schema;
 every failure is a DecodeError whose ``reason`` is a short label for counters.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import msgpack
 
-from .errors import DecodeError, EncodeError
-from .messages import KINDS, SCHEMA_VERSION, DecodeLimits, Message
-from .msgview import ReadLimits, unpack
+from fedmq.broker.contract.messages import KINDS, SCHEMA_VERSION, DecodeLimits, Message
+from fedmq.broker.contract.msgview import ReadLimits, unpack
+from fedmq.broker.errors import DecodeError, EncodeError
 
 DEFAULT_LIMITS = DecodeLimits()
 

@@ -10,12 +10,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .trainer import FitResult, check_data
+from fedmq.edge_agent.trainer import FitResult, check_data
 
 
 class KerasTrainer:
     def __init__(self, model, batch_size: int = 32, optimizer: str = "sgd", prox: bool = True) -> None:
-        from aggregator.export.trainable import TrainableModule, TrainSpec
+        from fedmq.aggregator.export.trainable import TrainableModule, TrainSpec
 
         self.module = TrainableModule(model, TrainSpec(batch_size=batch_size, optimizer=optimizer, prox=prox))
         self.prox = prox

@@ -1,0 +1,1 @@
+"""The wire contract both sides share: topic layout, messages, tensors, codec, chunking."""

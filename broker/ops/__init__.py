@@ -1,0 +1,1 @@
+"""Broker operations: provisioning (passwords, ACL, certificates), Mosquitto config, local launcher."""
