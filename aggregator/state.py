@@ -1,6 +1,6 @@
 """What the aggregator keeps on disk: atomic checkpoints, the run history, the model cache.
 
-A checkpoint is written after every round (temp file, fsync, rename, fsync of the directory):
+A checkpoint is written after every round (fedmq.broker.storage: temp file, fsync, rename, fsync of the directory):
 the next round id, the global weights and their round, the strategy/optimizer state and the
 history. History files (JSON lines and CSV) are regenerated from it, so they never disagree.
 """
@@ -10,26 +10,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fedmq.broker.storage import atomic_write
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+__all__ = ["Checkpoint", "atomic_write", "write_history"]  # atomic_write: model_store imports it from here
 
 
 @dataclass

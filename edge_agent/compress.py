@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmq.broker.contract.tensors import Compression, topk_count
+from fedmq.broker.storage import atomic_write
 
 
 class ErrorFeedback:
@@ -29,10 +30,7 @@ class ErrorFeedback:
     def save(self, residual: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
         np.savez(buf, **residual)
-        tmp = self.path.with_suffix(".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(self.path)
+        atomic_write(self.path, buf.getbuffer())
 
 
 def apply_error_feedback(delta: dict[str, np.ndarray], comp: Compression, ef: ErrorFeedback) -> dict[str, np.ndarray]:

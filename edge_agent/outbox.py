@@ -8,8 +8,9 @@ an aggregator restart that re-opens the round, it is re-sent instead of being tr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from fedmq.broker.storage import atomic_write
 
 
 class Outbox:
@@ -21,13 +22,7 @@ class Outbox:
         return self.dir / f"round-{round_no:08d}.msgpack"
 
     def put(self, round_no: int, payload: bytes) -> None:
-        p = self._path(round_no)
-        tmp = p.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        atomic_write(self._path(round_no), payload)
 
     def get(self, round_no: int) -> bytes | None:
         p = self._path(round_no)

@@ -20,6 +20,7 @@ from fedmq.broker.contract import codec
 from fedmq.broker.contract.messages import GlobalModel, ModelManifest, RoundAnnouncement, Status, Update
 from fedmq.broker.contract.topics import Channel
 from fedmq.broker.errors import FedmqError
+from fedmq.broker.storage import atomic_write
 from fedmq.broker.transport.client import MqttClient, Will
 from fedmq.broker.transport.publisher import Publisher
 from fedmq.broker.transport.receiver import Receiver
@@ -164,9 +165,7 @@ class AgentService:
             self.data_error = str(e)
             log.error("local data does not fit model %s: %s", m.model_id[:12], e)
         path = self.cfg.cache_dir / "models" / f"{m.model_id}.tflite"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(bytes(m.artifact))
-        tmp.replace(path)
+        atomic_write(path, m.artifact)
         for old in path.parent.glob("*.tflite"):
             if old != path:
                 old.unlink(missing_ok=True)
