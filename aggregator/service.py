@@ -200,9 +200,12 @@ class AggregatorService:
                 self.publisher.publish(self.topics.round(), ann, retain=True)
             else:
                 r = c.abandon()
-                self._record(r, None, now, "abandoned", f"{len(r.received)}/{r.quorum} updates by the deadline")
+                metrics, values = self._record(r, None, now, "abandoned",
+                                               f"{len(r.received)}/{r.quorum} updates by the deadline")
                 self.next_round = r.ann.round + 1
                 self._checkpoint()
+                self._publish_metrics(metrics)
+                self._check_done(values)
 
     def _republish_state(self) -> None:
         from fedmq.broker.errors import FedmqError
@@ -261,15 +264,26 @@ class AggregatorService:
         if result.weights is not None:
             self.global_weights = result.weights
             self.global_round = r.ann.round
-        self._record(r, result, now, result.outcome, result.reason)
+        metrics, values = self._record(r, result, now, result.outcome, result.reason)
         self.next_round = r.ann.round + 1
-        self._checkpoint()  # before publishing: a crash after this point never re-applies the round
+        # aggregate -> checkpoint -> global -> metrics: a crash after the checkpoint never re-applies the
+        # round, and a metrics message exists only for a checkpointed (and published) round
+        self._checkpoint()
         if result.weights is not None:
             self._publish_global()
             #: (round, seconds from the quorum being reached to the new global model being published)
             self.quorum_to_publish = (r.ann.round, time.time() - (r.quorum_at or now))
+        self._publish_metrics(metrics)
+        self._check_done(values)
 
-    def _record(self, r, result, now: float, outcome: str, reason: str) -> None:
+    def _publish_metrics(self, metrics: RoundMetrics) -> None:
+        try:
+            self.publisher.publish(self.topics.metrics(), metrics)
+        except Exception as e:  # noqa: BLE001 - metrics must never stop the round loop
+            log.warning("could not publish round metrics: %s", e)
+
+    def _record(self, r, result, now: float, outcome: str, reason: str) -> tuple[RoundMetrics, dict[str, float]]:
+        """Append the round's history row; return its metrics message (published after the checkpoint)."""
         values: dict[str, float] = {"participants": float(len(r.received)), "asked": float(len(r.asked)),
                                     "bytes_received": float(r.bytes_in), "duration_s": now - r.started,
                                     "global_round": float(self.global_round)}
@@ -290,13 +304,10 @@ class AggregatorService:
         log.info("round %d %s: %d updates%s%s", r.ann.round, outcome, len(r.received),
                  f", eval acc {values['eval_accuracy']:.4f}" if "eval_accuracy" in values else "",
                  f" ({reason})" if reason else "")
-        try:
-            self.publisher.publish(self.topics.metrics(), RoundMetrics(
-                r.ann.round, time.time(), outcome, list(r.received),
-                {k: v for k, v in values.items() if np.isfinite(v)}, {k: float(v) for k, v in rejected.items()}))
-        except Exception as e:  # noqa: BLE001 - metrics must never stop the round loop
-            log.warning("could not publish round metrics: %s", e)
-        self._check_done(values)
+        metrics = RoundMetrics(r.ann.round, time.time(), outcome, list(r.received),
+                               {k: v for k, v in values.items() if np.isfinite(v)},
+                               {k: float(v) for k, v in rejected.items()})
+        return metrics, values
 
     def _check_done(self, values: dict[str, float]) -> None:
         rc = self.cfg.rounds
