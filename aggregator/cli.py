@@ -11,13 +11,15 @@ import sys
 
 import numpy as np
 
-from fedmq.broker.commands.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
+from fedmq.broker.commands.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_version, configure_logging
+from fedmq.broker.commands.extras import require_installed
 from fedmq.broker.errors import ConfigError, FedmqError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedmq-aggregator", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("strategies", help="list aggregation strategies and their defaults",
                        description="List the strategy presets usable as [strategy] name = ...")
@@ -44,7 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _require(command: str, *modules: str) -> None:
+    """Exit 2 with ``pip install 'fedmq[aggregator]'`` before a command that needs what it brings."""
+    for m in modules:
+        require_installed(m, "aggregator", f"fedmq-aggregator {command}", package=m.replace("_", "-"))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    _require("export", "tensorflow", "keras")
     import json
     from pathlib import Path
 
@@ -72,6 +81,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _require("run", "prometheus_client", "tensorflow", "keras")  # keras/TF export the model when not cached
     import signal
 
     from fedmq.broker.commands.config import redact
@@ -97,6 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    _require("simulate", "prometheus_client", "tensorflow", "keras", "tqdm", "matplotlib")
     from .simulate import Simulation, from_args, print_summary
 
     cfg, run_dir = from_args(args)

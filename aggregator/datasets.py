@@ -1,12 +1,15 @@
 """Real datasets that install offline (see docs/datasets.md), loaded without TensorFlow.
 
-* ``watch``         — smartwatch motion sensors shipped in PyPI ``seglearn`` (install it with
-  ``pip install --no-deps seglearn==1.2.5``): 140 recordings, 6 channels at 50 Hz, 7 shoulder
-  exercises, subjects 1-10. Cut into windows of 100 samples, step 50 (4,677 windows), scaled
+* ``watch``         — smartwatch motion sensors shipped in PyPI ``seglearn`` (extra ``datasets``, or
+  ``pip install --no-deps seglearn==1.2.5`` to keep scipy/scikit-learn out): 140 recordings,
+  6 channels at 50 Hz, 7 shoulder exercises, subjects 1-10. Cut into windows of 100 samples, step 50 (4,677 windows), scaled
   per channel by fixed dataset constants. The file is a NumPy pickle from a trusted package,
   loaded with ``allow_pickle`` (never done with anything from the network).
 * ``fashion-mnist`` — Debian ``dataset-fashion-mnist`` (IDX files), 60k/10k, 28x28x1 in [0, 1].
-* ``digits``        — scikit-learn's 8x8 digits, 1,797 x 64 in [0, 1] (needs scikit-learn).
+* ``digits``        — scikit-learn's 8x8 digits, 1,797 x 64 in [0, 1] (needs scikit-learn: extra ``datasets``).
+
+A package that is not installed raises MissingExtra (exit 2 with ``pip install 'fedmq[datasets]'``);
+an installed package without its data file raises DatasetMissing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedmq.broker.commands.extras import MissingExtra, require
 
 WATCH_MEAN = np.array([-0.0076, 0.3794, -0.147, 0.0253, -0.0015, 0.0118], np.float32)
 WATCH_STD = np.array([0.9033, 0.4936, 0.5381, 0.9817, 2.4961, 1.0522], np.float32)
@@ -43,7 +48,8 @@ class Dataset:
 def load_watch(window: int = 100, step: int = 50) -> Dataset:
     spec = importlib.util.find_spec("seglearn")
     if spec is None or spec.origin is None:
-        raise DatasetMissing("the watch dataset ships in PyPI seglearn: pip install --no-deps seglearn==1.2.5")
+        raise MissingExtra("the watch dataset", "seglearn", "datasets",
+                           "or, without scipy and scikit-learn: pip install --no-deps seglearn==1.2.5")
     path = Path(spec.origin).parent / "data" / "watch_dataset.npy"
     if not path.is_file():
         raise DatasetMissing(f"{path} not found: pip install --force-reinstall --no-deps seglearn==1.2.5")
@@ -76,11 +82,7 @@ def load_fashion_mnist(split: str = "train") -> Dataset:
 
 
 def load_digits() -> Dataset:
-    try:
-        from sklearn.datasets import load_digits as sk
-    except ImportError:
-        raise DatasetMissing("the digits dataset comes with scikit-learn: pip install scikit-learn") from None
-    d = sk()
+    d = require("sklearn.datasets", "datasets", "the digits dataset", package="scikit-learn").load_digits()
     return Dataset((d.data / 16.0).astype(np.float32), d.target.astype(np.int32), None, 10)
 
 

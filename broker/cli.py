@@ -11,16 +11,16 @@ import sys
 import threading
 from pathlib import Path
 
-from fedmq.broker.commands.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
+from fedmq.broker.commands.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_version, configure_logging
+from fedmq.broker.commands.extras import require
 from fedmq.broker.contract.topics import check_name
-from fedmq.broker.errors import FedmqError
-from fedmq.broker.ops.launcher import LocalBroker, SecureFiles
-from fedmq.broker.ops.provision import ProvisionSpec, provision
+from fedmq.broker.errors import ConfigError, FedmqError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedmq-broker", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("provision", help="generate passwords, ACL, CA/server/client certs and configs",
                         description="Generate every file a fleet needs (see docs/operations.md).")
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         if args.cmd == "provision":
+            require("cryptography", "broker", "fedmq-broker provision")  # the certificates
+            from fedmq.broker.ops.provision import ProvisionSpec, provision
+
             agents = ([a.strip() for a in args.agents.split(",") if a.strip()] if args.agents
                       else [f"agent-{i:03d}" for i in range(1, args.count + 1)])
             for a in agents:
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  aggregator: {res.out_dir}/aggregator/aggregator.toml")
             print(f"  agents:     {res.out_dir}/agents/<id>/agent.toml")
             return EXIT_OK
+        from fedmq.broker.ops.launcher import LocalBroker, SecureFiles
+
         secure = None
         if args.secure:
             b = args.secure / "broker"
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                                  str(b / "server.key"))
         broker = LocalBroker(secure, args.port, host=args.host, max_packet_size=args.max_packet_size,
                              persistence=True)
+        if broker.embedded and not args.secure:
+            require("amqtt.broker", "embedded", "without a mosquitto binary, fedmq-broker run")
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except (FedmqError, ValueError) as e:
         print(f"fedmq-broker: error: {e}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(e, ValueError) else EXIT_FAIL
+        return EXIT_USAGE if isinstance(e, (ValueError, ConfigError)) else EXIT_FAIL
 
 
 if __name__ == "__main__":

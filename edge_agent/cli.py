@@ -10,13 +10,14 @@ import logging
 import signal
 import sys
 
-from fedmq.broker.commands.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, configure_logging
+from fedmq.broker.commands.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_version, configure_logging
 from fedmq.broker.errors import ConfigError, FedmqError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedmq-agent", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="connect and take part in rounds until stopped",
                        description="Run the agent: train on local data when a round asks for it.")
@@ -53,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"runtime {interpreter_class(cfg.agent.runtime or None)[1]}")
             return EXIT_OK
         from .memory import limit_heap_growth
+        from .runtime import interpreter_class
         from .service import AgentService
+
+        interpreter_class(cfg.agent.runtime or None)  # no runtime: exit 2 with the pip line, before connecting
 
         limit_heap_growth()  # process-wide: model-size buffers go back to the OS when freed
         svc = AgentService(cfg)

@@ -1,8 +1,11 @@
-"""What every fedmq command shares: exit codes and logging set-up (only entry points configure logging)."""
+"""What every fedmq command shares: exit codes, ``--version`` and logging set-up (only entry points configure logging)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+
+from fedmq.broker import __version__
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # 2: usage or configuration error (systemd: do not restart)
 
@@ -10,3 +13,8 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # 2: usage or configuration error (sys
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the one version, read from the installed distribution's metadata."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s (fedmq) {__version__}")

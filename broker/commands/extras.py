@@ -9,6 +9,7 @@ with the install line, never a traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from fedmq.broker.errors import ConfigError
@@ -30,11 +31,12 @@ class MissingExtra(ConfigError):
         super().__init__(f"{purpose} needs {module}, which is not installed{tail}: {install_line(extra)}")
 
 
-def require(module: str, extra: str, purpose: str) -> ModuleType:
+def require(module: str, extra: str, purpose: str, package: str | None = None) -> ModuleType:
     """Import ``module`` or raise :class:`MissingExtra` naming ``extra``.
 
     ``purpose`` says what needs it ("fedmq-broker provision", "the watch dataset") and starts the
-    message. A module that is installed but misses one of *its* dependencies is reported the same
+    message; ``package`` names the distribution when it differs from the module (scikit-learn).
+    A module that is installed but misses one of *its* dependencies is reported the same
     way (the extra's install brings it), naming the module that was not found.
     """
     try:
@@ -42,4 +44,12 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
     except ModuleNotFoundError as e:
         top = module.split(".")[0]
         missing = (e.name or top).split(".")[0]
-        raise MissingExtra(purpose, top, extra, "" if missing == top else f"no module named {missing!r}") from None
+        raise MissingExtra(purpose, package or top, extra,
+                           "" if missing == top else f"no module named {missing!r}") from None
+
+
+def require_installed(module: str, extra: str, purpose: str, package: str | None = None) -> None:
+    """Like :func:`require` without importing ``module`` (a top-level name): a cheap early check
+    for a heavy module (TensorFlow) that the command may import only later, or not at all."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(purpose, package or module, extra)
