@@ -12,6 +12,7 @@ from fedmq.broker.contract.topics import NAME_RE
 from fedmq.broker.errors import ConfigError
 
 from .strategies import build_strategy
+from .strategies.registry import KEYS as STRATEGY_KEYS
 
 
 @dataclass
@@ -105,6 +106,26 @@ class EvalSection:
 
 
 @dataclass
+class LimitsSection:
+    """Per-agent budgets, spent before a payload is decoded (fedmq.aggregator.limits)."""
+
+    enabled: bool = True
+    msgs_per_s: float = 20.0  # sustained messages per second per agent
+    msgs_burst: int = 200  # bucket size: messages an agent may send at once (a chunked upload)
+    bytes_per_s: int = 0  # sustained bytes per second per agent; 0 = bytes_burst / 10
+    bytes_burst: int = 0  # 0 = max(8 MiB, 3 x the model's size): one full update always fits
+    log_interval_s: float = 10.0  # rejections: the first per (agent, reason) logged, then counts per interval
+
+    def validate(self, section: str) -> None:
+        if self.msgs_per_s <= 0 or self.msgs_burst < 1:
+            raise ConfigError(f"{section}.msgs_per_s must be > 0 and msgs_burst >= 1 (enabled = false turns limits off)")
+        if self.bytes_per_s < 0 or self.bytes_burst < 0:
+            raise ConfigError(f"{section}.bytes_per_s and bytes_burst must be >= 0 (0 = sized from the model)")
+        if self.log_interval_s <= 0:
+            raise ConfigError(f"{section}.log_interval_s must be > 0")
+
+
+@dataclass
 class AggregatorConfig:
     broker: BrokerSection = field(default_factory=BrokerSection)
     service: ServiceSection = field(default_factory=ServiceSection)
@@ -112,6 +133,7 @@ class AggregatorConfig:
     rounds: RoundsSection = field(default_factory=RoundsSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
 
     @property
@@ -120,6 +142,6 @@ class AggregatorConfig:
 
 
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> AggregatorConfig:
-    cfg = load_tables(path, AggregatorConfig, overrides, raw=("strategy",))
+    cfg = load_tables(path, AggregatorConfig, overrides, raw={"strategy": tuple(STRATEGY_KEYS)})
     build_strategy(cfg.strategy)  # validate now: a bad strategy must fail at start-up
     return cfg

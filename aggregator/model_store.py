@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq.broker.contract.messages import ModelManifest, TensorSpec
+from fedmq.broker.contract.messages import ARTIFACT_FORMAT, ModelManifest, TensorSpec
 
 from .config import ModelSection
 from .state import atomic_write
 
 log = logging.getLogger(__name__)
-FORMAT = "tflite-trainable-v1"
+FORMAT = ARTIFACT_FORMAT
 
 
 @dataclass

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from fedmq.broker.contract.messages import RoundAnnouncement, TrainConfig, Update
 
 from .config import RoundsSection
-from .strategies import ClientUpdate, Strategy
+from .ratelog import BoundedLog
+from .strategies import ClientUpdate, RoundResult, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ def quorum_for(n_asked: int, cfg: RoundsSection) -> int:
 
 
 class RoundController:
-    def __init__(self, strategy: Strategy, cfg: RoundsSection) -> None:
+    def __init__(self, strategy: Strategy, cfg: RoundsSection, rejects: BoundedLog | None = None) -> None:
         self.strategy = strategy
+        self.rejects = rejects or BoundedLog(log)
         self.cfg = cfg
         self.current: OpenRound | None = None
         self.closed_rounds: set[int] = set()
@@ -75,7 +77,7 @@ class RoundController:
 
     def _reject(self, reason: str, u: Update) -> str:
         self.rejected[reason] += 1
-        log.warning("update from %s for round %d rejected: %s", u.agent, u.round, reason)
+        self.rejects.reject(u.agent, reason, "update from %s for round %s rejected: %s", u.agent, u.round, reason)
         return reason
 
     def on_update(self, u: Update, nbytes: int, now: float) -> str | None:
@@ -93,7 +95,11 @@ class RoundController:
             return self._reject("not_asked", u)
         if u.agent in r.received:
             return self._reject("duplicate", u)
-        reason = self.strategy.add(ClientUpdate(u.agent, u.num_samples, u.tensors, u.metrics))
+        try:
+            reason = self.strategy.add(ClientUpdate(u.agent, u.num_samples, u.tensors, u.metrics))
+        except Exception as e:  # noqa: BLE001 - one update never ends the round
+            self.rejects.internal(f"folding the update of {u.agent}", e)
+            reason = "internal"
         if reason is not None:
             self.rejected[reason] += 1
             return reason
@@ -132,7 +138,12 @@ class RoundController:
     def close(self):
         r = self.current
         assert r is not None
-        result = self.strategy.finish()
+        try:
+            result = self.strategy.finish()
+        except Exception as e:  # noqa: BLE001 - a strategy failure leaves the global model as it was
+            self.rejects.internal(f"closing round {r.ann.round}", e)
+            result = RoundResult(None, "unchanged", {}, list(r.received), {},
+                                 f"strategy error: {type(e).__name__}: {str(e)[:200]}")
         self.closed_rounds.add(r.ann.round)
         if len(self.closed_rounds) > 1000:
             self.closed_rounds.discard(min(self.closed_rounds))

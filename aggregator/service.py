@@ -24,7 +24,9 @@ from fedmq.broker.transport.publisher import Publisher
 from fedmq.broker.transport.receiver import Receiver
 
 from .config import AggregatorConfig
+from .limits import AgentLimiter, agent_of
 from .model_store import ServedModel, export_final, load_or_export
+from .ratelog import BoundedLog
 from .rounds import RoundController
 from .state import Checkpoint, write_history
 from .strategies import build_strategy
@@ -73,13 +75,17 @@ class AggregatorService:
         self.topics = cfg.broker.topics()
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.client = client or MqttClient(cfg.broker.mqtt(cfg.service.id, clean_start=True))
+        self.client = client or MqttClient(cfg.broker.mqtt(cfg.service.id, resume_session=True))
         self.stop_event = threading.Event()
         self.telemetry = Telemetry()
         self.round_rejects: Counter[str] = Counter()
         self.receiver = Receiver(self.topics, on_reject=self._count_reject)
         self.strategy = build_strategy(cfg.strategy)
-        self.controller = RoundController(self.strategy, cfg.rounds)
+        self.bounded_log = BoundedLog(log, cfg.limits.log_interval_s)
+        self.controller = RoundController(self.strategy, cfg.rounds, self.bounded_log)
+        self.limiter: AgentLimiter | None = None  # sized from the model at start()
+        self.internal_errors = 0
+        self._next_tick = 0.0
         self.online: dict[str, Status] = {}
         self.served: ServedModel | None = served  # None: export (or load from the cache) at start
         self.history: list[dict] = []
@@ -97,6 +103,21 @@ class AggregatorService:
     def _count_reject(self, reason: str) -> None:
         self.round_rejects[reason] += 1
         self.telemetry.rejected.labels(reason).inc()
+
+    def _internal(self, what: str, exc: BaseException) -> None:
+        """The last line of defence: an unexpected exception is counted and logged, never fatal."""
+        self.internal_errors += 1
+        self._count_reject("internal")
+        self.bounded_log.internal(what, exc)
+
+    def _make_limiter(self) -> AgentLimiter | None:
+        lc = self.cfg.limits
+        if not lc.enabled:
+            return None
+        model_bytes = sum(int(a.nbytes) for a in self.global_weights.values())
+        burst = lc.bytes_burst or max(8 << 20, 3 * model_bytes)
+        rate = lc.bytes_per_s or burst / 10
+        return AgentLimiter(lc.msgs_per_s, lc.msgs_burst, rate, burst)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -128,6 +149,7 @@ class AggregatorService:
         if self.served is None:
             self.served = load_or_export(self.cfg.model, self.state_dir / "models", prox=self.cfg.train.mu > 0)
         self._restore()
+        self.limiter = self._make_limiter()
         done = sum(1 for h in self.history if h["outcome"] == "aggregated")
         if self.cfg.rounds.rounds and done >= self.cfg.rounds.rounds:
             log.info("the checkpoint already holds %d aggregated rounds: nothing to do", done)
@@ -166,7 +188,10 @@ class AggregatorService:
             while not self.stop_event.is_set() and not self._done:
                 if t_end is not None and time.monotonic() > t_end:
                     break
-                self.step(timeout=0.05)
+                try:
+                    self.step(timeout=0.05)
+                except Exception as e:  # noqa: BLE001 - the loop must outlive any one step
+                    self._internal("running a protocol step", e)
         finally:
             self.shutdown()
         return RunSummary(len(self.history), self.global_round, self.history)
@@ -184,8 +209,12 @@ class AggregatorService:
             self._republish_state()
         m = self.client.get(timeout=timeout)
         while m is not None:
-            self._handle(m.topic, m.payload, m.retain)
+            try:
+                self._handle(m.topic, m.payload, m.retain)
+            except Exception as e:  # noqa: BLE001 - one message never ends the service
+                self._internal(f"handling a message on {m.topic[:200]!r}", e)
             m = self.client.get(timeout=0)
+        self._tick()
         now = time.time()
         c = self.controller
         if c.current is None:
@@ -207,6 +236,23 @@ class AggregatorService:
                 self._publish_metrics(metrics)
                 self._check_done(values)
 
+    def _tick(self) -> None:
+        """About once a second: expire incomplete blobs, flush rejection summaries, export gauges."""
+        mono = time.monotonic()
+        if mono < self._next_tick:
+            return
+        self._next_tick = mono + 1.0
+        tick = getattr(self.receiver, "tick", None)
+        try:
+            if callable(tick):
+                tick()
+            else:
+                self.receiver.reassembler.expire()
+        except Exception as e:  # noqa: BLE001
+            self._internal("expiring incomplete blobs", e)
+        self.bounded_log.tick()
+        self.telemetry.inbox_dropped.set(getattr(self.client, "dropped", 0))
+
     def _republish_state(self) -> None:
         from fedmq.broker.errors import FedmqError
 
@@ -225,6 +271,16 @@ class AggregatorService:
             self._republish.set()
 
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self.limiter is not None:
+            agent = agent_of(topic, self.topics.base)
+            if agent is not None and not self.limiter.allow(agent, len(payload)):
+                self._count_reject("rate_limited")
+                self.bounded_log.reject(agent, "rate_limited", "message from %s on %s dropped: over its rate limit",
+                                        agent, topic[:200])
+                return
+        if not payload and agent_of(topic, self.topics.base) is not None and topic.endswith("/update"):
+            self._count_reject("empty")  # a status may be cleared (empty retained); an update may not
+            return
         got = self.receiver.feed(topic, payload, retained)
         if got is None:
             return
@@ -261,6 +317,8 @@ class AggregatorService:
 
     def _close_round(self, now: float) -> None:
         r, result = self.controller.close()
+        if "weight_capped" in result.metrics:
+            self.telemetry.weight_capped.inc(result.metrics["weight_capped"])
         if result.weights is not None:
             self.global_weights = result.weights
             self.global_round = r.ann.round

@@ -16,6 +16,10 @@ class Telemetry:
                                   buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800))
         self.agents = Gauge("fedmq_connected_agents", "Agents whose retained status is not offline", registry=r)
         self.round = Gauge("fedmq_round", "Current round id", registry=r)
+        self.weight_capped = Counter("fedmq_updates_weight_capped",
+                                     "Accepted updates whose claimed sample count was capped", registry=r)
+        self.inbox_dropped = Gauge("fedmq_inbox_dropped", "Messages dropped because the inbox was full", registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
+

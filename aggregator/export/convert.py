@@ -39,14 +39,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fedmq.broker.contract.messages import ModelManifest, TensorSpec
+from fedmq.broker.contract.messages import ARTIFACT_FORMAT, ModelManifest, TensorSpec
 from fedmq.edge_agent.runtime import load_interpreter
 
 from .trainable import TrainableModule, TrainSpec, weight_key
 
 log = logging.getLogger(__name__)
 
-FORMAT = "tflite-trainable-v1"
+FORMAT = ARTIFACT_FORMAT
 REPLACEMENTS = {
     "ReluGrad": "activation='relu' -> fedmq.aggregator.export.layers.Dense(..., activation='relu') or layers.relu",
     "Relu6Grad": "relu6 -> tf.minimum(tf.maximum(x, 0), 6)",

@@ -23,6 +23,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..ratelog import BoundedLog
+from .guards import Guard
 from .privacy import Clipper, GaussianNoise
 from .reducers import Krum, sum_squares
 from .server_opt import ServerOptimizer
@@ -55,8 +57,10 @@ ReducerFactory = Callable[[Sequence[np.ndarray]], object]
 class Strategy:
     def __init__(self, name: str, weighting: Weighting, reducer: ReducerFactory,
                  server: ServerOptimizer, clipper: Clipper | None = None, noise: GaussianNoise | None = None,
-                 max_updates: int = 10_000) -> None:
+                 max_updates: int = 10_000, guard: Guard | None = None) -> None:
         self.name = name
+        self.guard = guard
+        self.rejects = BoundedLog(log)
         self.weighting = weighting
         self.make_reducer = reducer
         self.server = server
@@ -84,10 +88,14 @@ class Strategy:
         self._norms: list[float] = []
         self._loss_num = 0.0
         self._loss_den = 0.0
+        self._capped = 0
+        if self.guard is not None:
+            self.guard.begin_round()
 
     def _reject(self, u: ClientUpdate, reason: str, detail: str) -> str:
         self._rejected[reason] += 1
-        log.warning("round %s: update from %s excluded: %s (%s)", self._round, u.agent, detail, reason)
+        self.rejects.reject(u.agent, reason, "round %s: update from %s excluded: %s (%s)", self._round, u.agent,
+                            detail, reason)
         return reason
 
     def check(self, u: ClientUpdate) -> tuple[str, str] | None:
@@ -117,35 +125,55 @@ class Strategy:
         bad = self.check(u)
         if bad:
             return self._reject(u, *bad)
+        samples, capped = u.num_samples, False
+        if self.guard is not None:
+            samples, bad, capped = self.guard.samples_for_weight(u.num_samples)
+            if bad:
+                return self._reject(u, *bad)
         try:
-            w = self.weighting.weight(u.num_samples, u.metrics)
+            w = self.weighting.weight(samples, u.metrics)
         except WeightRejected as e:
             return self._reject(u, e.reason, str(e))
         if getattr(self._reducer, "full", lambda: False)():
             return self._reject(u, "too_many", f"{self.max_updates} updates held already")
         delta = [u.delta[n] for n in self._names]
         scale, known = 1.0, None
-        if self.clipper is not None:  # the norm is needed before folding; the reducer reuses it
-            known = sum_squares(delta)
+        if self.clipper is not None or self.guard is not None:  # the norm is needed before folding
+            known = sum_squares(delta)  # the reducer reuses it
             if not math.isfinite(known):
                 return self._reject(u, "non_finite", "delta has NaN/Inf (or overflows)")
-            scale = self.clipper.scale(math.sqrt(known))
+            if self.guard is not None:
+                bad = self.guard.check_norm(math.sqrt(known))
+                if bad:
+                    return self._reject(u, *bad)
+            if self.clipper is not None:
+                scale = self.clipper.scale(math.sqrt(known))
         sq = self._reducer.add(delta, w, scale, known)
         if not math.isfinite(sq):
             return self._reject(u, "non_finite", "delta has NaN/Inf (or overflows)")
+        if capped:
+            self._capped += 1
+            log.info("round %s: %s claims %d samples; weighted as %d (weight_capped)", self._round, u.agent,
+                     u.num_samples, samples)
+        if self.guard is not None:
+            self.guard.accepted(math.sqrt(sq), samples)
         self._agents.append(u.agent)
         self._weights.append(w)
         self._norms.append(math.sqrt(sq))
         loss = u.metrics.get("loss")
         if loss is not None and math.isfinite(loss):
-            self._loss_num += loss * max(u.num_samples, 0)
-            self._loss_den += max(u.num_samples, 0)
+            self._loss_num += loss * max(samples, 0)
+            self._loss_den += max(samples, 0)
         return None
 
     def finish(self) -> RoundResult:
         red = self._reducer
         metrics: dict[str, float] = {"accepted": float(len(self._agents)),
                                      "rejected": float(sum(self._rejected.values()))}
+        if self._capped:
+            metrics["weight_capped"] = float(self._capped)
+        if self.guard is not None and math.isfinite(self.guard.norm_bound()):
+            metrics["norm_bound"] = self.guard.norm_bound()
         if self._norms:
             metrics.update(update_norm_mean=float(np.mean(self._norms)), update_norm_max=float(np.max(self._norms)))
         if self._loss_den > 0:
@@ -162,6 +190,8 @@ class Strategy:
             mean = red.result()
             if mean is None:
                 reason = "zero total weight"
+        if self.guard is not None:
+            self.guard.end_round(mean is not None)
         if mean is None:
             log.warning("round %s: global model unchanged: %s", self._round, reason)
             return RoundResult(None, "unchanged", metrics, list(self._agents), dict(self._rejected), reason)
@@ -185,6 +215,8 @@ class Strategy:
         st["rounds_done"] = np.array(self.rounds_done)
         if self.clipper is not None:
             st["clip_bound"] = np.array(self.clipper.bound)
+        if self.guard is not None:
+            st.update(self.guard.state_dict())
         return st
 
     def load_state_dict(self, st: Mapping[str, np.ndarray]) -> None:
@@ -192,3 +224,5 @@ class Strategy:
         self.rounds_done = int(st.get("rounds_done", 0))
         if self.clipper is not None and "clip_bound" in st:
             self.clipper.bound = float(st["clip_bound"])
+        if self.guard is not None:
+            self.guard.load_state_dict(st)

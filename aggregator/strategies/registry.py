@@ -12,6 +12,8 @@ overrides) composes the pieces explicitly::
     beta = 0.1                                # trimmed_mean;  f, m for (multi)krum
     noise = { multiplier = 0.5, seed = 0 }    # needs clip
     server = { name = "adam", lr = 0.01, beta1 = 0.9, beta2 = 0.99, tau = 1e-3 }
+    guard = { norm_k = 10.0, max_norm = 1e4, max_samples = 10_000_000, samples_k = 10.0 }
+                                              # on by default; guard = { off = true } disables
     lanes = 0                                 # mean: fold threads; 0 = auto (2 on multi-core hosts
                                               # for models of >= 524,288 parameters), 1 = none
 """
@@ -25,6 +27,7 @@ from typing import Any, Mapping
 from fedmq.broker.errors import ConfigError
 
 from .base import Strategy
+from .guards import Guard
 from .privacy import Clipper, GaussianNoise
 from .reducers import CoordinateMedian, Krum, TrimmedMean, WeightedMean
 from .server_opt import NAMES as SERVER_NAMES
@@ -54,7 +57,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hybrid": {"weights": ["samples", "quality"], "doc": "compose weights, clip, reducer, noise, server freely"},
 }
 KEYS = {"name", "weights", "quality", "clip", "reducer", "beta", "f", "m", "noise", "server", "max_updates",
-        "lanes"}
+        "lanes", "guard"}
+GUARD_KEYS = {"off", "norm_k", "norm_warmup", "norm_window", "max_norm", "max_samples", "samples_k"}
 REDUCERS = ("mean", "median", "trimmed_mean", "krum", "multikrum")
 
 
@@ -151,4 +155,16 @@ def build_strategy(table: Mapping[str, Any] | None = None, section: str = "strat
     server = ServerOptimizer(sname, lr=_num(s, "lr", w, 0.0, 1e3, 1.0), momentum=_num(s, "momentum", w, 0.0, 0.9999, 0.9),
                              beta1=_num(s, "beta1", w, 0.0, 0.9999, 0.9), beta2=_num(s, "beta2", w, 0.0, 0.99999, 0.99),
                              tau=_num(s, "tau", w, 1e-12, 10.0, 1e-3))
-    return Strategy(name, weighting, make, server, clipper, noise, max_updates)
+    g = _sub(cfg.get("guard"), "guard", GUARD_KEYS, section)
+    guard = None
+    if not g.get("off", False):
+        w = f"{section}.guard"
+        guard = Guard(norm_k=_num(g, "norm_k", w, 0.0, 1e6, 10.0),
+                      norm_warmup=_num(g, "norm_warmup", w, 1, 10**4, 3, integer=True),
+                      norm_window=_num(g, "norm_window", w, 1, 10**5, 50, integer=True),
+                      max_norm=_num(g, "max_norm", w, 0.0, 1e300, 1e4),
+                      max_samples=_num(g, "max_samples", w, 0, 2**62, 10_000_000, integer=True),
+                      samples_k=_num(g, "samples_k", w, 0.0, 1e6, 10.0))
+    elif not isinstance(g["off"], bool):
+        raise ConfigError(f"{section}.guard.off must be true or false")
+    return Strategy(name, weighting, make, server, clipper, noise, max_updates, guard)
