@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq.broker.contract.tensors import Compression, topk_count
+from fedmq.broker.contract.tensors import Compression, topk_count, topk_indices
 from fedmq.broker.storage import atomic_write
 
 
@@ -44,7 +44,7 @@ def apply_error_feedback(delta: dict[str, np.ndarray], comp: Compression, ef: Er
     for n, v in corrected.items():
         flat = v.reshape(-1)
         k = topk_count(flat.size, comp.topk_fraction)
-        keep = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:] if k < flat.size else np.arange(flat.size)
+        keep = topk_indices(flat, k)  # the encoder's own selection: the residual is exactly what is not sent
         r = flat.copy()
         r[keep] = 0.0
         new_res[n] = r.reshape(v.shape)

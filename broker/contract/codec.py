@@ -77,13 +77,13 @@ def _check_envelope(m: Any) -> str:
     if not isinstance(m, dict):
         raise DecodeError("payload is not a msgpack map", reason="malformed")
     v = m.get("v")
-    if type(v) is not int:
-        raise DecodeError("payload has no integer schema version 'v'", reason="schema")
+    if type(v) is not int:  # missing, or a bool/float/str/container: not a version this build speaks
+        raise DecodeError(f"payload has no integer schema version 'v' (got {v!r:.40})", reason="bad_version")
     if v != SCHEMA_VERSION:
         raise DecodeError(f"unsupported schema version {v} (this build speaks {SCHEMA_VERSION})",
                           reason="bad_version")
     kind = m.get("kind")
-    if kind not in KINDS:
+    if type(kind) is not str or kind not in KINDS:  # a map/list kind is unhashable: check the type first
         raise DecodeError(f"unknown message kind {kind!r:.40}", reason="bad_kind")
     return kind
 

@@ -21,7 +21,8 @@ from fedmq.broker.contract.topics import NAME_RE
 from fedmq.broker.errors import DecodeError
 
 SCHEMA_VERSION = 1
-HEX_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
+HEX_ID_RE = re.compile(r"[0-9a-f]{8,64}\Z")  # ASCII only; \Z: no trailing newline
+ARTIFACT_FORMAT = "tflite-trainable-v1"  # the one name of the model artifact format
 STATES = ("online", "idle", "training", "offline")
 
 
@@ -37,9 +38,16 @@ class DecodeLimits:
     max_depth: int = 8
     max_str: int = 4096
     max_container: int = 200_000
+    max_samples: int = 1_000_000_000  # num_samples above this is implausible: ``bad_samples``
 
 
 # -- field helpers -----------------------------------------------------------------------------
+def _as_map(m: Any, kind: str) -> Mapping[str, Any]:
+    if not isinstance(m, Mapping):
+        raise DecodeError(f"{kind}: message must be a map", reason="schema")
+    return m
+
+
 def _get(m: Mapping[str, Any], key: str, kind: str) -> Any:
     if key not in m:
         raise DecodeError(f"{kind}: missing field {key!r}", reason="schema")
@@ -55,7 +63,9 @@ def req_int(m: Mapping[str, Any], key: str, kind: str, lo: int = 0, hi: int = 2*
 
 def req_float(m: Mapping[str, Any], key: str, kind: str, lo: float = -math.inf, hi: float = math.inf) -> float:
     v = _get(m, key, kind)
-    if type(v) not in (int, float) or not math.isfinite(v) or not (lo <= v <= hi):
+    if type(v) is int and -(2**64) < v < 2**64:
+        v = float(v)
+    if type(v) is not float or not math.isfinite(v) or not (lo <= v <= hi):
         raise DecodeError(f"{kind}: field {key!r} must be a finite number in [{lo}, {hi}]", reason="schema")
     return float(v)
 
@@ -63,14 +73,14 @@ def req_float(m: Mapping[str, Any], key: str, kind: str, lo: float = -math.inf, 
 def req_str(m: Mapping[str, Any], key: str, kind: str, pattern: re.Pattern[str] | None = None,
             max_len: int = 256) -> str:
     v = _get(m, key, kind)
-    if not isinstance(v, str) or len(v) > max_len or (pattern is not None and not pattern.match(v)):
+    if type(v) is not str or len(v) > max_len or (pattern is not None and not pattern.match(v)):
         raise DecodeError(f"{kind}: field {key!r} has an invalid value {v!r:.60}", reason="schema")
     return v
 
 
 def req_bin(m: Mapping[str, Any], key: str, kind: str) -> memoryview:
     v = _get(m, key, kind)
-    if not isinstance(v, (bytes, memoryview)):
+    if type(v) not in (bytes, memoryview):
         raise DecodeError(f"{kind}: field {key!r} must be bin", reason="schema")
     return memoryview(v)
 
@@ -80,9 +90,9 @@ def metrics_map(v: Any, kind: str, limits: DecodeLimits, key: str = "metrics") -
         raise DecodeError(f"{kind}: {key!r} must be a map of at most {limits.max_metrics} entries", reason="schema")
     out: dict[str, float] = {}
     for k, x in v.items():
-        if not isinstance(k, str) or len(k) > 64:
+        if type(k) is not str or len(k) > 64:
             raise DecodeError(f"{kind}: {key!r} keys must be short strings", reason="schema")
-        if type(x) not in (int, float):
+        if type(x) not in (int, float) or (type(x) is int and not -(2**64) < x < 2**64):
             raise DecodeError(f"{kind}: {key}[{k!r}] must be a number", reason="schema")
         out[k] = float(x)  # non-finite values are kept: strategies decide (and report) what to do
     return out
@@ -122,8 +132,9 @@ class TensorSpec:
         if not isinstance(m, Mapping):
             raise DecodeError(f"{kind}: tensor spec must be a map", reason="schema")
         shape = _get(m, "shape", kind)
-        if not isinstance(shape, list) or len(shape) > 8 or any(type(d) is not int or d < 0 for d in shape):
-            raise DecodeError(f"{kind}: tensor spec shape must be a list of non-negative ints", reason="schema")
+        if type(shape) is not list or len(shape) > 8 or any(type(d) is not int or not 0 <= d < 2**31 for d in shape):
+            raise DecodeError(f"{kind}: tensor spec shape must be a list of at most 8 ints in [0, 2**31)",
+                              reason="schema")
         return cls(req_str(m, "name", kind), tuple(shape), req_str(m, "dtype", kind, max_len=16))
 
 
@@ -162,7 +173,7 @@ class TrainConfig:
         if not isinstance(m, Mapping):
             raise DecodeError(f"{kind}: 'config' must be a map", reason="schema")
         enc = _get(m, "encoding", kind)
-        if enc not in ENCODINGS:
+        if type(enc) is not str or enc not in ENCODINGS:
             raise DecodeError(f"{kind}: unknown encoding {enc!r}", reason="schema")
         return cls(
             epochs=req_int(m, "epochs", kind, 0, 10_000),
@@ -186,7 +197,7 @@ class ModelManifest(Message):
     train_batch_size: int
     created: float
     extra: dict[str, float] = field(default_factory=dict)  # default hyperparameters etc.
-    format: str = "tflite-trainable-v1"
+    format: str = ARTIFACT_FORMAT
 
     def to_wire(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "format": self.format, "artifact": self.artifact,
@@ -196,11 +207,12 @@ class ModelManifest(Message):
     @classmethod
     def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "ModelManifest":
         k = cls.KIND
+        m = _as_map(m, k)
         weights = _get(m, "weights", k)
         inputs = _get(m, "inputs", k)
-        if not isinstance(weights, list) or len(weights) > limits.max_tensors:
+        if type(weights) is not list or len(weights) > limits.max_tensors:
             raise DecodeError(f"{k}: 'weights' must be a list", reason="schema")
-        if not isinstance(inputs, list) or len(inputs) > 16:
+        if type(inputs) is not list or len(inputs) > 16:
             raise DecodeError(f"{k}: 'inputs' must be a list", reason="schema")
         return cls(
             model_id=req_str(m, "model_id", k, HEX_ID_RE),
@@ -231,6 +243,7 @@ class GlobalModel(Message):
     @classmethod
     def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "GlobalModel":
         k = cls.KIND
+        m = _as_map(m, k)
         return cls(req_int(m, "round", k), req_str(m, "model_id", k, HEX_ID_RE),
                    tensors_from_wire(_get(m, "tensors", k), k, limits), req_float(m, "created", k))
 
@@ -257,15 +270,17 @@ class RoundAnnouncement(Message):
     @classmethod
     def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "RoundAnnouncement":
         k = cls.KIND
+        m = _as_map(m, k)
         agents = _get(m, "agents", k)
         if agents is not None:
-            if not isinstance(agents, list) or len(agents) > limits.max_agents or not all(
-                isinstance(a, str) and NAME_RE.match(a) for a in agents
+            if type(agents) is not list or len(agents) > limits.max_agents or not all(
+                type(a) is str and NAME_RE.match(a) for a in agents
             ):
                 raise DecodeError(f"{k}: 'agents' must be null or a list of agent ids", reason="schema")
         return cls(req_int(m, "round", k, 1), req_str(m, "model_id", k, HEX_ID_RE),
                    req_int(m, "base_round", k), req_float(m, "opened", k), req_float(m, "deadline", k),
-                   TrainConfig.from_wire(_get(m, "config", k), k), agents, req_int(m, "quorum", k, 1))
+                   TrainConfig.from_wire(_get(m, "config", k), k), agents,
+                   req_int(m, "quorum", k, 1, limits.max_agents))
 
     def asks(self, agent: str) -> bool:
         return self.agents is None or agent in self.agents
@@ -285,21 +300,38 @@ class Update(Message):
     metrics: dict[str, float] = field(default_factory=dict)
     created: float = 0.0
     compression: Compression = field(default_factory=Compression)
+    #: the global round the delta was computed against (the announcement's base_round);
+    #: None in the constructor means ``round - 1`` (every earlier round aggregated)
+    base_round: int = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.base_round is None:
+            self.base_round = max(0, self.round - 1)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"round": self.round, "agent": self.agent, "model_id": self.model_id,
-                "update_id": self.update_id, "num_samples": self.num_samples, "metrics": self.metrics,
-                "created": self.created, "tensors": tensors_to_wire(self.tensors, self.compression)}
+        return {"round": self.round, "base_round": self.base_round, "agent": self.agent,
+                "model_id": self.model_id, "update_id": self.update_id, "num_samples": self.num_samples,
+                "metrics": self.metrics, "created": self.created,
+                "tensors": tensors_to_wire(self.tensors, self.compression)}
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "Update":
         k = cls.KIND
+        m = _as_map(m, k)
+        rnd = req_int(m, "round", k, 1)
+        ns = _get(m, "num_samples", k)
+        if type(ns) is not int:
+            raise DecodeError(f"{k}: num_samples must be an int, got {ns!r:.40}", reason="schema")
+        if not (1 <= ns <= limits.max_samples):
+            raise DecodeError(f"{k}: num_samples must be an int in [1, {limits.max_samples}], got {ns!r:.40}",
+                              reason="bad_samples")
         return cls(
-            round=req_int(m, "round", k, 1), agent=req_str(m, "agent", k, NAME_RE),
+            round=rnd, agent=req_str(m, "agent", k, NAME_RE),
             model_id=req_str(m, "model_id", k, HEX_ID_RE), update_id=req_str(m, "update_id", k, HEX_ID_RE),
-            num_samples=req_int(m, "num_samples", k, 0, 2**40),
+            num_samples=ns,
             tensors=tensors_from_wire(_get(m, "tensors", k), k, limits),
             metrics=metrics_map(_get(m, "metrics", k), k, limits), created=req_float(m, "created", k),
+            base_round=req_int(m, "base_round", k, 0, rnd - 1),
         )
 
 
@@ -323,8 +355,9 @@ class Status(Message):
     @classmethod
     def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "Status":
         k = cls.KIND
+        m = _as_map(m, k)
         state = _get(m, "state", k)
-        if state not in STATES:
+        if type(state) is not str or state not in STATES:
             raise DecodeError(f"{k}: state must be one of {STATES}", reason="schema")
         return cls(req_str(m, "agent", k, NAME_RE), state, req_float(m, "ts", k),
                    req_str(m, "runtime", k), req_str(m, "interpreter", k),
@@ -350,9 +383,10 @@ class RoundMetrics(Message):
     @classmethod
     def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "RoundMetrics":
         k = cls.KIND
+        m = _as_map(m, k)
         parts = _get(m, "participants", k)
-        if not isinstance(parts, list) or len(parts) > limits.max_agents or not all(
-            isinstance(a, str) and NAME_RE.match(a) for a in parts
+        if type(parts) is not list or len(parts) > limits.max_agents or not all(
+            type(a) is str and NAME_RE.match(a) for a in parts
         ):
             raise DecodeError(f"{k}: 'participants' must be a list of agent ids", reason="schema")
         return cls(req_int(m, "round", k), req_float(m, "ts", k), req_str(m, "outcome", k, max_len=32), parts,
@@ -380,13 +414,14 @@ class Chunk(Message):
     @classmethod
     def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "Chunk":
         k = cls.KIND
+        m = _as_map(m, k)
         digest = req_bin(m, "sha256", k)
         if digest.nbytes != 32:
             raise DecodeError(f"{k}: sha256 must be 32 bytes", reason="schema")
         total = req_int(m, "total", k, 1, 1 << 24)
+        size = req_int(m, "size", k, 1, 2**40)
         return cls(req_str(m, "blob_id", k, HEX_ID_RE), req_int(m, "index", k, 0, total - 1), total,
-                   req_int(m, "offset", k, 0, 2**40), req_int(m, "size", k, 1, 2**40), digest,
-                   req_bin(m, "data", k))
+                   req_int(m, "offset", k, 0, size - 1), size, digest, req_bin(m, "data", k))
 
 
 KINDS: dict[str, type[Message]] = {

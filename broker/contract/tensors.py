@@ -14,8 +14,8 @@ All multi-byte values are little-endian. ``dtype`` is the logical dtype the deco
 * ``int8`` — symmetric per-tensor quantisation: ``scale = max|x| / 127``,
   ``q = clip(rint(x / scale), -127, 127)`` (``rint`` rounds half to even), decoded as
   ``q * scale``; absolute error <= scale / 2. An all-zero tensor has scale 0.
-* ``topk`` — the ``k = max(1, ceil(fraction * size))`` entries of largest magnitude, as sorted
-  unique uint32 flat indices (``idx``) plus float32 values (``data``); the rest decode to 0.
+* ``topk`` — the ``k = max(1, ceil(fraction * size))`` entries of largest magnitude (ties: the
+  lower flat index wins; see ``topk_indices``), as sorted unique uint32 flat indices (``idx``) plus float32 values (``data``); the rest decode to 0.
   Pair it with error feedback on the sender (edge_agent keeps the residual).
 
 Decoding is zero-copy for ``raw`` (``np.frombuffer`` over the received buffer, read-only).
@@ -84,6 +84,28 @@ def topk_count(size: int, fraction: float) -> int:
     return min(size, max(1, math.ceil(fraction * size))) if size else 0
 
 
+def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
+    """Sorted flat indices of the ``k`` entries of largest magnitude; ties go to the lower index.
+
+    The one top-k selection of fedmq: the encoder sends these entries and the error-feedback
+    residual (fedmq.edge_agent.compress) keeps every other one, so the two must agree exactly.
+    Deterministic (no dependence on argpartition's tie order); NaN counts as the largest.
+    """
+    n = flat.size
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    mag = np.abs(flat)
+    if np.isnan(mag).any():  # NaN sorts above everything; argsort below handles it deterministically
+        order = np.argsort(-np.nan_to_num(mag, nan=np.inf), kind="stable")[:k]
+        return np.sort(order)
+    thresh = np.partition(mag, n - k)[n - k]  # the k-th largest magnitude
+    above = np.flatnonzero(mag > thresh)
+    ties = np.flatnonzero(mag == thresh)[: k - above.size]
+    return np.sort(np.concatenate([above, ties]))
+
+
 def encode_tensor(name: str, array: np.ndarray, compression: Compression | None = None) -> dict[str, Any]:
     """Describe ``array`` as a wire map. ``raw`` data is a zero-copy view of ``array``."""
     comp = compression or Compression()
@@ -116,13 +138,7 @@ def encode_tensor(name: str, array: np.ndarray, compression: Compression | None 
         out["scale"] = scale
         out["data"] = _bytes_view(q)
     else:  # topk
-        k = topk_count(flat.size, comp.topk_fraction)
-        if k == flat.size:
-            idx = np.arange(flat.size, dtype="<u4")
-        else:
-            idx = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
-            idx.sort()
-            idx = idx.astype("<u4")
+        idx = topk_indices(flat, topk_count(flat.size, comp.topk_fraction)).astype("<u4")
         out["idx"] = _bytes_view(idx)
         out["data"] = _bytes_view(np.ascontiguousarray(flat[idx], dtype="<f4"))
     return out
@@ -135,22 +151,32 @@ def topk_dense(flat_size: int, idx: np.ndarray, values: np.ndarray) -> np.ndarra
 
 
 def _shape(obj: Any, name: str, max_elements: int) -> tuple[tuple[int, ...], int]:
-    if not isinstance(obj, list) or len(obj) > MAX_RANK:
+    """Validate a declared shape: each dimension on its own AND the product of the non-zero ones.
+
+    Bounding only the product would let ``[0, 2**40, 2**40]`` through (product 0) and make numpy
+    raise on reshape; so every dimension is <= ``max_elements`` and so is the product of
+    ``max(d, 1)`` over the dimensions.
+    """
+    if type(obj) is not list or len(obj) > MAX_RANK:
         raise DecodeError(f"tensor {name!r}: shape must be a list of at most {MAX_RANK} ints", reason="bad_shape")
     size = 1
+    span = 1
     for d in obj:
         if type(d) is not int or d < 0:
             raise DecodeError(f"tensor {name!r}: shape entries must be non-negative ints", reason="bad_shape")
+        if d > max_elements:
+            raise DecodeError(f"tensor {name!r}: dimension {d} exceeds the limit {max_elements}", reason="too_large")
         size *= d
-        if size > max_elements:
+        span *= max(d, 1)
+        if span > max_elements:
             raise DecodeError(
-                f"tensor {name!r}: declared {size}+ elements exceed the limit {max_elements}", reason="too_large"
+                f"tensor {name!r}: declared {span}+ elements exceed the limit {max_elements}", reason="too_large"
             )
     return tuple(obj), size
 
 
 def _bin(obj: Any, field: str, name: str) -> memoryview:
-    if not isinstance(obj, (bytes, memoryview)):
+    if type(obj) not in (bytes, memoryview):
         raise DecodeError(f"tensor {name!r}: field {field!r} must be bin", reason="schema")
     return memoryview(obj)
 
@@ -160,14 +186,14 @@ def decode_tensor(m: Mapping[str, Any], max_elements: int) -> tuple[str, np.ndar
     if not isinstance(m, Mapping):
         raise DecodeError("tensor entry must be a map", reason="schema")
     name = m.get("name")
-    if not isinstance(name, str) or not (0 < len(name) <= 256):
+    if type(name) is not str or not (0 < len(name) <= 256):
         raise DecodeError("tensor name must be a string of 1-256 characters", reason="schema")
     enc = m.get("enc")
-    if enc not in ENCODINGS:
-        raise DecodeError(f"tensor {name!r}: unknown encoding {enc!r}", reason="bad_encoding")
+    if type(enc) is not str or enc not in ENCODINGS:
+        raise DecodeError(f"tensor {name!r}: unknown encoding {enc!r:.40}", reason="bad_encoding")
     dname = m.get("dtype")
-    if dname not in RAW_DTYPES:
-        raise DecodeError(f"tensor {name!r}: dtype {dname!r} not allowed", reason="bad_dtype")
+    if type(dname) is not str or dname not in RAW_DTYPES:
+        raise DecodeError(f"tensor {name!r}: dtype {dname!r:.40} not allowed", reason="bad_dtype")
     shape, size = _shape(m.get("shape"), name, max_elements)
     data = _bin(m.get("data"), "data", name)
     if enc == "raw":
@@ -186,7 +212,8 @@ def decode_tensor(m: Mapping[str, Any], max_elements: int) -> tuple[str, np.ndar
         return name, np.frombuffer(data, dtype="<f2").astype(np.float32).reshape(shape)
     if enc == "int8":
         scale = m.get("scale")
-        if type(scale) not in (float, int) or not math.isfinite(scale) or scale < 0:
+        if type(scale) not in (float, int) or not -(2**64) < scale < 2**64 or not math.isfinite(scale) \
+                or scale < 0 or np.float32(scale) == np.inf:
             raise DecodeError(f"tensor {name!r}: int8 scale must be a finite float >= 0", reason="schema")
         if data.nbytes != size:
             raise DecodeError(f"tensor {name!r}: int8 needs {size} bytes, got {data.nbytes}", reason="bad_shape")

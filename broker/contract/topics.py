@@ -22,13 +22,16 @@ from enum import Enum
 
 from fedmq.broker.errors import TopicError
 
-NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
-PREFIX_RE = re.compile(r"^[a-z0-9][a-z0-9-]*(?:/[a-z0-9][a-z0-9-]*)*$")
+# ASCII-only patterns; ``\Z`` (not ``$``, which also matches before a final newline)
+NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?\Z")
+PREFIX_RE = re.compile(r"[a-z0-9][a-z0-9-]*(?:/[a-z0-9][a-z0-9-]*)*\Z")
+CHUNK_INDEX_RE = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z")  # ASCII digits only: '¹'.isdigit() is True
+MAX_TOPIC = 1024  # characters; longer topics are refused before any parsing
 
 
 def check_name(value: str, what: str = "agent id") -> str:
     """Return ``value`` if it is a valid fleet/agent name, else raise TopicError."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if type(value) is not str or not NAME_RE.match(value):
         raise TopicError(
             f"invalid {what} {value!r}: use 1-64 characters of [a-z0-9-], "
             "starting and ending with a letter or digit"
@@ -120,13 +123,13 @@ class Topics:
     # -- parsing ------------------------------------------------------------------------------
     def parse(self, topic: str) -> ParsedTopic:
         """Parse a topic of this fleet; raise TopicError for anything outside the layout."""
-        if not isinstance(topic, str) or not topic.startswith(self.base + "/"):
+        if type(topic) is not str or len(topic) > MAX_TOPIC or not topic.startswith(self.base + "/"):
             raise TopicError(f"topic {topic!r} is not under {self.base}/")
         parts = topic[len(self.base) + 1 :].split("/")
         chunk: int | None = None
         if len(parts) >= 3 and parts[-2] == "chunk":
             idx = parts[-1]
-            if not idx.isdigit() or (len(idx) > 1 and idx[0] == "0") or len(idx) > 9:
+            if not CHUNK_INDEX_RE.match(idx):
                 raise TopicError(f"bad chunk index in topic {topic!r}")
             chunk = int(idx)
             parts = parts[:-2]
