@@ -21,9 +21,14 @@ class Listener:
     certfile: str | None = None
     keyfile: str | None = None
     require_certificate: bool = False
+    #: client id := username (Mosquitto's use_username_as_clientid): one device's credentials can
+    #: never take over (disconnect) another device's session by connecting with its client id
+    bind_client_id: bool = False
 
     def render(self) -> str:
         lines = [f"listener {self.port} {self.bind}"]
+        if self.bind_client_id:
+            lines.append("use_username_as_clientid true")
         if self.certfile:
             lines += [f"cafile {self.cafile}", f"certfile {self.certfile}", f"keyfile {self.keyfile}",
                       "tls_version tlsv1.2"]
@@ -41,9 +46,16 @@ class BrokerConf:
     persistence: bool = True
     autosave_interval: int = 60
     max_packet_size: int = 0  # 0 = Mosquitto's default
-    max_queued_messages: int = 1000
+    max_inflight_messages: int = 100
+    max_queued_messages: int = 10_000  # per client; sized for the aggregator, which receives everything
+    max_queued_bytes: int = 0  # per client; 0 = no byte bound (max_queued_messages applies)
     log_file: str | None = None  # None: stderr
     extra: list[str] = field(default_factory=list)
+
+    def _listener(self, listener: Listener) -> str:
+        if self.password_file is not None and not listener.bind_client_id:  # authenticated: bind the identity
+            listener = Listener(**{**listener.__dict__, "bind_client_id": True})
+        return listener.render()
 
     def render(self) -> str:
         if self.log_file:
@@ -60,11 +72,14 @@ class BrokerConf:
         out = Template(text).substitute(
             password_file=self.password_file, acl_file=self.acl_file, data_dir=self.data_dir.rstrip("/"),
             persistence="true" if self.persistence else "false", autosave_interval=self.autosave_interval,
-            max_packet_size=self.max_packet_size, max_queued_messages=self.max_queued_messages, log_lines=log,
-            listeners="\n\n".join(listener.render() for listener in self.listeners),
+            max_packet_size=self.max_packet_size, max_queued_messages=self.max_queued_messages,
+            max_inflight_messages=self.max_inflight_messages, max_queued_bytes=self.max_queued_bytes, log_lines=log,
+            listeners="\n\n".join(self._listener(x) for x in self.listeners),
         )
         if not self.max_packet_size:
             out = out.replace("max_packet_size 0\n", "")
+        if not self.max_queued_bytes:
+            out = out.replace("max_queued_bytes 0\n", "")
         return out + ("\n".join(self.extra) + "\n" if self.extra else "")
 
 

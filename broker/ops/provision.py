@@ -102,6 +102,8 @@ def provision(spec: ProvisionSpec) -> Provisioned:
                   require_certificate=spec.mutual_tls)],
         password_file=f"{root}/passwd", acl_file=f"{root}/acl", data_dir="/var/lib/mosquitto"
         if spec.broker_root is None else "/mosquitto/data", max_packet_size=spec.max_packet_size,
+        # the aggregator's queue holds a round of every agent's traffic (statuses, chunked updates)
+        max_queued_messages=max(10_000, 50 * len(spec.agents)),
     )
     _write(bdir / "mosquitto.conf", conf.render())
     for u in users:
