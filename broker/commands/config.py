@@ -1,8 +1,12 @@
 """TOML configuration with environment overrides, validated against typed dataclasses.
 
 Every error names the key and the fix (``ConfigError``); entry points turn it into exit code 2.
-Environment variables override file values: ``FEDMQ_<SECTION>_<KEY>`` (upper case), e.g.
-``FEDMQ_BROKER_HOST``, ``FEDMQ_BROKER_PASSWORD`` — the place for secrets and addresses.
+Environment variables override file values: ``FEDMQ_<TABLE>_<KEY>`` (upper case), e.g.
+``FEDMQ_BROKER_HOST``, ``FEDMQ_BROKER_PASSWORD`` — the place for secrets and addresses. Every key
+can be overridden: numbers, booleans and strings as text, lists as a TOML/JSON array literal
+(``["a", "b"]``, ``[9, 10]``) or comma-separated (``a,b``), and keys of free-form tables such as
+``[strategy]`` as TOML values (``FEDMQ_STRATEGY_SERVER_LR=0.5`` sets ``server.lr``). A variable
+naming a known table but an unknown key is an error, like an unknown key in the file.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping
+
+import paho.mqtt.client as mqtt_client
 
 from fedmq.broker.contract.topics import Topics
 from fedmq.broker.errors import ConfigError
@@ -39,8 +45,18 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
 
 
+def _toml_value(raw: str) -> Any:
+    """``raw`` read as one TOML value (array, inline table, number, bool, quoted string); KeyError if not."""
+    try:
+        return tomllib.loads("v = " + raw)["v"]
+    except tomllib.TOMLDecodeError:
+        raise KeyError(raw) from None
+
+
 def _coerce_env(raw: str, typ: Any, key: str) -> Any:
     base = _base_type(typ)
+    if base in (list, tuple):
+        return _coerce_env_list(raw, typ, key)
     try:
         if base is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -55,6 +71,48 @@ def _coerce_env(raw: str, typ: Any, key: str) -> Any:
     except ValueError:
         raise ConfigError(f"environment override for {key}: {raw!r} is not a valid {base.__name__}") from None
     return raw
+
+
+def _coerce_env_list(raw: str, typ: Any, key: str) -> list[Any]:
+    """A list from an environment variable: a TOML/JSON array literal, or comma-separated items."""
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            return _toml_value(text)
+        except KeyError:
+            raise ConfigError(f"environment override for {key}: {raw!r} is not a valid array literal: "
+                              "write [\"a\", \"b\"], [1, 2] or a comma-separated list a,b") from None
+    inner = typing.get_args(_strip_optional(typ)) or (str,)
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    return [_coerce_env(x, inner[0], f"{key}[{i}]") for i, x in enumerate(items)]
+
+
+def _strip_optional(typ: Any) -> Any:
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return args[0] if len(args) == 1 else typ
+    return typ
+
+
+def _env_prefix(table: str) -> str:
+    return "FEDMQ_" + table.upper().replace(".", "_") + "_"
+
+
+def env_name(table: str, key: str) -> str:
+    """The environment variable that overrides ``[table] key``."""
+    return _env_prefix(table) + key.upper()
+
+
+def _check_env_names(section: str, known: Any, env: Mapping[str, str]) -> None:
+    """An override naming table ``section`` but no key of it is a typo: refuse it like an unknown key."""
+    prefix = _env_prefix(section)
+    names = {env_name(section, k) for k in known}
+    for var in env:
+        if var.startswith(prefix) and var not in names:
+            close = difflib.get_close_matches(var, list(names), n=1)
+            raise ConfigError(f"environment variable {var} names no key of [{section}]"
+                              + (f" (did you mean {close[0]}?)" if close else
+                                 f"; known: {', '.join(sorted(names))}"))
 
 
 def _base_type(typ: Any) -> Any:
@@ -125,19 +183,20 @@ def build(cls: type, table: Mapping[str, Any], section: str, env: Mapping[str, s
             raise ConfigError(f"unknown key {section}.{k}{hint}")
     kwargs: dict[str, Any] = {}
     env = os.environ if env is None else env
+    _check_env_names(section, fields, env)
     for name, f in fields.items():
         key = f"{section}.{name}"
-        env_name = "FEDMQ_" + section.upper().replace(".", "_") + "_" + name.upper()
+        var = env_name(section, name)
         typ = hints[name]
-        if env_name in env and not dataclasses.is_dataclass(_base_type(typ)):
-            kwargs[name] = _coerce_env(env[env_name], typ, env_name)
+        if var in env and not dataclasses.is_dataclass(_base_type(typ)):
+            kwargs[name] = _check_type(_coerce_env(env[var], typ, var), typ, f"{key} (from {var})")
         elif name in table:
             kwargs[name] = _check_type(table[name], typ, key)
         elif dataclasses.is_dataclass(_base_type(typ)) and f.default is dataclasses.MISSING \
                 and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing table [{key}]")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {key}: add it to the config file or set {env_name}")
+            raise ConfigError(f"missing required key {key}: add it to the config file or set {var}")
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -176,6 +235,9 @@ class BrokerSection:
             raise ConfigError(f"{section}.max_payload = {self.max_payload} is too small: use >= 1024 bytes")
         if self.keepalive < 5:
             raise ConfigError(f"{section}.keepalive must be >= 5 seconds")
+        if not (0 <= self.session_expiry <= 0xFFFFFFFF):
+            raise ConfigError(f"{section}.session_expiry = {self.session_expiry}: use 0 (clean sessions) to "
+                              "4294967295 seconds")
         for k in ("ca_file", "cert_file", "key_file"):
             p = getattr(self, k)
             if p is not None and not Path(p).is_file():
@@ -190,7 +252,20 @@ class BrokerSection:
     def topics(self) -> Topics:
         return Topics(self.fleet, self.prefix)
 
-    def mqtt(self, client_id: str, **kw: Any) -> MqttConfig:
+    def mqtt(self, client_id: str, *, resume_session: bool = False, **kw: Any) -> MqttConfig:
+        """Connection settings for ``client_id``.
+
+        ``resume_session`` (the aggregator): under MQTT 5 with ``session_expiry > 0`` the first
+        connect of the process starts a clean session and every reconnect resumes it
+        (``clean_start`` first-only plus a Session Expiry Interval), so QoS 1 messages published
+        to its subscriptions during a short connection loss are queued by the broker and
+        delivered on reconnect. A restarted process starts clean: its in-memory state is gone,
+        and a stale backlog would only be rejected. Agents keep clean sessions: everything they
+        subscribe to is retained, so a resumed session would only queue model-size copies.
+        """
+        if resume_session and self.protocol == "5" and self.session_expiry > 0:
+            kw.setdefault("clean_start", mqtt_client.MQTT_CLEAN_START_FIRST_ONLY)
+            kw.setdefault("session_expiry", self.session_expiry)
         tls = None
         if self.ca_file or self.cert_file:
             tls = TlsConfig(self.ca_file, self.cert_file, self.key_file, self.tls_insecure)
@@ -199,13 +274,50 @@ class BrokerSection:
                           max_payload=self.max_payload, **kw)
 
 
+def _env_raw_table(section: str, table: dict[str, Any], keys: Any, env: Mapping[str, str]) -> dict[str, Any]:
+    """Apply ``FEDMQ_<SECTION>_<KEY>`` overrides to a free-form table (its owner validates the keys).
+
+    ``keys`` are the table's known top-level keys: a variable whose suffix is one of them sets it
+    (``FEDMQ_STRATEGY_MAX_UPDATES`` -> ``max_updates``); otherwise, when the suffix starts with a
+    known key (or a sub-table of the file), the rest is a key of that sub-table
+    (``FEDMQ_STRATEGY_SERVER_LR`` -> ``server.lr``). Values are TOML values (``0.5``, ``true``,
+    ``["a", "b"]``, ``{ lr = 0.5 }``); anything else is a plain string (``fedadam``).
+    """
+    prefix = _env_prefix(section)
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table.items()}
+    known = set(keys or ())
+    subs = known | {k for k, v in table.items() if isinstance(v, dict)}
+    for var in sorted(env):
+        if not var.startswith(prefix) or len(var) == len(prefix):
+            continue
+        key = var[len(prefix):].lower()
+        try:
+            value = _toml_value(env[var])
+        except KeyError:
+            value = env[var]
+        head, _, rest = key.partition("_")
+        if key not in known and head in subs and rest:
+            sub = out.get(head)
+            sub = dict(sub) if isinstance(sub, dict) else {}
+            sub[rest] = value
+            out[head] = sub
+        else:
+            out[key] = value
+    return out
+
+
 def load_tables(path: str | None, root: type, overrides: dict[str, Any] | None = None,
-                raw: tuple[str, ...] = ()) -> Any:
+                raw: tuple[str, ...] | Mapping[str, tuple[str, ...]] = (),
+                env: Mapping[str, str] | None = None) -> Any:
     """Load a TOML file into the dataclass ``root`` whose fields are the tables.
 
     Each table is built with :func:`build` (unknown keys, types, env overrides); ``raw`` names
-    tables passed through as plain dicts (validated by their owner, e.g. [strategy]).
+    tables passed through as plain dicts (validated by their owner, e.g. [strategy]); as a mapping
+    it also gives each raw table's known keys, which resolve ``FEDMQ_<TABLE>_<SUB>_<KEY>``
+    overrides of its sub-tables (see :func:`_env_raw_table`).
     """
+    env = os.environ if env is None else env
+    raw_subs = dict(raw) if isinstance(raw, Mapping) else {name: () for name in raw}
     table = load_toml(path) if path else {}
     for k, v in (overrides or {}).items():
         if isinstance(v, dict):
@@ -219,11 +331,14 @@ def load_tables(path: str | None, root: type, overrides: dict[str, Any] | None =
     hints = typing.get_type_hints(root)
     kwargs = {}
     for name in fields:
-        if name in raw:
-            if name in table:
-                kwargs[name] = dict(table[name])
+        if name in raw_subs:
+            if not isinstance(table.get(name, {}), dict):
+                raise ConfigError(f"[{name}] must be a table")
+            has_env = any(v.startswith(_env_prefix(name)) for v in env)
+            if name in table or has_env:
+                kwargs[name] = _env_raw_table(name, dict(table.get(name, {})), raw_subs[name], env)
         else:
-            kwargs[name] = build(hints[name], table.get(name, {}), name)
+            kwargs[name] = build(hints[name], table.get(name, {}), name, env)
     return root(**kwargs)
 
 
