@@ -52,6 +52,8 @@ REASONS: dict[str, str] = {
     "bad_tensors": "update tensor names differ from the model's",
     "non_finite": "update holds NaN or infinite values",
     "norm_outlier": "update norm above the magnitude bound",
+    # -- per-agent limits (fedmq.aggregator.limits) --------------------------------------------
+    "rate_limited": "the agent is over its [limits] message or byte rate: dropped before decoding",
     "bad_weight": "the update's aggregation weight is not finite and >= 0",
     "zero_weight": "the update's aggregation weight is 0",
     "missing_quality": "quality weighting: the update does not report the quality metric",
