@@ -1,7 +1,9 @@
 """Keras -> trainable TFLite: zoo parity, silent-failure guard, Flex errors, hostile artifacts, learning."""
 
+import gc
 import hashlib
 import tempfile
+import weakref
 
 import numpy as np
 import pytest
@@ -17,6 +19,28 @@ from fedmq.edge_agent.trainer import ArtifactError, DataError, TFLiteTrainer  # 
 
 _cache: dict = {}
 
+# the product's promise (convert.export_model's defaults): TFLite and TensorFlow agree on the losses
+# within 1e-3 and on the weight update within 10% of its norm. Correct artifacts agree to ~1e-6 unless a
+# ReLU input or max-pool tie rounds the other way in one runtime (then ~3e-4 and ~2%): which CPU hits such
+# an event is not ours to choose, so no test asserts anything tighter than these.
+LOSS_TOL = 1e-3
+UPDATE_TOL = 0.1
+
+
+def update_diff(got, ref, start) -> float:
+    """|got - ref| / |ref - start| over all tensors: how far one trainer's update is from the other's."""
+    num = sum(float(np.sum((np.float64(a) - b) ** 2)) for a, b in zip(got, ref))
+    den = sum(float(np.sum((np.float64(b) - s) ** 2)) for b, s in zip(ref, start))
+    assert den > 0, "the reference did not move: nothing was compared"
+    return float(np.sqrt(num / den))
+
+
+def learnable(rng, n, x_shape, num_classes):
+    """Inputs and labels that are a fixed function of them: a trajectory that is not chaotic."""
+    x = rng.normal(size=(n, *x_shape)).astype(np.float32)
+    proj = rng.normal(size=(int(np.prod(x_shape)), num_classes))
+    return x, np.argmax(x.reshape(n, -1) @ proj, axis=-1)
+
 
 def exported(name, batch=16, optimizer="sgd", prox=False):
     key = (name, batch, optimizer, prox)
@@ -31,8 +55,8 @@ def exported(name, batch=16, optimizer="sgd", prox=False):
 def test_zoo_exports_verified_with_parity(name, params):
     ex = exported(name)
     assert sum(int(np.prod(w.shape)) for w in ex.weights) == params
-    assert ex.verification["steps"] == 20 and ex.verification["max_loss_diff"] < 1e-4
-    assert ex.verification["update_diff"] < 1e-3  # no rounding event on these seeds: ~1e-5
+    v = ex.verification
+    assert v["steps"] == 20 and v["max_loss_diff"] <= LOSS_TOL and v["update_diff"] <= UPDATE_TOL
     assert ex.model_id == hashlib.sha256(ex.artifact).hexdigest()
     ops, subgraphs, call_once = inspect_ops(ex.artifact)
     assert call_once and subgraphs >= 2
@@ -55,27 +79,34 @@ def test_fresh_artifact_starts_from_zeros_and_takes_any_weights():
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
 def test_optimizers_export_with_parity(optimizer):
     ex = exported("mlp", 8, optimizer)
-    assert ex.verification["max_loss_diff"] < 1e-4
+    v = ex.verification
+    assert v["steps"] == 20 and v["max_loss_diff"] <= LOSS_TOL and v["update_diff"] <= UPDATE_TOL
 
 
 def test_tflite_trainer_matches_keras_trainer():
-    """Same data, same seed, same start: the TFLite and TensorFlow trainers agree (incl. padding + FedProx)."""
+    """Same data, same seed, same start: the TFLite and TensorFlow trainers agree (incl. padding + FedProx)
+    within the export's tolerance. mu is large enough that dropping the proximal term moves the update by
+    ~30% (> 10%); a padded row counted as data moves the mean loss by far more than 1e-3."""
     ex = exported("sensor1d", prox=True)
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(70, 100, 6)).astype(np.float32)  # 70 = 4 full batches + a padded one
-    y = rng.integers(0, 7, size=70)
+    x, y = learnable(rng, 70, (100, 6), 7)  # 70 = 4 full batches + a padded one
     lite = TFLiteTrainer(ex.artifact, ex.model_id)
     keras.utils.set_random_seed(0)
     ker = KerasTrainer(ZOO["sensor1d"](), batch_size=16)
-    r1 = lite.fit(x, y, epochs=3, lr=0.05, mu=0.1, seed=4, weights=ex.initial_weights)
-    r2 = ker.fit(x, y, epochs=3, lr=0.05, mu=0.1, seed=4, weights=ex.initial_weights)
+    r1 = lite.fit(x, y, epochs=3, lr=0.01, mu=5.0, seed=4, weights=ex.initial_weights)
+    r2 = ker.fit(x, y, epochs=3, lr=0.01, mu=5.0, seed=4, weights=ex.initial_weights)
     assert r1.steps == r2.steps == 15 and r1.num_samples == 70
-    assert abs(r1.loss - r2.loss) < 1e-4
-    for a, b in zip(r1.weights, r2.weights):
-        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert abs(r1.loss - r2.loss) <= LOSS_TOL
+    assert update_diff(r1.weights, r2.weights, ex.initial_weights) <= UPDATE_TOL
+    # evaluation, with the same weights in both runtimes: only forward-pass rounding (~1e-6) separates
+    # them, which can flip a prediction only where the two top classes are within 1e-4 of each other
+    lite.set_weights(r2.weights)
+    ker.set_weights(r2.weights)
     la, aa = lite.evaluate(x, y)
     lb, ab = ker.evaluate(x, y)
-    assert abs(la - lb) < 1e-4 and aa == ab
+    top2 = np.sort(lite.predict(x), axis=-1)[:, -2:]
+    near_ties = int(np.sum(top2[:, 1] - top2[:, 0] < 1e-4))
+    assert abs(la - lb) <= LOSS_TOL and abs(aa - ab) * len(y) <= near_ties + 1e-9, (aa, ab, near_ties)
 
 
 def test_padding_mask_means_each_example_counts_once():
@@ -213,14 +244,13 @@ def test_low_memory_interpreter_trains_the_same():
     assert limit_heap_growth()  # glibc here: the thresholds are set
     ex = exported("sensor1d")
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(48, 100, 6)).astype(np.float32)
-    y = rng.integers(0, 7, size=48)
-    fast = TFLiteTrainer(ex.artifact, xnnpack=True).fit(x, y, epochs=2, lr=0.05, seed=1, weights=ex.initial_weights)
-    low = TFLiteTrainer(ex.artifact, xnnpack=False).fit(x, y, epochs=2, lr=0.05, seed=1, weights=ex.initial_weights)
+    x, y = learnable(rng, 48, (100, 6), 7)
+    fast = TFLiteTrainer(ex.artifact, xnnpack=True).fit(x, y, epochs=2, lr=0.01, seed=1, weights=ex.initial_weights)
+    low = TFLiteTrainer(ex.artifact, xnnpack=False).fit(x, y, epochs=2, lr=0.01, seed=1, weights=ex.initial_weights)
     assert fast.steps == low.steps == 6
-    assert abs(fast.loss - low.loss) < 1e-4
-    for a, b in zip(fast.weights, low.weights):
-        np.testing.assert_allclose(a, b, atol=1e-4)
+    # two kernel libraries sum in different orders: the export's tolerance, not one CPU's rounding
+    assert abs(fast.loss - low.loss) <= LOSS_TOL
+    assert update_diff(low.weights, fast.weights, ex.initial_weights) <= UPDATE_TOL
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "sensor1d"])
@@ -242,14 +272,63 @@ def test_verification_catches_an_artifact_that_trains_differently(name):
         verify(momentum_module(), ex, steps=20, tolerance=10.0, seed=0)
 
 
-def test_verification_accepts_a_correct_artifact_with_a_rounding_event():
-    """The FedAvg CNN at seed 1, batch 10: a ReLU/max-pool rounding event in one runtime moves the
-    losses ~2e-4 apart (the old 1e-4 check refused this correct artifact, and the aggregator with it)."""
+class RoundingEvent:
+    """The TensorFlow reference of ``verify`` with a rounding event injected deterministically: the loss
+    of step ``at`` is off by ``dloss`` and the final weights are moved by ``dupdate`` times the update
+    (an update difference of dupdate / (1 + dupdate) of its norm). What a ReLU input or max-pool tie
+    rounding the other way in one runtime does, on every machine alike."""
+
+    def __init__(self, module, at: int, dloss: float, dupdate: float) -> None:
+        self.module, self.at, self.dloss, self.dupdate = module, at, dloss, dupdate
+        self.num_classes, self.x_shape = module.num_classes, module.x_shape
+        self.step, self.start = 0, None
+
+    def set_weights(self, *ws):
+        if self.start is None:
+            self.start = [np.array(w) for w in ws]
+        return self.module.set_weights(*ws)
+
+    def train(self, *args):
+        out = dict(self.module.train(*args))
+        self.step += 1
+        if self.step == self.at:
+            out["loss"] = float(out["loss"]) + self.dloss
+        return out
+
+    def weights_numpy(self):
+        return [w + self.dupdate * (w - s) for w, s in zip(self.module.weights_numpy(), self.start)]
+
+
+@pytest.mark.parametrize("dloss, dupdate, refused", [
+    (5e-4, 0.05, None),  # a rounding event (seen: up to ~3e-4 and ~2%): a correct artifact, accepted
+    (3e-3, 0.0, "differs from TensorFlow's"),  # beyond the loss tolerance
+    (0.0, 0.3, "updates differ"),  # beyond the update tolerance (23% of the norm)
+])
+def test_verification_accepts_a_correct_artifact_with_a_rounding_event(dloss, dupdate, refused):
+    """The old 1e-4 loss check refused a correct CNN artifact on a rounding event (seed 1, batch 10), and
+    the aggregator with it. Which CPU hits such an event cannot be chosen, so it is injected: the
+    verification accepts an event within the product's tolerances and refuses one beyond them. (The
+    natural difference of a correct artifact, up to ~3e-4 / ~2%, cannot push either case across.)"""
+    from fedmq.aggregator.export.convert import verify
+    from fedmq.aggregator.export.trainable import TrainableModule
+
+    ex = exported("mlp")
+    keras.utils.set_random_seed(0)
+    ref = RoundingEvent(TrainableModule(ZOO["mlp"](), TrainSpec(batch_size=16)), 12, dloss, dupdate)
+    if refused is None:
+        v = verify(ref, ex, steps=20, tolerance=LOSS_TOL, seed=0, update_tolerance=UPDATE_TOL)
+        assert ref.step == 20 and 0.5 * dloss <= v["max_loss_diff"] <= LOSS_TOL
+        assert 0.5 * dupdate <= v["update_diff"] <= UPDATE_TOL
+    else:
+        with pytest.raises(ExportError, match=refused):
+            verify(ref, ex, steps=20, tolerance=LOSS_TOL, seed=0, update_tolerance=UPDATE_TOL)
+
+
+def test_the_fedavg_cnn_at_seed_1_exports():
+    """The artifact the old check refused (whether this CPU rounds it differently or not) exports verified."""
     keras.utils.set_random_seed(1)
-    ex = export_model(ZOO["cnn"](), TrainSpec(batch_size=10), verify_steps=20)
-    v = ex.verification
-    assert v["max_loss_diff"] > 1e-4, "no rounding event at this seed with these runtimes: find a seed with one"
-    assert v["max_loss_diff"] < 1e-3 and 1e-3 < v["update_diff"] < 0.1
+    v = export_model(ZOO["cnn"](), TrainSpec(batch_size=10), verify_steps=20).verification
+    assert v["steps"] == 20 and v["max_loss_diff"] <= LOSS_TOL and v["update_diff"] <= UPDATE_TOL
 
 
 def test_release_gives_the_interpreter_memory_back_and_training_resumes_identically():
@@ -262,17 +341,25 @@ def test_release_gives_the_interpreter_memory_back_and_training_resumes_identica
                 return int(line.split()[1]) / 1024
         return 0.0
 
-    limit_heap_growth()
+    assert limit_heap_growth()  # glibc: freed buffers go back to the OS, so RSS can show them
     ex = exported("cnn")
-    t = TFLiteTrainer(ex.artifact, xnnpack=False)
     rng = np.random.default_rng(4)
     x = rng.normal(size=(20, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, size=20)
+    gc.collect()
+    before = rss_mb()
+    t = TFLiteTrainer(ex.artifact, xnnpack=False)
     first = t.fit(x, y, lr=0.05, seed=3, weights=ex.initial_weights)
+    interp = weakref.ref(t.interp)
     trained = rss_mb()
     t.release()
-    assert t.interp is None
-    assert trained - rss_mb() > 15  # arenas, variables, set/get buffers of a 6.6 MB model
+    gc.collect()
+    assert t.interp is None and interp() is None  # nothing else keeps the interpreter (and its buffers) alive
+    # measured here, not a figure of one machine: of what loading and training grew (arenas, variables,
+    # set/get buffers: ~47 MB for this 6.6 MB model, of which first.weights keeps 6.6 MB), most goes back
+    grown = trained - before
+    assert grown > 4 * sum(w.nbytes for w in ex.initial_weights) / 2**20, grown
+    assert trained - rss_mb() > 0.5 * grown, (before, trained, rss_mb())
     again = t.fit(x, y, lr=0.05, seed=3, weights=ex.initial_weights)
     assert again.loss == first.loss
     for a, b in zip(first.weights, again.weights):
