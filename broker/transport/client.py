@@ -74,7 +74,7 @@ class MqttConfig:
     protocol: str = "5"  # "5" or "3.1.1"
     tls: TlsConfig | None = None
     keepalive: int = 30
-    clean_start: bool = True
+    clean_start: bool | int = True  # MQTT 5: True, False or paho's MQTT_CLEAN_START_FIRST_ONLY
     session_expiry: int = 0  # seconds; > 0 with clean_start=False keeps the session (MQTT 5)
     max_payload: int = 0  # 0 = no own limit; the broker's advertised maximum always applies
     reconnect_min_s: float = 0.5
