@@ -28,7 +28,7 @@ from .limits import AgentLimiter, agent_of
 from .model_store import ServedModel, export_final, load_or_export
 from .ratelog import BoundedLog
 from .rounds import RoundController
-from .state import Checkpoint, write_history
+from .state import Checkpoint, HistoryLog
 from .strategies import build_strategy
 from .telemetry import Telemetry
 
@@ -125,24 +125,26 @@ class AggregatorService:
 
     def _restore(self) -> None:
         ck = Checkpoint.load(self.checkpoint_path)
+        self.history_log = HistoryLog(self.state_dir)
         if ck is None or ck.model_id != self.served.model_id:
             if ck is not None:
                 log.warning("checkpoint is for model %s, serving %s: starting fresh", ck.model_id[:12],
                             self.served.model_id[:12])
             self.global_weights = self.served.initial_weights()
+            self.history = self.history_log.restore(None)
             return
         self.global_weights = ck.weights
         self.global_round = ck.global_round
         self.next_round = ck.next_round
-        self.history = ck.history
+        self.history = self.history_log.restore(ck)  # rows the checkpoint counts, once each
         self.strategy.load_state_dict(ck.strategy)
         log.info("resumed from checkpoint: next round %d, global model of round %d", self.next_round,
                  self.global_round)
 
     def _checkpoint(self) -> None:
+        self.history_log.sync(self.history)  # append + fsync first: restore drops a row whose checkpoint is missing
         Checkpoint(self.next_round, self.global_round, self.served.model_id, self.global_weights,
-                   self.strategy.state_dict(), self.history).save(self.checkpoint_path)
-        write_history(self.history, self.state_dir)
+                   self.strategy.state_dict(), self.history[-1] if self.history else None).save(self.checkpoint_path)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
