@@ -1,6 +1,7 @@
 """Run by tests/test_agent_runtime.py in a subprocess: train with a TFLite runtime, TensorFlow blocked.
 
-Usage: python agent_parity_script.py CASE.npz  ->  prints one JSON line.
+Usage: python agent_parity_script.py CASE.npz OUT.npz  ->  prints one JSON line; OUT.npz gets the weights
+after the parity steps (w0, w1, ...).
 """
 
 import importlib.abc
@@ -28,6 +29,7 @@ t.set_weights([case[f"init{i}"] for i in range(nw)])
 assert t.prox, "the parity case is exported with the FedProx term"
 losses = [float(t._train(x=x, y=y, mask=m, lr=case["lr"], mu=np.float32(0.01))["loss"])
           for x, y, m in zip(case["x"], case["y"], case["mask"])]
+np.savez(sys.argv[2], **{f"w{i}": w for i, w in enumerate(t.get_weights())})
 fit = t.fit(case["fit_x"], case["fit_y"], epochs=2, lr=0.05, seed=1, weights=[case[f"init{i}"] for i in range(nw)])
 print(json.dumps({
     "runtime": t.runtime,

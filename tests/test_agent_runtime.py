@@ -19,7 +19,12 @@ from fedmq.aggregator.export.zoo import ZOO  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "agent_parity_script.py"
 STEPS = 20
-LR = 0.05
+# the export verification's learning rate and tolerances (fedmq.aggregator.export.convert): at a large rate a
+# ReLU input that rounds the other way in one runtime sends the trajectories apart by an amount that
+# depends on the CPU; at this one a correct runtime is within the tolerances on any machine
+LR = 0.001
+LOSS_TOL = 1e-3
+UPDATE_TOL = 0.1
 
 
 def tflite_python() -> str | None:
@@ -44,11 +49,13 @@ def case(request, tmp_path_factory):
     ms[-1, 5:] = 0.0  # a padded batch too
     ref = np.array([float(ker.module.train(x, y, m, np.float32(LR), np.float32(0.01))["loss"])
                     for x, y, m in zip(xs, ys, ms)])
+    ref_w = ker.get_weights()
     path = tmp_path_factory.mktemp(name) / "case.npz"
     fit_x = rng.normal(size=(21, *shape[1:])).astype(np.float32)
     fit_y = rng.integers(0, ker.num_classes, size=21)
     np.savez(path, lr=np.float32(LR), artifact=np.frombuffer(ex.artifact, np.uint8), x=xs, y=ys, mask=ms, ref=ref, fit_x=fit_x,
-             fit_y=fit_y, **{f"init{i}": w for i, w in enumerate(ex.initial_weights)})
+             fit_y=fit_y, **{f"init{i}": w for i, w in enumerate(ex.initial_weights)},
+             **{f"ref_w{i}": w for i, w in enumerate(ref_w)})
     return name, path
 
 
@@ -56,10 +63,26 @@ def run(python: str, case_path: Path, runtime: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "FEDMQ_TFLITE_RUNTIME"}
     if runtime:
         env["FEDMQ_TFLITE_RUNTIME"] = runtime
-    out = subprocess.run([python, str(SCRIPT), str(case_path)], capture_output=True, text=True, env=env,
-                         timeout=300, cwd=str(ROOT))
+    out_path = case_path.with_name(f"out-{runtime or 'default'}.npz")
+    out = subprocess.run([python, str(SCRIPT), str(case_path), str(out_path)], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    case, got = np.load(case_path), np.load(out_path)
+    n = len([k for k in case.files if k.startswith("init")])
+    assert len(got.files) == n
+    start = [case[f"init{i}"] for i in range(n)]
+    ref = [case[f"ref_w{i}"] for i in range(n)]
+    num = sum(float(np.sum((np.float64(got[f"w{i}"]) - ref[i]) ** 2)) for i in range(n))
+    den = sum(float(np.sum((np.float64(ref[i]) - start[i]) ** 2)) for i in range(n))
+    assert den > 0, "the reference did not move"
+    r["update_diff"] = float(np.sqrt(num / den))
+    return r
+
+
+def assert_parity(r: dict) -> None:
+    """Losses within the export's loss tolerance; the 20-step update within 10% of its norm."""
+    assert r["max_diff"] <= LOSS_TOL and r["update_diff"] <= UPDATE_TOL, r
 
 
 def test_agent_trains_with_tensorflow_blocked_in_litert(case):
@@ -67,7 +90,7 @@ def test_agent_trains_with_tensorflow_blocked_in_litert(case):
     r = run(sys.executable, path, None)
     assert r["runtime"].startswith("ai_edge_litert")
     assert r["tf_loaded"] is False
-    assert r["max_diff"] < 1e-4, r
+    assert_parity(r)
     assert np.isfinite(r["fit_loss"])
 
 
@@ -80,4 +103,4 @@ def test_tflite_runtime_parity_in_its_own_environment(case):
     assert r["runtime"].startswith("tflite_runtime 2.")
     assert r["numpy"].startswith("1."), "tflite-runtime must run on numpy < 2"
     assert r["tf_loaded"] is False
-    assert r["max_diff"] < 1e-4, r
+    assert_parity(r)
