@@ -44,6 +44,8 @@ def make_ca(cn: str = "fedmq fleet CA", days: int = 3650) -> KeyPair:
 def issue(ca: KeyPair, cn: str, *, server_names: list[str] | None = None, days: int = 825) -> KeyPair:
     """Issue a leaf certificate: a server cert when ``server_names`` is given, else a client cert."""
     ca_key = serialization.load_pem_private_key(ca.key_pem, None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the CA key is not an EC key: fedmq-broker provision writes EC P-256 keys")
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
@@ -51,7 +53,7 @@ def issue(ca: KeyPair, cn: str, *, server_names: list[str] | None = None, days: 
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
          .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False))
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
     if server_names is not None:
         sans: list[x509.GeneralName] = []
         for n in server_names:

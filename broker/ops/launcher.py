@@ -111,7 +111,7 @@ class LocalBroker:
         if self.proc is not None and self.proc.poll() is None:
             return self
         logf = open(self.out_path, "ab")
-        if self.embedded:
+        if self.binary is None:  # self.embedded
             if self.secure:
                 raise FedmqError("the embedded broker cannot enforce TLS/ACL: install mosquitto")
             log.warning("mosquitto not found: using the embedded amqtt broker (MQTT 3.1.1 only)")

@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -174,7 +174,7 @@ class MqttClient:
         self._fatal: MqttError | None = None
         self._closing = threading.Event()
         self._started = False
-        self._delays = None
+        self._delays: Iterator[float] | None = None
         self.broker_max_packet: int | None = None
         self.inbox: queue.Queue[InMessage] = queue.Queue(config.inbox_size)
         self._handler = on_message
@@ -239,7 +239,7 @@ class MqttClient:
         if reset or self._delays is None:
             self._delays = backoff_delays(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
         d = next(self._delays)
-        self._c.reconnect_delay_set(d, d)
+        self._c.reconnect_delay_set(d, d)  # type: ignore[arg-type]  # annotated int; paho uses float seconds
 
     # -- callbacks (network thread; never block) ------------------------------------------------
     def _on_connect(self, c: mqtt.Client, ud: Any, flags: Any, rc: ReasonCode, props: Properties | None) -> None:
@@ -305,7 +305,8 @@ class MqttClient:
         self._resolve(mid, rcs)
 
     def _on_message(self, c: mqtt.Client, ud: Any, msg: mqtt.MQTTMessage) -> None:
-        m = InMessage(msg.topic, msg.payload, msg.qos, bool(msg.retain))
+        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)  # paho gives bytes
+        m = InMessage(msg.topic, payload, msg.qos, bool(msg.retain))
         if self._handler is not None:
             try:
                 self._handler(m)
@@ -372,7 +373,7 @@ class MqttClient:
         with self._lock:
             self._subs[topic] = qos
         rc, mid = self._c.subscribe(topic, qos)
-        if rc != mqtt.MQTT_ERR_SUCCESS:
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             raise MqttError(f"subscribe to {topic} failed: {mqtt.error_string(rc)}")
         rcs = self._wait(mid, _Waiter(), timeout, f"subscribe to {topic}")
         code = rcs[0]
