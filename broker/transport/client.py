@@ -74,7 +74,7 @@ class MqttConfig:
     protocol: str = "5"  # "5" or "3.1.1"
     tls: TlsConfig | None = None
     keepalive: int = 30
-    clean_start: bool | int = True  # MQTT 5: True, False or paho's MQTT_CLEAN_START_FIRST_ONLY
+    clean_start: mqtt.CleanStartOption = True  # MQTT 5: True, False or paho's MQTT_CLEAN_START_FIRST_ONLY
     session_expiry: int = 0  # seconds; > 0 with clean_start=False keeps the session (MQTT 5)
     max_payload: int = 0  # 0 = no own limit; the broker's advertised maximum always applies
     reconnect_min_s: float = 0.5
@@ -146,7 +146,7 @@ class MqttClient:
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else config.clean_start,
+            clean_session=None if v5 else bool(config.clean_start),  # 3.1.1: first-only is clean
         )
         self._c.enable_logger(_PAHO_LOG)
         if config.username is not None:
