@@ -91,6 +91,8 @@ class RoundController:
             return self._reject(reason, u)
         if u.model_id != ann.model_id:
             return self._reject("wrong_model", u)
+        if u.base_round != ann.base_round:  # computed against another global model
+            return self._reject("stale_base", u)
         if u.agent not in r.asked:  # also under select = "all": asked = online when the round opened
             return self._reject("not_asked", u)
         if u.agent in r.received:

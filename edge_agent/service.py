@@ -6,6 +6,7 @@ artifact cache (by id), the outbox of finished updates, the top-k error-feedback
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 import threading
@@ -121,14 +122,28 @@ class AgentService:
             m = self.client.get(timeout=0)
 
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Handle one received message; nothing it holds can raise out of here (counted ``internal``)."""
+        try:
+            self._handle_one(topic, payload, retained)
+        except Exception as e:  # last line of defence: the agent keeps serving
+            self.receiver.internal_error(e, topic, "handling a received message")
+
+    def _handle_one(self, topic: str, payload: bytes, retained: bool) -> None:
         got = self.receiver.feed(topic, payload, retained)
         if got is None:
             return
         msg = got.message
         ch = got.topic.channel
         if ch is Channel.MODEL and isinstance(msg, ModelManifest):
+            if hashlib.sha256(msg.artifact).hexdigest() != msg.model_id:
+                self.receiver.reject("bad_model_id", f"model {msg.model_id[:12]}: artifact hash differs", topic)
+                return
             self._set_model(msg)
         elif ch is Channel.GLOBAL and isinstance(msg, GlobalModel):
+            bad = self._global_misfit(msg)
+            if bad:
+                self.receiver.reject("bad_global", f"global of round {msg.round}: {bad}", topic)
+                return
             self.global_msg = msg
             self.outbox.drop_before(msg.round + 1)  # rounds up to this one are closed
         elif ch is Channel.ROUND and isinstance(msg, RoundAnnouncement):
@@ -148,6 +163,25 @@ class AgentService:
                 log.warning("cached model %s unusable (%s): removed", p.name, e)
                 p.unlink(missing_ok=True)
 
+    def _global_misfit(self, g: GlobalModel) -> str | None:
+        """Why global weights cannot be used with the model (names, shapes, float dtype), or None."""
+        m = self.manifest
+        specs = {w.name: tuple(w.shape) for w in m.weights} if m is not None and m.model_id == g.model_id else {}
+        if self.trainer is not None and self.trainer.model_id == g.model_id:
+            specs = specs or {n: None for n in self.trainer.weight_names}  # type: ignore[misc]
+            missing = set(self.trainer.weight_names) - set(g.tensors)
+            if missing:
+                return f"missing tensors {sorted(missing)[:3]}"
+        for name, shape in specs.items():
+            t = g.tensors.get(name)
+            if t is None:
+                return f"missing tensor {name!r}"
+            if shape is not None and tuple(t.shape) != shape:
+                return f"tensor {name!r} has shape {tuple(t.shape)}, the model {shape}"
+            if t.dtype.kind != "f":
+                return f"tensor {name!r} has dtype {t.dtype}"
+        return None
+
     def _set_model(self, m: ModelManifest) -> None:
         if self.trainer is not None and self.trainer.model_id == m.model_id:
             self.manifest = m
@@ -157,6 +191,10 @@ class AgentService:
                                     self.cfg.agent.num_threads or None, xnnpack=not self.cfg.agent.low_memory)
         except ArtifactError as e:
             log.error("model %s refused: %s", m.model_id[:12], e)
+            self.receiver.reject("bad_model", str(e), self.topics.model())
+            return
+        except Exception as e:  # a runtime may fail on a hostile flatbuffer in ways it does not type
+            self.receiver.internal_error(e, self.topics.model(), "loading a received model artifact")
             return
         try:
             check_data(self.x[:1], self.y[:1], trainer.x_shape, trainer.num_classes)
@@ -187,7 +225,7 @@ class AgentService:
             return
         t, g = self.trainer, self.global_msg
         if t is None or t.model_id != ann.model_id or g is None or g.round != ann.base_round \
-                or g.model_id != ann.model_id or self.data_error:
+                or g.model_id != ann.model_id or self.data_error or self._global_misfit(g):
             return  # wait for the matching model / global weights
         self._train(ann, g)
 
@@ -211,7 +249,7 @@ class AgentService:
             delta = {n: np.multiply(d, np.float32(factor), out=d) for n, d in delta.items()}
         delta = apply_error_feedback(delta, cfg.compression, self.ef)
         upd = Update(ann.round, self.id, ann.model_id, uuid.uuid4().hex, r.num_samples, delta, metrics, time.time(),
-                     cfg.compression)
+                     cfg.compression, base_round=ann.base_round)
         payload = codec.encode(upd)
         self.outbox.put(ann.round, payload)  # on disk before it leaves
         self.rounds_trained += 1
