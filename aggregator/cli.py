@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Run the aggregator service (see docs/configuration.md).")
     r.add_argument("--config", required=True, help="aggregator TOML file")
     r.add_argument("--max-seconds", type=float, help="stop after this many seconds (testing)")
-    r.add_argument("--check", action="store_true", help="validate the config and exit")
+    r.add_argument("--check", action="store_true",
+                   help="validate what run needs (config, state_dir, model source, eval data) and exit; 2 = a problem")
     sm = sub.add_parser("simulate", help="run a whole fleet on this machine (broker, aggregator, N agents)",
                         description="Simulate a fleet with real processes, a real broker and TFLite training.")
     from .simulate import add_arguments
@@ -92,7 +93,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = logging.getLogger("fedmq.aggregator")
     log.info("config: %s", redact(cfg))
     if args.check:
-        print(f"{args.config}: ok")
+        problems = preflight(cfg)
+        for p in problems:
+            print(f"fedmq-aggregator: config error: {p}", file=sys.stderr)
+        if problems:
+            return EXIT_USAGE
+        print(f"{args.config}: ok (model {cfg.model.source}, state in {cfg.service.state_dir}"
+              + (f", eval on {cfg.eval.dataset}" if cfg.eval.dataset else "") + ")")
         return EXIT_OK
     from .service import AggregatorService
 
@@ -104,6 +111,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"done: {summary.rounds_done} rounds, global model of round {summary.global_round}"
           + (f", eval accuracy {last['eval_accuracy']:.4f}" if "eval_accuracy" in last else ""))
     return EXIT_OK
+
+
+def preflight(cfg) -> list[str]:
+    """What ``run`` will need, checked without connecting: one message (naming the fix) per problem.
+
+    The state directory is writable, the model source imports and names a function, the
+    ``[eval]`` data loads. (Quorum against the agent list is checked when the config loads.)
+    """
+    from fedmq.broker.commands.config import check_writable_dir
+
+    from .service import load_eval
+
+    problems: list[str] = []
+    for check in (lambda: check_writable_dir(cfg.service.state_dir, "service.state_dir"),
+                  lambda: check_model_source(cfg.model.source),
+                  lambda: _check_eval(cfg, load_eval)):
+        try:
+            check()
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _check_eval(cfg, load_eval) -> None:
+    try:
+        load_eval(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt file may raise anything
+        raise ConfigError(f"eval.dataset = {cfg.eval.dataset!r} cannot be loaded: {type(e).__name__}: {e}") from None
+
+
+def check_model_source(source: str) -> None:
+    """ConfigError unless ``zoo:NAME`` names a zoo model or ``package.module:function`` imports."""
+    import importlib
+
+    mod, _, fn = source.rpartition(":")
+    key = f"model.source = {source!r}"
+    if mod == "zoo":
+        from .export.zoo import ZOO
+
+        if fn not in ZOO:
+            raise ConfigError(f"{key}: no zoo model {fn!r}; available: {', '.join(ZOO)}")
+        return
+    try:
+        module = importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        missing = e.name or mod
+        if mod == missing or mod.startswith(missing + "."):
+            top = mod.split(".")[0]
+            raise ConfigError(
+                f"{key}: module {mod!r} is not importable (no module named {missing!r}); fedmq-aggregator does "
+                f"not look in the current directory. Make it importable: put the directory that holds {top}/ "
+                f"(or {top}.py) on PYTHONPATH, e.g. PYTHONPATH=/path/to/project fedmq-aggregator run ..., or "
+                f"pip install -e the project that contains it") from None
+        raise ConfigError(f"{key}: importing {mod!r} failed, it needs {missing!r}: install it (pip install ...)") \
+            from None
+    except Exception as e:  # noqa: BLE001 - the user's module may raise anything at import time
+        raise ConfigError(f"{key}: importing {mod!r} failed: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, fn, None)):
+        funcs = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:10]
+        raise ConfigError(f"{key}: module {mod!r} has no function {fn!r}"
+                          + (f"; it has: {', '.join(funcs)}" if funcs else ""))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

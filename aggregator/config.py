@@ -78,6 +78,12 @@ class RoundsSection:
         for a in self.agents:
             if not NAME_RE.match(a):
                 raise ConfigError(f"{section}.agents: {a!r} is not a valid agent id")
+        if self.select == "list" and self.quorum > len(self.agents):
+            raise ConfigError(f"{section}.quorum = {self.quorum} can never be met: select = \"list\" asks only the "
+                              f"{len(self.agents)} listed agents; lower quorum or list more agents")
+        if self.select != "list" and self.min_agents < 1:
+            raise ConfigError(f"{section}.min_agents = {self.min_agents}: a round needs at least one online agent "
+                              "(use >= 1)")
 
 
 @dataclass

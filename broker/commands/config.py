@@ -373,3 +373,29 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: ("***" if k in SECRET_KEYS and v else redact(v)) for k, v in obj.items()}
     return obj
+
+
+def check_writable_dir(path: str | os.PathLike[str], key: str) -> None:
+    """ConfigError unless ``path`` is (or can be created as) a directory this process can write.
+
+    Checked by writing a probe file (permission bits say nothing for root, nor for a read-only
+    mount); a directory that does not exist yet is not created: its nearest existing parent
+    must be a writable directory.
+    """
+    import tempfile
+
+    p = Path(path).expanduser()
+    target = p
+    while not target.exists():
+        if target.parent == target:
+            break
+        target = target.parent
+    if not target.is_dir():
+        raise ConfigError(f"{key} = {str(path)!r}: {target} is not a directory: choose a directory path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".fedmq-check-"):
+            pass
+    except OSError as e:
+        what = "" if target == p else f" (it does not exist yet, and its parent {target} is not writable)"
+        raise ConfigError(f"{key} = {str(path)!r} is not writable{what}: {e.strerror or e}; choose a writable "
+                          "directory or give this user write access to it") from None
