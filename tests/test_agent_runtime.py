@@ -94,6 +94,7 @@ def test_agent_trains_with_tensorflow_blocked_in_litert(case):
     assert np.isfinite(r["fit_loss"])
 
 
+@pytest.mark.tflite_runtime
 def test_tflite_runtime_parity_in_its_own_environment(case):
     py = tflite_python()
     if py is None:

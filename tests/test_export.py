@@ -120,7 +120,7 @@ def test_padding_mask_means_each_example_counts_once():
     logits = t.predict(x)
     ref = float(np.mean(-np.log(logits[np.arange(5), y])))
     r = t.fit(x, y, epochs=1, lr=0.0, weights=ex.initial_weights)  # lr 0: loss of the start weights
-    assert r.steps == 1 and abs(r.loss - ref) < 1e-5
+    assert r.steps == 1 and abs(r.loss - ref) <= LOSS_TOL  # 11 padded rows counted would move it by O(1)
 
 
 def test_fedprox_term_pulls_toward_global():

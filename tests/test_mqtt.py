@@ -146,7 +146,7 @@ def test_rejections_counted_and_receiver_keeps_serving(broker, topics):
 
 
 AGENT_SCRIPT = r"""
-import sys, time
+import signal, sys
 sys.path.insert(0, {root!r})
 from fedmq.broker.transport.client import MqttClient, MqttConfig, Will
 from fedmq.broker.contract import codec
@@ -156,7 +156,7 @@ c = MqttClient(MqttConfig({host!r}, {port}, client_id="will-agent", protocol={pr
 c.connect()
 c.publish({topic!r}, codec.encode(Status("will-agent", "online", 1.0)), retain=True)
 print("ready", flush=True)
-time.sleep(600)
+signal.pause()  # until the test kills it
 """
 
 
