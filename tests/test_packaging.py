@@ -233,3 +233,22 @@ def test_datasets_without_their_extra_name_it(bare, loader, module):
     r = _run([str(bare / "python"), "-c", code], env=_env(), cwd="/")
     assert r.returncode == 3, r.stderr
     assert module in r.stdout and "pip install 'fedmq[datasets]'" in r.stdout
+
+
+def test_one_version_read_from_the_distribution_metadata():
+    """pyproject.toml holds the only copy; the package and every --version read the installed metadata."""
+    from importlib import metadata
+
+    import fedmq.broker
+
+    version = PYPROJECT["project"]["version"]
+    assert fedmq.broker.__version__ == metadata.version("fedmq") == version
+    assignment = re.compile(r"""version_*\s*[=:]\s*["']\d+\.\d+""", re.IGNORECASE)
+    hardcoded = []
+    for folder in (*FOLDERS, "docker"):
+        for p in (ROOT / folder).rglob("*"):
+            if p.is_file() and p.suffix in (".py", ".toml", ".yaml", ".yml", ".Dockerfile", ".in"):
+                text = p.read_text(errors="replace")
+                if version in text or assignment.search(text):
+                    hardcoded.append(str(p.relative_to(ROOT)))
+    assert hardcoded == []
