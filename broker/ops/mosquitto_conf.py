@@ -88,4 +88,4 @@ def render_acl(topics: Topics, aggregator: str = "aggregator") -> str:
 
 
 def _template(name: str) -> str:
-    return resources.files("fedmq.broker.ops").joinpath("templates", name).read_text()
+    return (resources.files("fedmq.broker.ops") / "templates" / name).read_text()  # one name per step (3.10)
