@@ -190,10 +190,16 @@ def test_reconnects_and_resubscribes_after_broker_restart(own_broker, topics):
         wait_until(lambda: not sub.connected and not pub.connected, what="disconnect")
         b.start()
         wait_until(lambda: sub.connected and pub.connected, timeout=20, what="reconnect")
-        pub.publish(topics.metrics(), b"after-restart")
-        m = sub.get(timeout=10)
-        assert m is not None and m.payload == b"after-restart"
-        assert sub.reconnects >= 1
+
+        # the re-sent SUBSCRIBE and the other client's PUBLISH race at the broker: publish until one
+        # arrives (it can only arrive through the re-made subscription: the broker kept no session)
+        def delivered() -> bool:
+            pub.publish(topics.metrics(), b"after-restart")
+            m = sub.get(timeout=0.5)
+            return m is not None and m.payload == b"after-restart"
+
+        wait_until(delivered, 20, interval=0, what="a message through the re-made subscription")
+        assert sub.reconnects >= 1 and pub.reconnects >= 1
 
 
 def test_connect_to_closed_port_fails_fast():

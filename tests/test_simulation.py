@@ -13,6 +13,7 @@ pytestmark = [pytest.mark.network, needs_mosquitto]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # ~25 s: export, centralized baseline and 4 rounds of 8 agent processes
 def test_reduced_watch_experiment(tmp_path):
     """As `make demo` runs it: a run directory relative to the current directory."""
     run = tmp_path / "runs" / "demo"
