@@ -8,6 +8,7 @@ checkpoints, republishes the global model and opens the next round. See docs/arc
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -75,7 +76,15 @@ class AggregatorService:
         self.topics = cfg.broker.topics()
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.client = client or MqttClient(cfg.broker.mqtt(cfg.service.id, resume_session=True))
+        # our own client admits messages on paho's network thread: a flooder's messages are dropped by
+        # its rate limit before they take a place in the inbox the honest fleet shares
+        self.client = client or MqttClient(cfg.broker.mqtt(cfg.service.id, resume_session=True),
+                                           on_message=self._admit)
+        self._admits = client is None
+        self._limited: dict[str, int] = {}  # agent -> messages dropped by its rate limit (network thread)
+        self._limited_total = 0
+        self._limited_seen: dict[str, int] = {}
+        self._limited_counted = 0
         self.stop_event = threading.Event()
         self.telemetry = Telemetry()
         self.round_rejects: Counter[str] = Counter()
@@ -86,6 +95,7 @@ class AggregatorService:
         self.limiter: AgentLimiter | None = None  # sized from the model at start()
         self.internal_errors = 0
         self._next_tick = 0.0
+        self._next_summary = 0.0
         self.online: dict[str, Status] = {}
         self.served: ServedModel | None = served  # None: export (or load from the cache) at start
         self.history: list[dict] = []
@@ -109,6 +119,38 @@ class AggregatorService:
         self.internal_errors += 1
         self._count_reject("internal")
         self.bounded_log.internal(what, exc)
+
+    def _admit(self, m) -> None:
+        """On paho's network thread: the per-agent rate limit, then the inbox (never blocks)."""
+        lim = self.limiter
+        if lim is not None:
+            agent = agent_of(m.topic, self.topics.base)
+            if agent is not None and not lim.allow(agent, len(m.payload)):
+                self._limited[agent] = self._limited.get(agent, 0) + 1  # one writer: this thread
+                self._limited_total += 1
+                return
+        try:
+            self.client.inbox.put_nowait(m)
+        except queue.Full:
+            self.client.dropped += 1
+            if self.client.dropped == 1 or self.client.dropped % 1000 == 0:
+                log.warning("inbox full: dropped %d messages so far", self.client.dropped)
+
+    def _count_limited(self, summary: bool) -> None:
+        """Count (main thread) what the network thread dropped; with ``summary``, log one line per agent."""
+        total = self._limited_total
+        new = total - self._limited_counted
+        if new:
+            self._limited_counted = total
+            self.round_rejects["rate_limited"] += new
+            self.telemetry.rejected.labels("rate_limited").inc(new)
+        if summary:
+            now = dict(self._limited)
+            over = {a: n - self._limited_seen.get(a, 0) for a, n in now.items() if n != self._limited_seen.get(a, 0)}
+            self._limited_seen = now
+            if over:
+                top = dict(sorted(over.items(), key=lambda kv: -kv[1])[:20])
+                log.warning("rate limited (messages dropped before decoding) since the last summary: %s", top)
 
     def _make_limiter(self) -> AgentLimiter | None:
         lc = self.cfg.limits
@@ -217,6 +259,7 @@ class AggregatorService:
                 self._internal(f"handling a message on {m.topic[:200]!r}", e)
             m = self.client.get(timeout=0)
         self._tick()
+        self._count_limited(summary=False)
         now = time.time()
         c = self.controller
         if c.current is None:
@@ -244,6 +287,9 @@ class AggregatorService:
         if mono < self._next_tick:
             return
         self._next_tick = mono + 1.0
+        self._count_limited(summary=mono >= self._next_summary)
+        if mono >= self._next_summary:
+            self._next_summary = mono + self.cfg.limits.log_interval_s
         tick = getattr(self.receiver, "tick", None)
         try:
             if callable(tick):
@@ -273,7 +319,7 @@ class AggregatorService:
             self._republish.set()
 
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
-        if self.limiter is not None:
+        if self.limiter is not None and not self._admits:  # an injected client: limit here
             agent = agent_of(topic, self.topics.base)
             if agent is not None and not self.limiter.allow(agent, len(payload)):
                 self._count_reject("rate_limited")
