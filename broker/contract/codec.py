@@ -4,6 +4,12 @@
 40 MB allocation per message) that stays valid until its next call. ``decode`` checks the size
 first, walks the payload with the zero-copy reader (fedmq.broker.contract.msgview) and validates the schema;
 every failure is a DecodeError whose ``reason`` is a short label for counters.
+
+Memory: ``decode`` never allocates from a declared size before checking it against the bytes
+present. Its peak allocation is at most ``DECODE_AMPLIFICATION * len(payload) + DECODE_OVERHEAD``
+bytes plus, for ``topk`` tensors, the dense result (4 bytes per declared element; at most
+``max_topk_expansion`` elements per sent entry and ``max_elements`` per message). ``raw`` tensors
+are zero-copy views. tests/test_fuzz.py checks this bound with tracemalloc.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ from fedmq.broker.contract.msgview import ReadLimits, unpack
 from fedmq.broker.errors import DecodeError, EncodeError
 
 DEFAULT_LIMITS = DecodeLimits()
+#: bytes allocated per payload byte at most (Python objects of the msgpack structure; f16 x2, int8 x4)
+DECODE_AMPLIFICATION = 32
+#: constant part of the bound: container headers (at most ``max_containers``), numpy array headers
+DECODE_OVERHEAD = 2 * 1024 * 1024
 
 
 def _envelope(msg: Message) -> dict[str, Any]:
@@ -70,7 +80,7 @@ def _walk(payload: bytes | bytearray | memoryview, limits: DecodeLimits) -> Any:
         raise DecodeError(f"payload of {n} bytes exceeds the limit {limits.max_payload_bytes}", reason="too_large")
     if n == 0:
         raise DecodeError("empty payload", reason="malformed")
-    return unpack(payload, ReadLimits(limits.max_depth, limits.max_container, limits.max_str))
+    return unpack(payload, ReadLimits(limits.max_depth, limits.max_container, limits.max_str, limits.max_containers))
 
 
 def _check_envelope(m: Any) -> str:

@@ -39,6 +39,8 @@ class DecodeLimits:
     max_str: int = 4096
     max_container: int = 200_000
     max_samples: int = 1_000_000_000  # num_samples above this is implausible: ``bad_samples``
+    max_containers: int = 4096  # maps + arrays per payload (bounds the Python objects a payload makes)
+    max_topk_expansion: int = 1000  # a topk tensor's size <= this x its entries (topk_fraction >= 0.001)
 
 
 # -- field helpers -----------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def tensors_from_wire(v: Any, kind: str, limits: DecodeLimits) -> dict[str, np.n
     out: dict[str, np.ndarray] = {}
     budget = limits.max_elements
     for t in v:
-        name, arr = decode_tensor(t, budget)
+        name, arr = decode_tensor(t, budget, limits.max_topk_expansion)
         if name in out:
             raise DecodeError(f"{kind}: duplicate tensor name {name!r}", reason="schema")
         budget -= arr.size

@@ -35,10 +35,11 @@ class ReadLimits:
     max_depth: int = 8
     max_container: int = 100_000
     max_str: int = 65_536
+    max_containers: int = 4096  # maps + arrays in one payload: bounds Python object overhead per byte
 
 
 class _Reader:
-    __slots__ = ("buf", "mv", "pos", "end", "lim")
+    __slots__ = ("buf", "mv", "pos", "end", "lim", "containers")
 
     def __init__(self, buf: bytes | bytearray | memoryview, lim: ReadLimits) -> None:
         self.mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
@@ -46,6 +47,7 @@ class _Reader:
         self.pos = 0
         self.end = len(self.mv)
         self.lim = lim
+        self.containers = 0
 
     def _need(self, n: int) -> int:
         p = self.pos
@@ -72,6 +74,9 @@ class _Reader:
     def _container(self, n: int, depth: int) -> None:
         if depth >= self.lim.max_depth:
             raise DecodeError(f"nesting deeper than {self.lim.max_depth}", reason="malformed")
+        self.containers += 1
+        if self.containers > self.lim.max_containers:
+            raise DecodeError(f"more than {self.lim.max_containers} maps and arrays in one payload", reason="too_large")
         if n > self.lim.max_container:
             raise DecodeError(f"container of {n} entries exceeds limit {self.lim.max_container}", reason="too_large")
         # Every entry takes at least one byte: a declared count larger than what is left is a lie.

@@ -181,8 +181,12 @@ def _bin(obj: Any, field: str, name: str) -> memoryview:
     return memoryview(obj)
 
 
-def decode_tensor(m: Mapping[str, Any], max_elements: int) -> tuple[str, np.ndarray]:
-    """Validate a wire map and return ``(name, array)``; never allocates a declared size unchecked."""
+def decode_tensor(m: Mapping[str, Any], max_elements: int, max_topk_expansion: int = 1000) -> tuple[str, np.ndarray]:
+    """Validate a wire map and return ``(name, array)``; never allocates a declared size unchecked.
+
+    Allocation: raw none (a view), f16 2 x the data, int8 4 x the data, topk the dense result of
+    at most ``max_topk_expansion`` elements per sent entry.
+    """
     if not isinstance(m, Mapping):
         raise DecodeError("tensor entry must be a map", reason="schema")
     name = m.get("name")
@@ -217,12 +221,16 @@ def decode_tensor(m: Mapping[str, Any], max_elements: int) -> tuple[str, np.ndar
             raise DecodeError(f"tensor {name!r}: int8 scale must be a finite float >= 0", reason="schema")
         if data.nbytes != size:
             raise DecodeError(f"tensor {name!r}: int8 needs {size} bytes, got {data.nbytes}", reason="bad_shape")
-        q = np.frombuffer(data, dtype=np.int8)
-        return name, (q.astype(np.float32) * np.float32(scale)).reshape(shape)
+        out = np.frombuffer(data, dtype=np.int8).astype(np.float32)
+        out *= np.float32(scale)  # in place: one float32 array, 4 x the data
+        return name, out.reshape(shape)
     # topk
     idx_b = _bin(m.get("idx"), "idx", name)
     if idx_b.nbytes % 4 or data.nbytes != idx_b.nbytes or idx_b.nbytes // 4 > size:
         raise DecodeError(f"tensor {name!r}: topk idx/values lengths inconsistent with shape", reason="bad_shape")
+    if size > max_topk_expansion * max(1, idx_b.nbytes // 4):
+        raise DecodeError(f"tensor {name!r}: topk of {idx_b.nbytes // 4} entries for {size} elements expands more "
+                          f"than {max_topk_expansion}x", reason="too_large")
     idx = np.frombuffer(idx_b, dtype="<u4")
     vals = np.frombuffer(data, dtype="<f4")
     if idx.size:
