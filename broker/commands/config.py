@@ -168,7 +168,7 @@ def _check_type(value: Any, typ: Any, key: str) -> Any:
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"[{key}] must be a table")
-        return build(typ, value, key)
+        return build(typing.cast(type, typ), value, key)
     return value
 
 
