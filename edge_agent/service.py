@@ -120,6 +120,7 @@ class AgentService:
         while m is not None:
             self._handle(m.topic, m.payload, m.retain)
             m = self.client.get(timeout=0)
+        self.receiver.tick()  # expire idle chunked blobs (memory back to the OS), flush rejection summaries
 
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
         """Handle one received message; nothing it holds can raise out of here (counted ``internal``)."""
