@@ -29,7 +29,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 from fedmq.broker.contract.messages import Chunk
 from fedmq.broker.errors import ChunkError
@@ -123,19 +123,19 @@ def release_memory() -> bool:
     global _trim
     if _trim is None:
         try:
-            libc = ctypes.CDLL("libc.so.6")
-            _trim = libc.malloc_trim
-            _trim.argtypes = [ctypes.c_size_t]
-            _trim.restype = ctypes.c_int
+            fn = ctypes.CDLL("libc.so.6").malloc_trim
+            fn.argtypes = [ctypes.c_size_t]
+            fn.restype = ctypes.c_int
+            _trim = fn
         except (OSError, AttributeError):
             _trim = False
-    if not _trim:
+    if _trim is False or _trim is None:
         return False
     _trim(0)
     return True
 
 
-_trim: Callable[[int], int] | bool | None = None
+_trim: Any = None  # None = not looked up yet, False = unavailable, else libc's malloc_trim
 
 
 class Reassembler:

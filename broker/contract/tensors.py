@@ -77,7 +77,7 @@ def _le_contiguous(a: np.ndarray) -> np.ndarray:
 
 def _bytes_view(a: np.ndarray) -> memoryview:
     """A flat byte view of a contiguous array, without a copy."""
-    return memoryview(a.reshape(-1).view(np.uint8)) if a.size else memoryview(b"")
+    return a.reshape(-1).view(np.uint8).data if a.size else memoryview(b"")
 
 
 def topk_count(size: int, fraction: float) -> int:
@@ -175,6 +175,14 @@ def _shape(obj: Any, name: str, max_elements: int) -> tuple[tuple[int, ...], int
     return tuple(obj), size
 
 
+def _scale_ok(v: Any) -> bool:
+    """An int8 scale: a non-bool int or float, finite, >= 0 and finite in float32 too."""
+    if type(v) not in (float, int) or not -(2**64) < v < 2**64:
+        return False
+    f = float(v)
+    return math.isfinite(f) and f >= 0 and math.isfinite(float(np.float32(f)))
+
+
 def _bin(obj: Any, field: str, name: str) -> memoryview:
     if type(obj) not in (bytes, memoryview):
         raise DecodeError(f"tensor {name!r}: field {field!r} must be bin", reason="schema")
@@ -215,9 +223,8 @@ def decode_tensor(m: Mapping[str, Any], max_elements: int, max_topk_expansion: i
             raise DecodeError(f"tensor {name!r}: f16 needs {size * 2} bytes, got {data.nbytes}", reason="bad_shape")
         return name, np.frombuffer(data, dtype="<f2").astype(np.float32).reshape(shape)
     if enc == "int8":
-        scale = m.get("scale")
-        if type(scale) not in (float, int) or not -(2**64) < scale < 2**64 or not math.isfinite(scale) \
-                or scale < 0 or np.float32(scale) == np.inf:
+        scale: Any = m.get("scale")
+        if not _scale_ok(scale):
             raise DecodeError(f"tensor {name!r}: int8 scale must be a finite float >= 0", reason="schema")
         if data.nbytes != size:
             raise DecodeError(f"tensor {name!r}: int8 needs {size} bytes, got {data.nbytes}", reason="bad_shape")
