@@ -507,3 +507,89 @@ def test_agent_counts_an_unexpected_exception_and_goes_on(tmp_path, monkeypatch)
     monkeypatch.undo()
     ag._handle(T.global_(), pack(ok), True)
     assert ag.global_msg is not None
+
+
+# -- over a real provisioned broker: a hostile agent with its own valid credentials ----------------
+@pytest.mark.network
+def test_hostile_agent_over_a_real_broker_cannot_crash_or_starve_the_receiver(secure_fleet):
+    """Plain paho + msgpack as agent-a (TLS, password, ACL); agent-b uploads a chunked update meanwhile.
+
+    The crash payloads of issue 12 are published retained on agent-a's own status topic, so a new
+    subscriber (an aggregator restart) receives them again; the receiver must count and survive both times.
+    """
+    import uuid as _uuid
+
+    import paho.mqtt.client as mqtt
+    from conftest import wait_until
+
+    from fedmq.broker.transport.client import MqttClient, MqttConfig, TlsConfig
+    from fedmq.broker.transport.publisher import Publisher
+
+    prov, lb = secure_fleet
+    t = prov.topics
+
+    def fedmq_client(user):
+        d = prov.client_dir(user) if user != "aggregator" else prov.out_dir / "aggregator"
+        tls = TlsConfig(str(prov.ca_file), str(d / "client.crt"), str(d / "client.key"))
+        c = MqttClient(MqttConfig("localhost", lb.port, client_id=user, username=user,
+                                  password=prov.passwords[user], tls=tls, max_payload=20_000))
+        c.connect(timeout=10)
+        return c
+
+    def feed_until(c, rx, pred, what):
+        def step():
+            m = c.get(timeout=0.1)
+            if m is not None:
+                got.append(rx.feed(m.topic, m.payload, m.retain))
+            return pred()
+        got: list = []
+        wait_until(step, 60, interval=0, what=what)
+        return got
+
+    d = prov.client_dir("agent-a")
+    evil = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="agent-a", protocol=mqtt.MQTTv5)
+    evil.tls_set(ca_certs=str(prov.ca_file), certfile=str(d / "client.crt"), keyfile=str(d / "client.key"))
+    evil.username_pw_set("agent-a", prov.passwords["agent-a"])
+    evil.connect("localhost", lb.port)
+    evil.loop_start()
+    agg = fedmq_client("aggregator")
+    honest = fedmq_client("agent-b")
+    try:
+        for f in (t.all_updates(), t.all_statuses()):
+            agg.subscribe(f, qos=1)
+        rx = Receiver(t)
+        crash = [pack(_update(agent="agent-a", kind={"a": 1})),
+                 pack(_update(agent="agent-a", tensors=[_tensor(dtype=["float32"])])),
+                 pack(_update(agent="agent-a", tensors=[_tensor(shape=[0, 2**40, 2**40], data=b"")]))]
+        evil.publish(t.status("agent-a"), crash[0], qos=1, retain=True).wait_for_publish(10)
+        for i in range(600):  # malformed + chunks declaring 256 MiB, new ids (below any broker queue limit)
+            p = crash[i % 3] if i % 2 else pack({"v": 1, "kind": "chunk", "blob_id": f"{i:016x}", "index": 0,
+                                                  "total": 2, "offset": 0, "size": 256 << 20,
+                                                  "sha256": b"\0" * 32, "data": b"z" * 100})
+            evil.publish(t.update("agent-a"), p, qos=0)
+        marker = pack(_update(agent="agent-a", num_samples=0))  # the last one: counted as bad_samples
+        evil.publish(t.update("agent-a"), marker, qos=1).wait_for_publish(10)
+        w = {"w": np.arange(30_000, dtype=np.float32)}  # 120 KB: chunked under the 20 KB packet limit
+        sent = Update(2, "agent-b", MID, _uuid.uuid4().hex, 7, w, {}, 0.0, base_round=1)
+        assert Publisher(honest, t).publish(t.update("agent-b"), sent) > 1
+        got = feed_until(agg, rx, lambda: rx.rejected["bad_samples"] >= 1 and rx.accepted >= 1, "marker + update")
+        ups = [g for g in got if g is not None and isinstance(g.message, Update)]
+        assert len(ups) == 1 and ups[0].message.agent == "agent-b"
+        np.testing.assert_array_equal(ups[0].message.tensors["w"], w["w"])
+        assert rx.rejected["internal"] == 0 and rx.rejected["bad_kind"] >= 1
+        assert rx.reassembler.sender_bytes("agent-a") <= 4 * (100 + 128)
+        # "restart": a new subscriber gets the retained crash payload again and survives it
+        agg2 = fedmq_client("aggregator")
+        try:
+            rx2 = Receiver(t)
+            agg2.subscribe(t.all_statuses(), qos=1)
+            feed_until(agg2, rx2, lambda: rx2.rejected["bad_kind"] >= 1, "the retained crash payload")
+            assert rx2.rejected == {"bad_kind": 1}
+        finally:
+            agg2.close()
+    finally:
+        evil.publish(t.status("agent-a"), b"", qos=1, retain=True).wait_for_publish(10)
+        evil.loop_stop()
+        evil.disconnect()
+        honest.close()
+        agg.close()
