@@ -121,6 +121,8 @@ class LimitsSection:
     bytes_per_s: int = 0  # sustained bytes per second per agent; 0 = bytes_burst / 10
     bytes_burst: int = 0  # 0 = max(8 MiB, 3 x the model's size): one full update always fits
     log_interval_s: float = 10.0  # rejections: the first per (agent, reason) logged, then counts per interval
+    quarantine_msgs_per_s: float = 100.0  # an agent over its limit by this many messages/s is unsubscribed; 0 = never
+    quarantine_s: float = 300.0  # how long a quarantine lasts
 
     def validate(self, section: str) -> None:
         if self.msgs_per_s <= 0 or self.msgs_burst < 1:
@@ -129,6 +131,8 @@ class LimitsSection:
             raise ConfigError(f"{section}.bytes_per_s and bytes_burst must be >= 0 (0 = sized from the model)")
         if self.log_interval_s <= 0:
             raise ConfigError(f"{section}.log_interval_s must be > 0")
+        if self.quarantine_msgs_per_s < 0 or self.quarantine_s <= 0:
+            raise ConfigError(f"{section}.quarantine_msgs_per_s must be >= 0 (0 = never) and quarantine_s > 0")
 
 
 @dataclass

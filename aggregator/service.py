@@ -85,6 +85,10 @@ class AggregatorService:
         self._limited_total = 0
         self._limited_seen: dict[str, int] = {}
         self._limited_counted = 0
+        self._limited_last: dict[str, int] = {}  # per-agent counts at the last quarantine check
+        self.quarantined: dict[str, float] = {}  # agent -> monotonic time its quarantine ends
+        self._per_agent: set[str] = set()  # agents subscribed one by one while a quarantine is on
+        self._known: set[str] = set()  # every agent that sent a valid status (bounded by the ACL's users)
         self.stop_event = threading.Event()
         self.telemetry = Telemetry()
         self.round_rejects: Counter[str] = Counter()
@@ -152,6 +156,52 @@ class AggregatorService:
                 top = dict(sorted(over.items(), key=lambda kv: -kv[1])[:20])
                 log.warning("rate limited (messages dropped before decoding) since the last summary: %s", top)
 
+    def _quarantine(self, mono: float) -> None:
+        """Unsubscribe a flooding agent: the broker then drops its messages instead of sending them here.
+
+        MQTT cannot exclude one topic from a wildcard, so while any agent is quarantined the aggregator
+        subscribes to the update and status topics of every other known agent one by one (and a new
+        agent is subscribed when it is next seen); the wildcards come back when the quarantine ends.
+        """
+        lc = self.cfg.limits
+        now = dict(self._limited)
+        if lc.quarantine_msgs_per_s > 0:
+            for a, n in now.items():
+                if a not in self.quarantined and n - self._limited_last.get(a, 0) >= lc.quarantine_msgs_per_s:
+                    self.quarantined[a] = mono + lc.quarantine_s
+                    log.warning("agent %s quarantined for %.0fs: over its rate limit by >= %.0f messages/s; its "
+                                "topics are no longer subscribed (see docs/operations.md for a broker-level block)",
+                                a, lc.quarantine_s, lc.quarantine_msgs_per_s)
+        self._limited_last = now
+        for a in [a for a, until in self.quarantined.items() if mono >= until]:
+            del self.quarantined[a]
+            log.warning("agent %s: quarantine over", a)
+        t = self.topics
+        if self.quarantined:
+            wanted = {a for a in self._known if a not in self.quarantined}
+            if self.controller.current is not None:
+                wanted |= {a for a in self.controller.current.asked if a not in self.quarantined}
+            for a in sorted(wanted - self._per_agent):
+                self.client.subscribe(t.update(a), qos=1)
+                self.client.subscribe(t.status(a), qos=1)
+                self._per_agent.add(a)
+            if self._wildcards:
+                self.client.unsubscribe(t.all_updates())
+                self.client.unsubscribe(t.all_statuses())
+                self._wildcards = False
+            for a in sorted(self._per_agent & set(self.quarantined)):
+                self.client.unsubscribe(t.update(a))
+                self.client.unsubscribe(t.status(a))
+                self._per_agent.discard(a)
+        elif not self._wildcards:
+            self.client.subscribe(t.all_updates(), qos=1)
+            self.client.subscribe(t.all_statuses(), qos=1)
+            self._wildcards = True
+            for a in sorted(self._per_agent):
+                self.client.unsubscribe(t.update(a))
+                self.client.unsubscribe(t.status(a))
+            self._per_agent.clear()
+
     def _make_limiter(self) -> AgentLimiter | None:
         lc = self.cfg.limits
         if not lc.enabled:
@@ -210,6 +260,7 @@ class AggregatorService:
         t = self.topics
         self.client.subscribe(t.all_updates(), qos=1)
         self.client.subscribe(t.all_statuses(), qos=1)
+        self._wildcards = True
         self.publisher = Publisher(self.client, t)
         self.publisher.publish(t.model(), self.served.manifest(), retain=True)
         self._publish_global()
@@ -288,6 +339,10 @@ class AggregatorService:
             return
         self._next_tick = mono + 1.0
         self._count_limited(summary=mono >= self._next_summary)
+        try:
+            self._quarantine(mono)
+        except Exception as e:  # noqa: BLE001 - a failed (un)subscribe is retried at the next tick
+            self._internal("updating quarantine subscriptions", e)
         if mono >= self._next_summary:
             self._next_summary = mono + self.cfg.limits.log_interval_s
         tick = getattr(self.receiver, "tick", None)
@@ -334,6 +389,7 @@ class AggregatorService:
             return
         msg = got.message
         if got.topic.channel is Channel.STATUS and isinstance(msg, Status):
+            self._known.add(msg.agent)
             if msg.state == "offline":
                 self.online.pop(msg.agent, None)
             else:
