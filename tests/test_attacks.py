@@ -255,6 +255,7 @@ def test_flood_costs_the_flooder_not_the_fleet(fleet4, tmp_path):
     assert agg.alive()
     assert 1 <= rej <= sent + 100  # what reached it was counted (Mosquitto may drop part of a flood)
     assert "rate_limited" in metrics_text(port)
+    assert f"agent {HOSTILE} quarantined" in agg.text()
     assert attack_rate >= 0.5 * clean_rate, figures
     assert log_growth < 1_000_000, figures
     assert rss_after < rss_before * 1.5 + 20, figures
@@ -296,3 +297,43 @@ def test_crash_class_messages_and_a_retained_poison_status(fleet4, tmp_path):
     wait_until(lambda: aggregated(f) >= n + 2, 120, what="two rounds after the restart")
     assert agg2.alive()
     assert counted(port2) >= 1  # the retained poison arrived at the new process and was counted
+
+
+class _Subs:
+    """Records the aggregator's subscriptions (the quarantine's logic, without a network)."""
+
+    def __init__(self) -> None:
+        self.subs: set[str] = set()
+
+    def subscribe(self, topic: str, qos: int = 1) -> int:
+        self.subs.add(topic)
+        return qos
+
+    def unsubscribe(self, topic: str) -> None:
+        self.subs.discard(topic)
+
+
+def test_quarantine_swaps_wildcards_for_per_agent_subscriptions_and_back(tmp_path):
+    from fedmq.aggregator.config import AggregatorConfig, LimitsSection, ServiceSection
+    from fedmq.aggregator.service import AggregatorService
+
+    cfg = AggregatorConfig(service=ServiceSection(state_dir=str(tmp_path)),
+                           limits=LimitsSection(quarantine_msgs_per_s=50, quarantine_s=10))
+    c = _Subs()
+    svc = AggregatorService(cfg, client=c)
+    t = svc.topics
+    c.subscribe(t.all_updates())
+    c.subscribe(t.all_statuses())
+    svc._wildcards = True
+    svc._known = {"agent-001", "agent-002", HOSTILE}
+    svc._limited = {HOSTILE: 49, "agent-001": 1}
+    svc._quarantine(0.0)
+    assert not svc.quarantined and c.subs == {t.all_updates(), t.all_statuses()}  # below the threshold
+    svc._limited = {HOSTILE: 49 + 50, "agent-001": 2}
+    svc._quarantine(1.0)
+    assert set(svc.quarantined) == {HOSTILE}
+    assert c.subs == {t.update("agent-001"), t.status("agent-001"), t.update("agent-002"), t.status("agent-002")}
+    svc._quarantine(10.9)
+    assert HOSTILE in svc.quarantined
+    svc._quarantine(11.0)  # over: the wildcards are back, the per-agent subscriptions gone
+    assert not svc.quarantined and c.subs == {t.all_updates(), t.all_statuses()}

@@ -118,8 +118,10 @@ def test_hostile_agent_is_rejected_with_reasons_and_memory_stays_bounded(secure,
     evil.publish(t.status("agent-c"), codec.encode(Status("agent-c", "online", time.time())), retain=True)
     for topic in (t.round(), *t.with_chunks(t.global_())):
         evil.subscribe(topic)
+    # quarantine off: this test follows every rejection of agent-c through the rounds (the quarantine of
+    # a flooder is tests/test_attacks.py's)
     agg = start_secure(prov, lb, f, "rounds = 2\nmin_agents = 3\nquorum = 2\ngrace_s = 8\ndeadline_s = 90",
-                       agents, shards)
+                       agents, shards, service="[limits]\nquarantine_msgs_per_s = 0")
     rx = Receiver(t)
     state = {}
 
