@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             secure = SecureFiles(str(b / "passwd"), str(b / "acl"), str(b / "ca.crt"), str(b / "server.crt"),
                                  str(b / "server.key"))
         broker = LocalBroker(secure, args.port, host=args.host, max_packet_size=args.max_packet_size,
-                             persistence=True)
+                             persistence=False)
         if broker.embedded and not args.secure:
             require("amqtt.broker", "embedded", "without a mosquitto binary, fedmq-broker run")
         stop = threading.Event()

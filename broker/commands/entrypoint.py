@@ -8,6 +8,7 @@ import logging
 from fedmq.broker import __version__
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # 2: usage or configuration error (systemd: do not restart)
+EXIT_AUTH = 3  # the broker refused our credentials (revoked or wrong): restarting cannot help (systemd: do not restart)
 
 
 def configure_logging(verbose: bool) -> None:

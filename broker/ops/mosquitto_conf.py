@@ -43,7 +43,7 @@ class BrokerConf:
     password_file: str | None = None  # None: anonymous development broker (no ACL)
     acl_file: str | None = None
     data_dir: str = "/mosquitto/data"
-    persistence: bool = True
+    persistence: bool = False  # a crash would restore a stale snapshot (see the template)
     autosave_interval: int = 60
     max_packet_size: int = 0  # 0 = Mosquitto's default
     max_inflight_messages: int = 100
