@@ -1,4 +1,4 @@
-"""``fedmq-broker``: provision a fleet's broker files, or run a local Mosquitto for development.
+"""``fedmq-broker``: provision a fleet's broker files, add, rotate or revoke one device, or run a local Mosquitto.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
@@ -36,6 +36,27 @@ def _parser() -> argparse.ArgumentParser:
                     "(e.g. /mosquitto/config in Docker); default: OUT/broker")
     pr.add_argument("--max-packet-size", type=int, default=2_000_000, help="broker max_packet_size in bytes")
     pr.add_argument("--mutual-tls", action="store_true", help="require client certificates (CN = username)")
+    for name, what in [("add", "add one device to an existing fleet directory (new password, cert, agent.toml)"),
+                       ("rotate", "new password and client certificate for one device (the old ones are refused)"),
+                       ("revoke", "refuse one device from the next broker reload on (the rest of the fleet is "
+                                  "untouched)")]:
+        lc = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ". Changes the files of "
+                            "this device only, then reloads the broker if told how (see docs/operations.md, "
+                            "\"Device lifecycle\").")
+        lc.add_argument("--fleet-dir", required=True, type=Path, help="the --out directory of `provision`")
+        lc.add_argument("--agent", required=True, help="the device id ([a-z0-9-])")
+        lc.add_argument("--ca-key", type=Path, help="the fleet's CA key if it is kept outside FLEET_DIR/ca/ca.key "
+                        "(add, rotate; revoke under mutual TLS signs the CRL)")
+        rl = lc.add_mutually_exclusive_group()
+        rl.add_argument("--pid", type=int, help="SIGHUP this mosquitto process afterwards")
+        rl.add_argument("--pidfile", type=Path, help="SIGHUP the mosquitto whose pid is in this file "
+                        "(its pid_file setting)")
+        rl.add_argument("--reload-command", metavar="CMD", help="run CMD afterwards, e.g. "
+                        "'systemctl reload mosquitto' or 'docker kill -s HUP mosquitto' (no shell)")
+    dv = sub.add_parser("devices", help="list a fleet's devices and their state",
+                        description="Print the devices of a fleet directory (from its fleet.json).")
+    dv.add_argument("--fleet-dir", required=True, type=Path, help="the --out directory of `provision`")
+    dv.add_argument("--json", action="store_true", help="print JSON")
     rn = sub.add_parser("run", help="run a local Mosquitto in the foreground (development)",
                         description="Start Mosquitto with the project's config until Ctrl-C.")
     rn.add_argument("--port", type=int, default=1883)
@@ -65,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  aggregator: {res.out_dir}/aggregator/aggregator.toml")
             print(f"  agents:     {res.out_dir}/agents/<id>/agent.toml")
             return EXIT_OK
+        if args.cmd in ("add", "rotate", "revoke", "devices"):
+            require("cryptography", "broker", f"fedmq-broker {args.cmd}")
+            return _lifecycle(args)
         from fedmq.broker.ops.launcher import LocalBroker, SecureFiles
 
         secure = None
@@ -89,6 +113,47 @@ def main(argv: list[str] | None = None) -> int:
     except (FedmqError, ValueError) as e:
         print(f"fedmq-broker: error: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, (ValueError, ConfigError)) else EXIT_FAIL
+
+
+def _lifecycle(args: argparse.Namespace) -> int:
+    import json
+
+    from fedmq.broker.ops import lifecycle
+
+    if args.cmd == "devices":
+        rows = lifecycle.manifest_summary(lifecycle.devices(args.fleet_dir))
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                when = r["revoked_at"] or r["rotated_at"] or r["added_at"] or "-"
+                print(f"{r['id']:<32} {r['state']:<8} {when}")
+        return EXIT_OK
+    if args.pid is not None or args.pidfile is not None:
+        lifecycle.broker_pid(pid=args.pid, pidfile=args.pidfile)  # a wrong target: refuse before changing files
+    op = {"add": lifecycle.add_device, "rotate": lifecycle.rotate_device, "revoke": lifecycle.revoke_device}
+    ch = op[args.cmd](args.fleet_dir, args.agent, ca_key=args.ca_key)
+    print(f"{args.cmd}: {ch.agent}")
+    for p in ch.written:
+        print(f"  wrote   {p}")
+    for p in ch.removed:
+        print(f"  removed {p}")
+    for n in ch.notes:
+        print(f"  note: {n}")
+    if ch.password is not None:
+        print(f"  copy {args.fleet_dir}/agents/{ch.agent}/ (agent.toml, client.crt, client.key, ca.crt) to the device")
+    if ch.restart_needed:
+        print("  RESTART the broker once (a reload is not enough this time)")
+    if args.pid is None and args.pidfile is None and args.reload_command is None:
+        print("  files written; the running broker still uses the old ones: reload it (SIGHUP), e.g. "
+              "`systemctl reload mosquitto`, `docker kill -s HUP <container>` or `kill -HUP <pid>`")
+        return EXIT_OK
+    try:
+        print("  " + lifecycle.reload_broker(pid=args.pid, pidfile=args.pidfile, command=args.reload_command))
+    except FedmqError as e:
+        print(f"fedmq-broker: error: the files are written but the broker was not reloaded: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A small certificate authority for a fleet (with ``cryptography``): CA, server and client certs."""
+"""A small certificate authority for a fleet (with ``cryptography``): CA, server and client certs, CRL."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 class KeyPair:
     key_pem: bytes
     cert_pem: bytes
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """One entry of a CRL: a certificate's serial number and when it was revoked (UTC)."""
+
+    serial: int
+    at: dt.datetime
 
 
 def _name(cn: str) -> x509.Name:
@@ -67,3 +75,38 @@ def issue(ca: KeyPair, cn: str, *, server_names: list[str] | None = None, days: 
         b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     cert = b.sign(ca_key, hashes.SHA256())
     return KeyPair(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM))
+
+
+def serial_of(cert_pem: bytes) -> int:
+    """The serial number of a PEM certificate (what a CRL names)."""
+    return x509.load_pem_x509_certificate(cert_pem).serial_number
+
+
+def check_ca_pair(ca: KeyPair) -> None:
+    """Raise ``ValueError`` unless ``ca.key_pem`` is the private key of ``ca.cert_pem`` (a wrong ``--ca-key``
+    would issue certificates the broker refuses, or a CRL it rejects, which locks out the whole fleet)."""
+    key = serialization.load_pem_private_key(ca.key_pem, None)
+    cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*raw) != cert.public_key().public_bytes(*raw):
+        raise ValueError("the CA key does not belong to the fleet's CA certificate (broker/ca.crt)")
+
+
+def make_crl(ca: KeyPair, revoked: list[Revoked]) -> bytes:
+    """A PEM certificate revocation list signed by the CA.
+
+    Its ``nextUpdate`` is the CA certificate's own expiry: Mosquitto has OpenSSL check the CRL's
+    dates at every handshake, and an expired CRL would refuse every client of the listener.
+    """
+    ca_key = serialization.load_pem_private_key(ca.key_pem, None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the CA key is not an EC key: fedmq-broker provision writes EC P-256 keys")
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    now = dt.datetime.now(dt.timezone.utc)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+         .last_update(now - dt.timedelta(minutes=5)).next_update(ca_cert.not_valid_after_utc)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
+    for r in revoked:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(r.serial)
+                                      .revocation_date(min(r.at, now)).build())
+    return b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)

@@ -21,6 +21,7 @@ class Listener:
     certfile: str | None = None
     keyfile: str | None = None
     require_certificate: bool = False
+    crlfile: str | None = None  # with require_certificate: revoked client certs (reloaded on SIGHUP)
     #: client id := username (Mosquitto's use_username_as_clientid): one device's credentials can
     #: never take over (disconnect) another device's session by connecting with its client id
     bind_client_id: bool = False
@@ -34,6 +35,8 @@ class Listener:
                       "tls_version tlsv1.2"]
             if self.require_certificate:
                 lines += ["require_certificate true", "use_identity_as_username true"]
+                if self.crlfile:
+                    lines.append(f"crlfile {self.crlfile}")
         return "\n".join(lines)
 
 

@@ -6,10 +6,14 @@ For a fleet and its agents it writes, under the output directory::
     ca/ca.key  ca/ca.crt                      (keep the CA key offline)
     aggregator/aggregator.toml  client.crt  client.key  ca.crt
     agents/<id>/agent.toml  client.crt  client.key  ca.crt
+    fleet.json                                (the devices and their state; see broker/ops/lifecycle.py)
+    broker/crl.pem                            (with --mutual-tls: revoked client certs, empty at first)
 
 Passwords are random (``secrets``) and hashed for Mosquitto's password file in its own format
 (PBKDF2-SHA512, ``$7$<iterations>$<salt b64>$<hash b64>``, what ``mosquitto_passwd`` writes).
-Secrets (keys, passwords, configs holding them) are written with mode 0600.
+Secrets (keys, passwords, configs holding them) are written with mode 0600, in directories of
+mode 0700 (ca/, aggregator/, agents/<id>/). ``fedmq-broker add|rotate|revoke`` change one device
+later without touching the rest (broker/ops/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,17 @@ def hash_password(password: str, salt: bytes | None = None, iterations: int = PB
     salt = salt if salt is not None else os.urandom(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def queued_messages_for(n_agents: int) -> int:
+    """Mosquitto's per-client queue, sized for the aggregator: it holds a round of every agent's traffic
+    (statuses, chunked updates)."""
+    return max(10_000, 50 * n_agents)
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
 
 
 def _write(path: Path, data: str | bytes, secret: bool = False) -> None:
@@ -89,6 +104,7 @@ def provision(spec: ProvisionSpec) -> Provisioned:
     ca = certs.make_ca(f"fedmq {spec.fleet} CA")
     names = sorted({spec.host, "localhost", "127.0.0.1", *spec.extra_names})
     server = certs.issue(ca, spec.host, server_names=names)
+    _private_dir(out / "ca")
     _write(out / "ca/ca.key", ca.key_pem, secret=True)
     _write(out / "ca/ca.crt", ca.cert_pem)
     _write(bdir / "ca.crt", ca.cert_pem)
@@ -97,27 +113,43 @@ def provision(spec: ProvisionSpec) -> Provisioned:
     passwords = {u: secrets.token_urlsafe(24) for u in users}
     _write(bdir / "passwd", "".join(f"{u}:{hash_password(p)}\n" for u, p in passwords.items()), secret=True)
     _write(bdir / "acl", render_acl(topics, spec.aggregator))
+    if spec.mutual_tls:  # in the config from the start: Mosquitto reloads a crlfile on SIGHUP, never adds one
+        _write(bdir / "crl.pem", certs.make_crl(ca, []))
     conf = BrokerConf(
         [Listener(spec.port, "0.0.0.0", f"{root}/ca.crt", f"{root}/server.crt", f"{root}/server.key",
-                  require_certificate=spec.mutual_tls)],
+                  require_certificate=spec.mutual_tls, crlfile=f"{root}/crl.pem" if spec.mutual_tls else None)],
         password_file=f"{root}/passwd", acl_file=f"{root}/acl", data_dir="/var/lib/mosquitto"
         if spec.broker_root is None else "/mosquitto/data", max_packet_size=spec.max_packet_size,
-        # the aggregator's queue holds a round of every agent's traffic (statuses, chunked updates)
-        max_queued_messages=max(10_000, 50 * len(spec.agents)),
+        max_queued_messages=queued_messages_for(len(spec.agents)),
     )
     _write(bdir / "mosquitto.conf", conf.render())
+    serials: dict[str, str] = {}
     for u in users:
         d = out / ("aggregator" if u == spec.aggregator else f"agents/{u}")
+        _private_dir(d)
         leaf = certs.issue(ca, u)
+        serials[u] = f"{certs.serial_of(leaf.cert_pem):x}"
         _write(d / "client.crt", leaf.cert_pem)
         _write(d / "client.key", leaf.key_pem, secret=True)
         _write(d / "ca.crt", ca.cert_pem)
         role = "aggregator" if u == spec.aggregator else "agent"
-        _write(d / f"{role}.toml", _client_toml(spec, u, passwords[u], d, role), secret=True)
+        _write(d / f"{role}.toml", client_toml(spec, u, passwords[u], d, role), secret=True)
+    _write_manifest(spec, out, serials)
     return Provisioned(out, topics, passwords, bdir)
 
 
-def _client_toml(spec: ProvisionSpec, user: str, password: str, d: Path, role: str) -> str:
+def _write_manifest(spec: ProvisionSpec, out: Path, serials: dict[str, str]) -> None:
+    from fedmq.broker.ops import lifecycle  # lifecycle builds on this module (hash_password, client_toml)
+
+    now = lifecycle.now_iso()
+    m = lifecycle.Manifest(spec.fleet, spec.prefix, spec.host, spec.port, spec.max_packet_size, spec.mutual_tls,
+                           spec.aggregator, spec.broker_root,
+                           {a: lifecycle.Device(added_at=now, cert_serial=serials[a]) for a in spec.agents})
+    lifecycle.Fleet(out).save(m)
+
+
+def client_toml(spec: ProvisionSpec, user: str, password: str, d: Path, role: str) -> str:
+    """The ``[broker]`` config of one client (with its ``[agent] id``), as provision and ``add`` write it."""
     ident = f'[agent]\nid = {_toml_str(user)}\n\n' if role == "agent" else ""
     return (
         f"# fedmq {role} config generated by `fedmq-broker provision` (keep private: holds a password)\n"
