@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(its pid_file setting)")
         rl.add_argument("--reload-command", metavar="CMD", help="run CMD afterwards, e.g. "
                         "'systemctl reload mosquitto' or 'docker kill -s HUP mosquitto' (no shell)")
+        if name != "add":
+            lc.add_argument("--broker", metavar="HOST:PORT", help="where this machine reaches the broker to mark "
+                            "the device offline right before the reload (default: the fleet's host and port)")
+            lc.add_argument("--no-mark-offline", action="store_true", help="reload without marking the device "
+                            "offline (the aggregator then keeps asking it: a reload leaves no last will)")
     dv = sub.add_parser("devices", help="list a fleet's devices and their state",
                         description="Print the devices of a fleet directory (from its fleet.json).")
     dv.add_argument("--fleet-dir", required=True, type=Path, help="the --out directory of `provision`")
@@ -131,6 +136,12 @@ def _lifecycle(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.pid is not None or args.pidfile is not None:
         lifecycle.broker_pid(pid=args.pid, pidfile=args.pidfile)  # a wrong target: refuse before changing files
+    address = None
+    if getattr(args, "broker", None):
+        host, _, port_s = args.broker.rpartition(":")
+        if not host or not port_s.isdigit():
+            raise ValueError(f"--broker {args.broker!r}: expected HOST:PORT")
+        address = (host.strip("[]"), int(port_s))
     op = {"add": lifecycle.add_device, "rotate": lifecycle.rotate_device, "revoke": lifecycle.revoke_device}
     ch = op[args.cmd](args.fleet_dir, args.agent, ca_key=args.ca_key)
     print(f"{args.cmd}: {ch.agent}")
@@ -147,13 +158,33 @@ def _lifecycle(args: argparse.Namespace) -> int:
     if args.pid is None and args.pidfile is None and args.reload_command is None:
         print("  files written; the running broker still uses the old ones: reload it (SIGHUP), e.g. "
               "`systemctl reload mosquitto`, `docker kill -s HUP <container>` or `kill -HUP <pid>`")
+        if ch.mark_offline:
+            print("  note: a reload by hand leaves the device's retained status 'online' (no last will): the "
+                  "aggregator keeps asking it; pass --pid, --pidfile or --reload-command to mark it offline first")
         return EXIT_OK
+
+    def reload() -> str:
+        return lifecycle.reload_broker(pid=args.pid, pidfile=args.pidfile, command=args.reload_command)
+
+    rc = EXIT_OK
     try:
-        print("  " + lifecycle.reload_broker(pid=args.pid, pidfile=args.pidfile, command=args.reload_command))
+        if ch.mark_offline and not args.no_mark_offline:
+            if address is None:
+                m = lifecycle.devices(args.fleet_dir)
+                address = (m.host, m.port)
+            host, port = address
+            try:
+                print("  " + lifecycle.mark_offline(args.fleet_dir, ch, host, port, reload))
+                return EXIT_OK
+            except lifecycle.MarkOfflineError as e:
+                print(f"fedmq-broker: warning: {e}; reloading anyway (the aggregator keeps asking the device "
+                      "until its status says offline)", file=sys.stderr)
+                rc = EXIT_FAIL
+        print("  " + reload())
     except FedmqError as e:
         print(f"fedmq-broker: error: the files are written but the broker was not reloaded: {e}", file=sys.stderr)
         return EXIT_FAIL
-    return EXIT_OK
+    return rc
 
 
 if __name__ == "__main__":

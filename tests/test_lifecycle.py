@@ -138,6 +138,18 @@ def device_copy(fleet_dir: Path, user: str) -> DeviceCopy:
     return DeviceCopy(pw, keep)
 
 
+def offline_seen(agg: Device, topics: Topics, agent: str) -> bool:
+    from fedmq.broker.contract import codec
+    from fedmq.broker.contract.messages import Status
+
+    for t, p in agg.received:
+        if t == topics.status(agent) and p:
+            m = codec.decode(p)
+            if isinstance(m, Status) and m.agent == agent and m.state == "offline":
+                return True
+    return False
+
+
 def reload_and_wait(broker: FleetBroker, before: int) -> None:
     wait_until(lambda: broker.reloads() > before, 10, what="Mosquitto's 'Reloading config.'")
 
@@ -227,7 +239,8 @@ def test_add_rotate_revoke_on_a_running_broker(fleet):
     old2, _ = credentials(fd, "agent-002")
     n = broker.reloads()
     ch = lifecycle.rotate_device(fd, "agent-002")
-    lifecycle.reload_broker(pid=broker.proc.pid)
+    assert ch.mark_offline and ch.previous is not None and ch.previous.password == old2
+    lifecycle.mark_offline(fd, ch, "localhost", broker.port, lambda: lifecycle.reload_broker(pid=broker.proc.pid))
     reload_and_wait(broker, n)
     new2, _ = credentials(fd, "agent-002")
     assert new2 == ch.password != old2 and check_hash(passwd_lines(fd)["agent-002"], new2)
@@ -242,9 +255,13 @@ def test_add_rotate_revoke_on_a_running_broker(fleet):
     pidfile = broker.workdir / "mosquitto.pid"
     pidfile.write_text(f"{broker.proc.pid}\n")
     n = broker.reloads()
-    assert cli_main(["revoke", "--fleet-dir", str(fd), "--agent", "agent-003", "--pidfile", str(pidfile)]) == 0
+    assert cli_main(["revoke", "--fleet-dir", str(fd), "--agent", "agent-003", "--pidfile", str(pidfile),
+                     "--broker", f"localhost:{broker.port}"]) == 0
     reload_and_wait(broker, n)
     wait_until(lambda: live["agent-003"].disconnects, 10, what="agent-003's session closed")
+    # a reload leaves no last will: the tool published the device's retained "offline" status as the device
+    for u in ("agent-002", "agent-003"):
+        wait_until(lambda u=u: offline_seen(agg, topics, u), 10, what=f"{u}'s offline status at the aggregator")
     assert connect(fd, broker, "agent-003", password=device3.password, cert_dir=device3.dir).connack == NOT_AUTHORIZED
     assert "agent-003" not in passwd_lines(fd)
     assert not (fd / "agents/agent-003").exists() and (fd / "revoked/agent-003/client.crt").exists()
@@ -415,3 +432,77 @@ def test_every_subcommand_has_help():
     for cmd in ("add", "rotate", "revoke", "devices", "provision", "run"):
         r = run_cli(cmd, "--help")
         assert r.returncode == 0 and "usage: fedmq-broker " + cmd in r.stdout, r.stderr
+
+
+# --- the federation keeps training through a revoke and an add -------------------------------------
+
+def run_config(fd: Path, broker: FleetBroker, user: str, tmp: Path, extra: str) -> Path:
+    """The provisioned config of ``user`` (its credentials untouched) pointed at the test broker, plus ``extra``."""
+    name = "aggregator.toml" if user == "aggregator" else "agent.toml"
+    text = (fd / ("aggregator" if user == "aggregator" else f"agents/{user}") / name).read_text()
+    text = text.replace("port = 8883", f"port = {broker.port}")
+    if user != "aggregator":
+        text = text.replace("[agent]\n", f'[agent]\ncache_dir = "{tmp / (user + "-cache")}"\n', 1)
+    out = tmp / f"run-{user}.toml"
+    out.write_text(text + "\n" + extra)
+    return out
+
+
+@needs_mosquitto
+@pytest.mark.network
+def test_the_fleet_keeps_training_through_revoke_and_add(fleet, tmp_path, model_cache):
+    from fleet import Fleet, watch_shards
+    from test_federation import history
+
+    fd, _, broker = fleet(mutual_tls=False)
+    f = Fleet(tmp_path, {}, model_cache=model_cache)
+    shards = watch_shards([*DEVICES, "agent-004"], tmp_path, per_agent=100)
+    state = tmp_path / "aggregator-state"
+    state.mkdir()
+    (state / "models").symlink_to(model_cache)
+    try:
+        agg = f.spawn("aggregator", "fedmq.aggregator.cli", run_config(fd, broker, "aggregator", tmp_path, f"""
+[service]
+state_dir = "{state}"
+export_final = false
+[model]
+source = "zoo:sensor1d"
+batch_size = 16
+verify_steps = 5
+[rounds]
+rounds = 40
+min_agents = 2
+grace_s = 2
+deadline_s = 60
+[train]
+epochs = 1
+lr = 0.05
+"""))
+        agents = {u: f.spawn(u, "fedmq.edge_agent.cli", run_config(fd, broker, u, tmp_path,
+                                                                  f'[data]\nsource = "npz:{shards[u]}"\n'))
+                  for u in DEVICES}
+        wait_until(lambda: any(len(r["participants_list"]) == 3 for r in history(f)), 120,
+                   what="a round with the three devices")
+        n = broker.reloads()
+        assert cli_main(["add", "--fleet-dir", str(fd), "--agent", "agent-004"]) == 0
+        assert cli_main(["revoke", "--fleet-dir", str(fd), "--agent", "agent-003", "--pid", str(broker.proc.pid),
+                         "--broker", f"localhost:{broker.port}"]) == 0
+        reload_and_wait(broker, n)
+        done = len(history(f))
+        agents["agent-004"] = f.spawn("agent-004", "fedmq.edge_agent.cli", run_config(
+            fd, broker, "agent-004", tmp_path, f'[data]\nsource = "npz:{shards["agent-004"]}"\n'))
+        # the revoked device is refused when it reconnects, and stops for good (no retry loop)
+        wait_until(lambda: not agents["agent-003"].alive(), 60, what="agent-003 to stop")
+        log3 = agents["agent-003"].text()
+        assert agents["agent-003"].popen.returncode != 0 and "refused credentials for 'agent-003'" in log3, log3[-2000:]
+        wait_until(lambda: any(sorted(r["participants_list"]) == ["agent-001", "agent-002", "agent-004"]
+                               for r in history(f)[done:]), 120, what="a round with the new device")
+        h = history(f)
+        assert all(r["outcome"] == "aggregated" for r in h), [r["outcome"] for r in h]
+        after = h[done + 1:]  # from the first round opened after the reload
+        assert after and all("agent-003" not in r["participants_list"] for r in after)
+        assert agg.alive() and agents["agent-001"].alive() and agents["agent-002"].alive()
+    finally:
+        f.stop_all()
+        if not all(p.popen.returncode in (0, -15) for p in f.procs if p.name != "agent-003"):
+            print(f.dump_logs())

@@ -19,6 +19,11 @@ owned by the broker). Measured with Mosquitto 2.0.11 (tests/test_lifecycle.py):
   ``topic deny #`` to the ACL, which Mosquitto checks on every publish and every delivery: the
   live session can neither send nor receive anything from the reload on. A ``crlfile`` line
   that was not in the config at start-up is not picked up by SIGHUP (a restart is needed once).
+* a client Mosquitto disconnects during a reload gets no last will: the device's retained status
+  stays "online" and the aggregator would keep asking it every round (with the default quorum,
+  every round is abandoned at its deadline). So, just before the SIGHUP, :func:`mark_offline`
+  connects as the device with its old credentials (still valid until the reload; this takes
+  its session over, closing the device's connection) and publishes its retained "offline" status.
 
 The fleet's devices and their state are kept in ``fleet.json`` (no secrets, mode 0600).
 """
@@ -36,10 +41,12 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from fedmq.broker.contract.topics import check_name
 from fedmq.broker.errors import ConfigError, FedmqError
@@ -125,6 +132,22 @@ class Change:
     removed: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     restart_needed: bool = False  # a reload is not enough (a crlfile line was added to mosquitto.conf)
+    #: the device's credentials before the change (rotate, revoke): valid until the reload, for mark_offline
+    previous: Credentials | None = field(default=None, repr=False)
+    #: whether the device's live session should be marked offline (and closed) right before the reload
+    mark_offline: bool = False
+
+
+@dataclass
+class Credentials:
+    """One device's secrets as its running process holds them."""
+
+    password: str
+    cert_pem: bytes
+    key_pem: bytes
+
+    def __repr__(self) -> str:
+        return "Credentials(***)"
 
 
 class Fleet:
@@ -292,6 +315,17 @@ def _write_leaf(fleet: Fleet, d: Path, agent: str, change: Change) -> str:
     return f"{certs.serial_of(leaf.cert_pem):x}"
 
 
+def _credentials(d: Path) -> Credentials | None:
+    """What the device's process uses now (None if its files are incomplete)."""
+    from fedmq.broker.commands.config import load_toml
+
+    try:
+        pw = load_toml(d / "agent.toml").get("broker", {}).get("password")
+        return Credentials(str(pw), (d / "client.crt").read_bytes(), (d / "client.key").read_bytes())
+    except (OSError, ConfigError):
+        return None
+
+
 def _known(m: Manifest, agent: str, action: str) -> Device:
     check_name(agent)
     dev = m.devices.get(agent)
@@ -349,7 +383,8 @@ def rotate_device(root: Path, agent: str, *, ca_key: Path | None = None) -> Chan
         m = fleet.load()
         dev = _known(m, agent, "rotate")
         d = fleet.agent_dir(agent)
-        change = Change("rotate", agent, secrets.token_urlsafe(24))
+        change = Change("rotate", agent, secrets.token_urlsafe(24), previous=_credentials(d),
+                        mark_offline=not m.mutual_tls)  # mTLS: the old session may run until it reconnects
         toml = _set_toml_password(d / "agent.toml", change.password)  # fail before writing anything
         fleet.ca()
         old = dev.cert_serial
@@ -378,7 +413,8 @@ def revoke_device(root: Path, agent: str, *, ca_key: Path | None = None) -> Chan
         dev = _known(m, agent, "revoke")
         if m.mutual_tls:
             fleet.ca()  # the CRL is signed: fail before writing anything
-        change = Change("revoke", agent)
+        d = fleet.agent_dir(agent)
+        change = Change("revoke", agent, previous=_credentials(d) if d.exists() else None, mark_offline=True)
         set_passwd_line(fleet.passwd, agent, None)
         change.written.append(fleet.passwd)
         with fleet.acl.open("rb") as f:
@@ -391,7 +427,6 @@ def revoke_device(root: Path, agent: str, *, ca_key: Path | None = None) -> Chan
             dev.cert_serial = None
         if m.mutual_tls:
             _write_crl(fleet, m, change)
-        d = fleet.agent_dir(agent)
         if d.exists():
             keep = fleet.root / "revoked" / agent
             keep.parent.mkdir(mode=0o700, exist_ok=True)
@@ -456,6 +491,62 @@ def reload_broker(*, pid: int | None = None, pidfile: Path | None = None, comman
     except PermissionError:
         raise FedmqError(f"not allowed to signal process {pid} (run as the broker's user or root)") from None
     return f"sent SIGHUP to mosquitto (pid {pid})"
+
+
+class MarkOfflineError(FedmqError):
+    """The broker could not be reached as the device to mark it offline (nothing was reloaded)."""
+
+    reason = "mark_offline"
+
+
+def mark_offline(root: Path, change: Change, host: str, port: int, reload: Callable[[], str],
+                 timeout: float = 10.0) -> str:
+    """Publish the device's retained "offline" status as the device, then ``reload`` (see the module doc).
+
+    Connecting with the device's client id takes its session over (the live connection is closed); the
+    device reconnects no sooner than its backoff (at least 0.25 s), by when the reload has refused its old
+    credentials. If it got back in first anyway, the status is published again once. Raises
+    MarkOfflineError (before reloading) if the broker cannot be reached as the device.
+    """
+    from fedmq.broker import __version__
+    from fedmq.broker.contract import codec
+    from fedmq.broker.contract.messages import Status
+    from fedmq.broker.contract.topics import Topics
+    from fedmq.broker.transport.client import MqttClient, MqttConfig, TlsConfig
+
+    fleet = Fleet(root)
+    m = fleet.load()
+    creds = change.previous
+    if creds is None:
+        raise MarkOfflineError(f"no credentials of {change.agent} to mark it offline with")
+    topic = Topics(m.fleet, m.prefix).status(change.agent)
+    with tempfile.TemporaryDirectory(prefix="fedmq-lifecycle-") as tmp:
+        t = Path(tmp)
+        atomic_write(t / "client.crt", creds.cert_pem, mode=0o600)
+        atomic_write(t / "client.key", creds.key_pem, mode=0o600)
+        cfg = MqttConfig(host, port, client_id=change.agent, username=change.agent, password=creds.password,
+                         tls=TlsConfig(str(fleet.ca_cert), str(t / "client.crt"), str(t / "client.key")),
+                         reconnect_min_s=600, reconnect_max_s=600)  # never race the device back in
+        status = codec.encode(Status(change.agent, "offline", time.time(), version=__version__))
+        c: MqttClient | None = None
+        try:
+            for _ in range(2):
+                c = MqttClient(cfg)
+                try:
+                    c.connect(timeout=timeout)
+                    c.publish(topic, status, retain=True, timeout=timeout)
+                except FedmqError as e:
+                    raise MarkOfflineError(f"could not mark {change.agent} offline as itself on {host}:{port}: {e}"
+                                           ) from None
+                if c.connected:  # still ours: the device did not take the session back
+                    break
+                log.warning("%s reconnected while being marked offline: marking it again", change.agent)
+                c.close()
+            done = reload()
+        finally:
+            if c is not None:
+                c.close()
+    return f"{change.agent}'s retained status set to offline; {done}"
 
 
 def manifest_summary(m: Manifest) -> list[dict[str, Any]]:
