@@ -235,12 +235,13 @@ def test_add_rotate_revoke_on_a_running_broker(fleet):
     assert live["agent-004"].connack == 0
     assert all(not d.disconnects for d in [agg, *live.values()]), "a reload dropped a device"
 
-    # rotate agent-002: its live session (old password) is closed by the reload, the old password is refused
+    # rotate agent-002 and reload (nothing else): the reload itself closes the session holding the old
+    # password, and the old password is refused from then on
     old2, _ = credentials(fd, "agent-002")
     n = broker.reloads()
     ch = lifecycle.rotate_device(fd, "agent-002")
     assert ch.mark_offline and ch.previous is not None and ch.previous.password == old2
-    lifecycle.mark_offline(fd, ch, "localhost", broker.port, lambda: lifecycle.reload_broker(pid=broker.proc.pid))
+    lifecycle.reload_broker(pid=broker.proc.pid)
     reload_and_wait(broker, n)
     new2, _ = credentials(fd, "agent-002")
     assert new2 == ch.password != old2 and check_hash(passwd_lines(fd)["agent-002"], new2)
@@ -260,8 +261,7 @@ def test_add_rotate_revoke_on_a_running_broker(fleet):
     reload_and_wait(broker, n)
     wait_until(lambda: live["agent-003"].disconnects, 10, what="agent-003's session closed")
     # a reload leaves no last will: the tool published the device's retained "offline" status as the device
-    for u in ("agent-002", "agent-003"):
-        wait_until(lambda u=u: offline_seen(agg, topics, u), 10, what=f"{u}'s offline status at the aggregator")
+    wait_until(lambda: offline_seen(agg, topics, "agent-003"), 10, what="agent-003's offline status")
     assert connect(fd, broker, "agent-003", password=device3.password, cert_dir=device3.dir).connack == NOT_AUTHORIZED
     assert "agent-003" not in passwd_lines(fd)
     assert not (fd / "agents/agent-003").exists() and (fd / "revoked/agent-003/client.crt").exists()
@@ -333,6 +333,17 @@ def test_mutual_tls_rotate_and_revoke_with_the_crl(fleet):
     assert live["agent-001"].publish(topics.status("agent-001"), b"marker") == 0
     wait_until(lambda: any(p == b"marker" for _, p in agg.received), 10, what="the marker")
     assert all(p != b"from revoked" for _, p in agg.received)
+    assert not live["agent-001"].disconnects and not agg.disconnects
+
+    # revoke through the CLI, which marks the device offline as itself: that also closes its session
+    n = broker.reloads()
+    assert cli_main(["revoke", "--fleet-dir", str(fd), "--agent", "agent-002", "--pid", str(broker.proc.pid),
+                     "--broker", f"localhost:{broker.port}"]) == 0
+    reload_and_wait(broker, n)
+    wait_until(lambda: new2.disconnects, 10, what="the revoked agent-002's session closed")
+    wait_until(lambda: offline_seen(agg, topics, "agent-002"), 10, what="agent-002's offline status")
+    assert live["agent-001"].publish(topics.status("agent-001"), b"still here") == 0
+    wait_until(lambda: any(p == b"still here" for _, p in agg.received), 10, what="agent-001 after the revoke")
     assert not live["agent-001"].disconnects and not agg.disconnects
 
     assert snapshot(fd, ["agent-001"]) == before

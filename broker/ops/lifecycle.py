@@ -207,7 +207,7 @@ class Fleet:
         b = load_toml(self.root / "aggregator" / "aggregator.toml").get("broker", {})
         conf = self.conf.read_text()
         root = re.search(r"^password_file (.+)/passwd$", conf, re.M)
-        users = [u for u, _ in _passwd_entries(self.passwd.read_text())]
+        users = [u for u, _ in _passwd_entries(self.passwd.read_text()) if u is not None]
         agg = str(b.get("username", "aggregator"))
         devices = {}
         for u in users:
@@ -360,14 +360,15 @@ def add_device(root: Path, agent: str, *, ca_key: Path | None = None) -> Change:
         if d.exists():
             raise ConfigError(f"{d} already exists: remove it or choose another id")
         fleet.ca()  # fail before writing anything
-        change = Change("add", agent, secrets.token_urlsafe(24))
+        password = secrets.token_urlsafe(24)
+        change = Change("add", agent, password)
         d.mkdir(parents=True, mode=0o700)
         os.chmod(d, 0o700)
         serial = _write_leaf(fleet, d, agent, change)
         change.written.append(atomic_write(d / "ca.crt", fleet.ca_cert.read_bytes(), mode=0o644))
-        change.written.append(atomic_write(d / "agent.toml", client_toml(m.spec(fleet.root), agent, change.password,
+        change.written.append(atomic_write(d / "agent.toml", client_toml(m.spec(fleet.root), agent, password,
                                                                          d, "agent").encode(), mode=0o600))
-        set_passwd_line(fleet.passwd, agent, f"{agent}:{hash_password(change.password)}")
+        set_passwd_line(fleet.passwd, agent, f"{agent}:{hash_password(password)}")
         change.written.append(fleet.passwd)
         m.devices[agent] = Device(added_at=now_iso(), cert_serial=serial)
         _raise_queue_limit(fleet, m, change)
@@ -383,14 +384,15 @@ def rotate_device(root: Path, agent: str, *, ca_key: Path | None = None) -> Chan
         m = fleet.load()
         dev = _known(m, agent, "rotate")
         d = fleet.agent_dir(agent)
-        change = Change("rotate", agent, secrets.token_urlsafe(24), previous=_credentials(d),
+        password = secrets.token_urlsafe(24)
+        change = Change("rotate", agent, password, previous=_credentials(d),
                         mark_offline=not m.mutual_tls)  # mTLS: the old session may run until it reconnects
-        toml = _set_toml_password(d / "agent.toml", change.password)  # fail before writing anything
+        toml = _set_toml_password(d / "agent.toml", password)  # fail before writing anything
         fleet.ca()
         old = dev.cert_serial
         dev.cert_serial = _write_leaf(fleet, d, agent, change)
         change.written.append(atomic_write(d / "agent.toml", toml, mode=0o600))
-        set_passwd_line(fleet.passwd, agent, f"{agent}:{hash_password(change.password)}")
+        set_passwd_line(fleet.passwd, agent, f"{agent}:{hash_password(password)}")
         change.written.append(fleet.passwd)
         dev.rotated_at = now_iso()
         if old:
