@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 
-from fedmq.broker.commands.entrypoint import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_version, configure_logging
+from fedmq.broker.commands.entrypoint import EXIT_AUTH, EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_version, configure_logging
 from fedmq.broker.commands.extras import require_installed
-from fedmq.broker.errors import ConfigError, FedmqError
+from fedmq.broker.errors import AuthError, ConfigError, FedmqError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fedmq-aggregator: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except AuthError as e:  # refused credentials: restarting cannot help (systemd: RestartPreventExitStatus=3)
+        print(f"fedmq-aggregator: credentials refused: {e}", file=sys.stderr)
+        return EXIT_AUTH
     except FedmqError as e:
         print(f"fedmq-aggregator: error: {e}", file=sys.stderr)
         return EXIT_FAIL

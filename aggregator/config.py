@@ -22,12 +22,15 @@ class ServiceSection:
     prometheus_port: int = 0  # 0 disables the /metrics endpoint
     prometheus_addr: str = "127.0.0.1"
     export_final: bool = True  # write final .keras + inference .tflite when the run ends
+    publish_timeout_s: float = 30.0  # wait for the broker's PUBACK of one retained publish before retrying later
 
     def validate(self, section: str) -> None:
         if not NAME_RE.match(self.id):
             raise ConfigError(f"{section}.id = {self.id!r}: use [a-z0-9-] (it is the MQTT username and client id)")
         if not (0 <= self.prometheus_port < 65536):
             raise ConfigError(f"{section}.prometheus_port must be 0 (off) or a TCP port")
+        if not self.publish_timeout_s > 0:
+            raise ConfigError(f"{section}.publish_timeout_s must be > 0 seconds")
 
 
 @dataclass

@@ -35,9 +35,9 @@ class ServedModel:
     batch_size: int
     initial: list[np.ndarray]
 
-    def manifest(self) -> ModelManifest:
+    def manifest(self, run: str = "") -> ModelManifest:
         return ModelManifest(self.model_id, self.artifact, self.weights, self.inputs, self.batch_size, time.time(),
-                             {}, FORMAT)
+                             {}, FORMAT, run=run)
 
     def initial_weights(self) -> dict[str, np.ndarray]:
         return {w.name: a for w, a in zip(self.weights, self.initial)}

@@ -1,8 +1,10 @@
 """Round control, free of transport: who is asked, which updates count, when a round closes.
 
-A round opens with an announcement. An update counts only if it is for the open round, was
-computed against the announced model and base round, comes from an asked agent, is the agent's
-first for the round and passes the strategy's checks. The round closes when a quorum has
+A round opens with an announcement. An update counts only if it is for the open round of this
+run, was computed against the announced model and base round, comes from an asked agent, is the
+agent's first accepted update for the round and passes the strategy's checks. Only accepted
+updates make later copies duplicates: an update refused for a reason that can change
+(``no_open_round``, ``future``) counts when it is re-sent into its round. The round closes when a quorum has
 arrived AND (every asked agent reported OR ``grace_s`` passed since the quorum was reached).
 If the deadline passes without quorum the round is abandoned (the global model stays) or, by
 policy, extended a bounded number of times.
@@ -30,7 +32,9 @@ class OpenRound:
     ann: RoundAnnouncement
     asked: list[str]
     quorum: int
-    received: list[str] = field(default_factory=list)
+    #: agent -> update_id of its accepted update, in arrival order (``list(received)``: participants)
+    received: dict[str, str] = field(default_factory=dict)
+    asked_set: frozenset[str] = frozenset()  # O(1) membership; filled by the controller
     quorum_at: float | None = None
     extensions: int = 0
     bytes_in: int = 0
@@ -64,12 +68,12 @@ class RoundController:
         self.rejected: Counter[str] = Counter()
 
     def open(self, round_no: int, model_id: str, base_round: int, global_weights: dict, online: list[str],
-             train: TrainConfig, now: float) -> RoundAnnouncement:
+             train: TrainConfig, now: float, run: str = "") -> RoundAnnouncement:
         asked = select_agents(online, self.cfg, round_no)
         q = quorum_for(len(asked), self.cfg)
         ann = RoundAnnouncement(round_no, model_id, base_round, now, now + self.cfg.deadline_s, train,
-                                None if self.cfg.select == "all" else asked, q)
-        self.current = OpenRound(ann, asked, q, started=now)
+                                None if self.cfg.select == "all" else asked, q, run=run)
+        self.current = OpenRound(ann, asked, q, started=now, asked_set=frozenset(asked))
         self.strategy.begin_round(global_weights, round_no)
         log.info("round %d open: %d agents asked, quorum %d, deadline in %.0fs", round_no, len(asked), q,
                  self.cfg.deadline_s)
@@ -86,6 +90,8 @@ class RoundController:
         if r is None:
             return self._reject("no_open_round", u)
         ann = r.ann
+        if u.run != ann.run:  # another run's update (an old outbox, a previous state_dir): never counts
+            return self._reject("wrong_run", u)
         if u.round != ann.round:
             reason = "late" if u.round in self.closed_rounds else ("stale" if u.round < ann.round else "future")
             return self._reject(reason, u)
@@ -93,9 +99,9 @@ class RoundController:
             return self._reject("wrong_model", u)
         if u.base_round != ann.base_round:  # computed against another global model
             return self._reject("stale_base", u)
-        if u.agent not in r.asked:  # also under select = "all": asked = online when the round opened
+        if u.agent not in r.asked_set:  # also under select = "all": asked = online when the round opened
             return self._reject("not_asked", u)
-        if u.agent in r.received:
+        if u.agent in r.received:  # an accepted update's copy (QoS 1 redelivery, a re-send) or a second one
             return self._reject("duplicate", u)
         try:
             reason = self.strategy.add(ClientUpdate(u.agent, u.num_samples, u.tensors, u.metrics))
@@ -105,7 +111,7 @@ class RoundController:
         if reason is not None:
             self.rejected[reason] += 1
             return reason
-        r.received.append(u.agent)
+        r.received[u.agent] = u.update_id
         r.bytes_in += nbytes
         if r.quorum_at is None and len(r.received) >= r.quorum:
             r.quorum_at = now
@@ -118,7 +124,7 @@ class RoundController:
         if r is None:
             return "idle"
         if r.quorum_at is not None:
-            everyone = set(r.received) >= set(r.asked)
+            everyone = len(r.received) >= len(r.asked_set)  # received is a subset of asked
             if everyone or now >= r.quorum_at + self.cfg.grace_s or now >= r.ann.deadline:
                 return "close"
             return "open"

@@ -3,6 +3,12 @@
 One thread runs the protocol (paho's network thread only enqueues messages): it decodes and
 validates every message (fedmq.broker.transport.receiver), feeds updates to the round controller, closes rounds,
 checkpoints, republishes the global model and opens the next round. See docs/architecture.md.
+
+Outages: the service starts before its broker is reachable and never exits because the broker is
+away. The retained state it owns (its service status, model, global, round) is republished after
+every (re)connect, and a publish that fails marks it for the next attempt instead of raising into
+the round logic; rounds time out by their own policy meanwhile. Only refused credentials end it
+(``AuthError``: exit code 3, which systemd is told not to restart).
 """
 
 from __future__ import annotations
@@ -11,16 +17,20 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedmq.broker.contract.messages import GlobalModel, RoundMetrics, Status, TrainConfig, Update
+from fedmq.broker import __version__
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.messages import GlobalModel, RoundMetrics, ServiceStatus, Status, TrainConfig, Update
 from fedmq.broker.contract.tensors import Compression
 from fedmq.broker.contract.topics import Channel
-from fedmq.broker.transport.client import MqttClient
+from fedmq.broker.errors import FedmqError
+from fedmq.broker.transport.client import MqttClient, Will
 from fedmq.broker.transport.publisher import Publisher
 from fedmq.broker.transport.receiver import Receiver
 
@@ -78,8 +88,10 @@ class AggregatorService:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # our own client admits messages on paho's network thread: a flooder's messages are dropped by
         # its rate limit before they take a place in the inbox the honest fleet shares
-        self.client = client or MqttClient(cfg.broker.mqtt(cfg.service.id, resume_session=True),
-                                           on_message=self._admit)
+        self.run_id = ""  # set by _restore: from the checkpoint, or new for a fresh state_dir
+        mqtt_cfg = cfg.broker.mqtt(cfg.service.id, resume_session=True)
+        # the last will marks us offline (retained); its run id is filled in once known (start)
+        self.client = client or MqttClient(mqtt_cfg, on_message=self._admit)
         self._admits = client is None
         self._limited: dict[str, int] = {}  # agent -> messages dropped by its rate limit (network thread)
         self._limited_total = 0
@@ -111,6 +123,9 @@ class AggregatorService:
         self._eval = None
         self._done = False
         self._republish = threading.Event()
+        self._republish.set()  # the first connection publishes everything we own
+        self._next_republish = 0.0
+        self._scanned = False  # stale chunk topics of an earlier process cleared (once, at first connect)
         self.quorum_to_publish: tuple[int, float] | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -224,7 +239,10 @@ class AggregatorService:
                             self.served.model_id[:12])
             self.global_weights = self.served.initial_weights()
             self.history = self.history_log.restore(None)
+            self.run_id = uuid.uuid4().hex[:16]
+            log.info("new run %s", self.run_id)
             return
+        self.run_id = ck.run or uuid.uuid4().hex[:16]  # a checkpoint from before run ids: name its run now
         self.global_weights = ck.weights
         self.global_round = ck.global_round
         self.next_round = ck.next_round
@@ -236,7 +254,8 @@ class AggregatorService:
     def _checkpoint(self) -> None:
         self.history_log.sync(self.history)  # append + fsync first: restore drops a row whose checkpoint is missing
         Checkpoint(self.next_round, self.global_round, self.served.model_id, self.global_weights,
-                   self.strategy.state_dict(), self.history[-1] if self.history else None).save(self.checkpoint_path)
+                   self.strategy.state_dict(), self.history[-1] if self.history else None,
+                   run=self.run_id).save(self.checkpoint_path)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -255,22 +274,44 @@ class AggregatorService:
             self._evaluator = TFLiteTrainer(self.served.artifact, self.served.model_id)
         if self.cfg.service.prometheus_port:
             self.telemetry.serve(self.cfg.service.prometheus_port, self.cfg.service.prometheus_addr)
-        self.client.on_connected = lambda reconnect: reconnect and self._republish.set()
-        self.client.connect()
         t = self.topics
-        self.client.subscribe(t.all_updates(), qos=1)
+        if self._admits:  # our own client: a last will that marks this run's service offline
+            self.client.set_will(Will(t.service(), codec.encode(self._service_status("offline"))))
+        self.client.on_connected = lambda reconnect: self._republish.set()
+        self.client.subscribe(t.all_updates(), qos=1)  # remembered: made on every (re)connect
         self.client.subscribe(t.all_statuses(), qos=1)
         self._wildcards = True
         self.publisher = Publisher(self.client, t)
-        self.publisher.publish(t.model(), self.served.manifest(), retain=True)
-        self._publish_global()
-        log.info("aggregator up: model %s, global round %d, fleet %s", self.served.model_id[:12], self.global_round,
-                 t.fleet)
+        self.client.start()  # returns at once: the broker may not be up yet (step() waits for it)
+        log.info("aggregator up: run %s, model %s, global round %d, fleet %s", self.run_id, self.served.model_id[:12],
+                 self.global_round, t.fleet)
+
+    def _service_status(self, state: str) -> ServiceStatus:
+        c = self.controller.current
+        return ServiceStatus(self.cfg.service.id, state, time.time(), self.run_id,
+                             self.served.model_id if self.served else "", self.global_round,
+                             c.ann.round if c is not None else 0, __version__)
+
+    def _publish_retained(self, topic: str, msg) -> bool:
+        """Publish a retained message we own; on failure mark all retained state for republishing."""
+        if not self.client.connected:
+            self._republish.set()  # published when the connection is back
+            return False
+        try:
+            self.publisher.publish(topic, msg, retain=True, timeout=self.cfg.service.publish_timeout_s)
+            return True
+        except FedmqError as e:
+            log.warning("publishing %s failed (%s); retried after the next (re)connect or in a few seconds",
+                        topic, e)
+            self._republish.set()
+            return False
 
     def _publish_global(self) -> None:
-        self.publisher.publish(self.topics.global_(),
-                               GlobalModel(self.global_round, self.served.model_id, self.global_weights, time.time()),
-                               retain=True)
+        self._publish_retained(self.topics.global_(), GlobalModel(self.global_round, self.served.model_id,
+                                                                  self.global_weights, time.time(), run=self.run_id))
+
+    def _publish_service(self, state: str = "online") -> None:
+        self._publish_retained(self.topics.service(), self._service_status(state))
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -283,6 +324,11 @@ class AggregatorService:
             while not self.stop_event.is_set() and not self._done:
                 if t_end is not None and time.monotonic() > t_end:
                     break
+                if self.client.fatal is not None:  # credentials refused: retrying cannot help
+                    log.error("the broker refused our credentials (%s): stopping; fix or restore the aggregator's "
+                              "password, then start it again (exit code 3: systemd does not restart it)",
+                              self.client.fatal)
+                    raise self.client.fatal
                 try:
                     self.step(timeout=0.05)
                 except Exception as e:  # noqa: BLE001 - the loop must outlive any one step
@@ -295,12 +341,14 @@ class AggregatorService:
         if self.controller.current is not None:
             log.info("stopping mid-round %d: its updates will be re-sent by the agents' outboxes after a restart",
                      self.controller.current.ann.round)
+        if self.client.connected and self.publisher is not None:  # a clean stop sends no will: say it ourselves
+            self._publish_service("done" if self._done else "offline")
         self.client.close()
 
     # -- the protocol step -----------------------------------------------------------------------------
     def step(self, timeout: float = 0.05) -> None:
-        if self._republish.is_set():  # after a reconnect: the broker may have lost retained state
-            self._republish.clear()
+        if self._republish.is_set() and self.client.connected and time.monotonic() >= self._next_republish:
+            self._republish.clear()  # after a (re)connect: the broker may have lost retained state
             self._republish_state()
         m = self.client.get(timeout=timeout)
         while m is not None:
@@ -322,7 +370,7 @@ class AggregatorService:
         elif state == "timeout":
             ann = c.extend(now)
             if ann is not None:
-                self.publisher.publish(self.topics.round(), ann, retain=True)
+                self._publish_retained(self.topics.round(), ann)
             else:
                 r = c.abandon()
                 metrics, values = self._record(r, None, now, "abandoned",
@@ -357,21 +405,68 @@ class AggregatorService:
         self.telemetry.inbox_dropped.set(getattr(self.client, "dropped", 0))
 
     def _republish_state(self) -> None:
-        from fedmq.broker.errors import FedmqError
-
+        """Publish every retained message we own (first connection, reconnects, after a failed publish)."""
         try:
-            self.publisher.publish(self.topics.model(), self.served.manifest(), retain=True)
-            self._publish_global()
+            if not self._scanned:
+                self._clear_stale_chunks()
+                self._scanned = True
+            t, to = self.topics, self.cfg.service.publish_timeout_s
+            self.publisher.publish(t.service(), self._service_status("online"), retain=True, timeout=to)
+            self.publisher.publish(t.model(), self.served.manifest(self.run_id), retain=True, timeout=to)
+            self.publisher.publish(t.global_(), GlobalModel(self.global_round, self.served.model_id,
+                                                            self.global_weights, time.time(), run=self.run_id),
+                                   retain=True, timeout=to)
             if self.controller.current is not None:
                 # a fresh "opened" re-announces the round: agents re-send their finished update from
                 # their outbox (updates sent while we were away may have reached nobody)
                 ann = self.controller.current.ann
                 ann.opened = time.time()
-                self.publisher.publish(self.topics.round(), ann, retain=True)
-            log.info("reconnected: model, global and round state republished")
+                self.publisher.publish(t.round(), ann, retain=True, timeout=to)
+            log.info("model, global (round %d) and round state published", self.global_round)
         except FedmqError as e:
-            log.warning("republishing after reconnect failed (%s); will retry", e)
+            log.warning("publishing the retained state failed (%s); retrying in 2 s", e)
+            self._next_republish = time.monotonic() + 2.0
             self._republish.set()
+
+    def _clear_stale_chunks(self, timeout: float = 10.0) -> None:
+        """Find the retained chunk topics an earlier process left (model, global) so our publishes clear them.
+
+        Subscribes to the chunk filters, then sends itself a marker on the same filter: the broker
+        delivers the retained chunks before the marker, so when the marker arrives the scan is
+        complete. Other messages that arrive meanwhile are handled as usual.
+        """
+        t = self.topics
+        marker = f"{t.global_()}/chunk/scan-{uuid.uuid4().hex[:8]}"
+        filters = {f"{t.model()}/chunk/+": t.model(), f"{t.global_()}/chunk/+": t.global_()}
+        found: dict[str, int] = {}
+        for f in filters:
+            self.client.subscribe(f, qos=1)
+        self.client.publish(marker, b"\x00", qos=1, retain=False, timeout=self.cfg.service.publish_timeout_s)
+        end = time.monotonic() + timeout
+        done = False
+        while not done and time.monotonic() < end:
+            m = self.client.get(timeout=0.1)
+            if m is None:
+                continue
+            if m.topic == marker:
+                done = True
+            elif "/chunk/" in m.topic and m.topic.rsplit("/chunk/", 1)[0] in (t.model(), t.global_()):
+                stream, idx = m.topic.rsplit("/chunk/", 1)
+                if idx.isascii() and idx.isdigit() and m.payload:
+                    found[stream] = max(found.get(stream, 0), int(idx) + 1)
+            else:
+                try:
+                    self._handle(m.topic, m.payload, m.retain)
+                except Exception as e:  # noqa: BLE001 - one message never ends the service
+                    self._internal(f"handling a message on {m.topic[:200]!r}", e)
+        for f in filters:
+            self.client.unsubscribe(f)
+        for stream, n in found.items():
+            self.publisher.forget_retained(stream, n)
+        if not done:
+            log.warning("scan for stale retained chunks timed out after %.0fs; found %s", timeout, found)
+        elif found:
+            log.info("retained chunk topics left by an earlier process (cleared by our next publish): %s", found)
 
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
         if self.limiter is not None and not self._admits:  # an injected client: limit here
@@ -407,6 +502,8 @@ class AggregatorService:
 
     def _maybe_open(self, now: float) -> None:
         rc = self.cfg.rounds
+        if not self.client.connected or self._republish.is_set():
+            return  # nobody could hear the announcement; the retained state goes out first
         if rc.select != "list" and len(self.online) < rc.min_agents:
             return
         tc = self.cfg.train
@@ -415,9 +512,9 @@ class AggregatorService:
                             seed=self.next_round)
         self.round_rejects = Counter()
         ann = self.controller.open(self.next_round, self.served.model_id, self.global_round, self.global_weights,
-                                   list(self.online), train, now)
+                                   list(self.online), train, now, run=self.run_id)
         self.telemetry.round.set(self.next_round)
-        self.publisher.publish(self.topics.round(), ann, retain=True)
+        self._publish_retained(self.topics.round(), ann)
 
     def _close_round(self, now: float) -> None:
         r, result = self.controller.close()
@@ -439,8 +536,9 @@ class AggregatorService:
         self._check_done(values)
 
     def _publish_metrics(self, metrics: RoundMetrics) -> None:
-        try:
-            self.publisher.publish(self.topics.metrics(), metrics)
+        try:  # disconnected: handed to paho, which sends it after the reconnect (never blocks the round loop)
+            self.publisher.publish(self.topics.metrics(), metrics, wait=self.client.connected,
+                                   timeout=self.cfg.service.publish_timeout_s)
         except Exception as e:  # noqa: BLE001 - metrics must never stop the round loop
             log.warning("could not publish round metrics: %s", e)
 
@@ -457,7 +555,8 @@ class AggregatorService:
             loss, acc = self._evaluator.evaluate(self._eval.x, self._eval.y, batch=256)
             values.update(eval_loss=loss, eval_accuracy=acc, eval_s=time.perf_counter() - t0)
         rejected = dict(self.round_rejects)
-        row = {"round": r.ann.round, "outcome": outcome, "reason": reason, "ts": time.time(), **values,
+        row = {"round": r.ann.round, "run": self.run_id, "outcome": outcome, "reason": reason, "ts": time.time(),
+               **values,
                "participants_list": list(r.received),
                "rejected": rejected}
         self.history.append(row)
@@ -468,7 +567,7 @@ class AggregatorService:
                  f" ({reason})" if reason else "")
         metrics = RoundMetrics(r.ann.round, time.time(), outcome, list(r.received),
                                {k: v for k, v in values.items() if np.isfinite(v)},
-                               {k: float(v) for k, v in rejected.items()})
+                               {k: float(v) for k, v in rejected.items()}, run=self.run_id)
         return metrics, values
 
     def _check_done(self, values: dict[str, float]) -> None:

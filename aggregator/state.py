@@ -49,10 +49,11 @@ class Checkpoint:
     last_row: dict | None = None  #: the history row of round next_round - 1 (repairs a lost history file)
     #: only from a format-1 checkpoint, which embedded the whole history; never written
     legacy_history: list[dict] | None = field(default=None, repr=False)
+    run: str = ""  #: the run id every retained message carries ("" in checkpoints older than run ids)
 
     def save(self, path: Path) -> None:
         meta = {"next_round": self.next_round, "global_round": self.global_round, "model_id": self.model_id,
-                "last_row": self.last_row, "format": FORMAT}
+                "last_row": self.last_row, "format": FORMAT, "run": self.run}
         arrays = {f"g/{k}": v for k, v in self.weights.items()}
         arrays.update({f"s/{k}": np.asarray(v) for k, v in self.strategy.items()})
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
@@ -70,7 +71,7 @@ class Checkpoint:
             strat = {k[2:]: z[k] for k in z.files if k.startswith("s/")}
         legacy = meta.get("history") if meta.get("format", 1) == 1 else None
         return cls(int(meta["next_round"]), int(meta["global_round"]), str(meta["model_id"]), weights, strat,
-                   meta.get("last_row"), legacy)
+                   meta.get("last_row"), legacy, str(meta.get("run", "")))
 
 
 def _csv_cell(v):

@@ -27,6 +27,10 @@ class ErrorFeedback:
                     return {n: z[n] for n in names}
         return {n: np.zeros(s, np.float32) for n, s in zip(names, shapes)}
 
+    def reset(self) -> None:
+        """Forget the residual (a new run: another run's error would be fed into this one's updates)."""
+        self.path.unlink(missing_ok=True)
+
     def save(self, residual: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
         np.savez(buf, **residual)

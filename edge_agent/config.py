@@ -21,6 +21,10 @@ class AgentSection:
     #: is released between rounds (an idle agent holds no model-size buffers). FedAvg CNN: 98 MB
     #: peak instead of 106, about half the training speed (bench/agent_footprint).
     low_memory: bool = False
+    #: keep the latest global model even in rounds that do not ask this agent (for on-device
+    #: predictions between rounds); off: the global is fetched only when a round asks for it, so a
+    #: device on a thin link never downloads intermediate globals it will not train on
+    follow_global: bool = False
     #: robustness experiments only: make this agent Byzantine ("sign_flip": send -delta,
     #: "scale": send 100 x delta). Never set on a real device.
     attack: str = ""

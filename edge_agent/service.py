@@ -1,12 +1,26 @@
 """The edge agent service: receive the model, train on local data when asked, send the delta.
 
 Single protocol thread (paho's thread only enqueues). State that matters is on disk: the model
-artifact cache (by id), the outbox of finished updates, the top-k error-feedback residual.
+artifact cache (by id), the outbox of finished updates (by run, model and round), the top-k
+error-feedback residual, the latest accepted global (``global.msgpack``, for on-device predictions)
+and the run this agent follows with the highest round it has seen of it (``run.json``).
+
+What it will not do:
+* go back: within the run it follows, a global or announcement older than one it already had is
+  refused (``stale_global``); a new run id is followed explicitly (logged; the old run's outbox and
+  residual are dropped) and a run it has left is never followed again;
+* download what it will not train on: the global is subscribed to only while an announcement asks
+  this agent and its copy is not the announced base (``follow_global`` keeps it subscribed), so a
+  slow link carries one global per round it trains, not every intermediate one;
+* block: updates and statuses are handed to paho without waiting for PUBACKs (paho re-sends after a
+  reconnect), so the protocol loop keeps reading while a slow upload drains;
+* outlive refused credentials: the loop raises the client's AuthError (``fedmq-agent`` exits 3).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import platform
 import threading
@@ -18,7 +32,14 @@ import numpy as np
 
 from fedmq.broker import __version__
 from fedmq.broker.contract import codec
-from fedmq.broker.contract.messages import GlobalModel, ModelManifest, RoundAnnouncement, Status, Update
+from fedmq.broker.contract.messages import (
+    GlobalModel,
+    ModelManifest,
+    RoundAnnouncement,
+    ServiceStatus,
+    Status,
+    Update,
+)
 from fedmq.broker.contract.topics import Channel
 from fedmq.broker.errors import FedmqError
 from fedmq.broker.storage import atomic_write
@@ -29,7 +50,7 @@ from fedmq.broker.transport.receiver import Receiver
 from .compress import ErrorFeedback, apply_error_feedback
 from .config import AgentConfig
 from .data import load_local, split_eval
-from .outbox import Outbox
+from .outbox import Outbox, OutboxKey
 from .trainer import ArtifactError, DataError, TFLiteTrainer, check_data
 
 log = logging.getLogger(__name__)
@@ -60,6 +81,11 @@ class AgentService:
         self.global_msg: GlobalModel | None = None
         self.announcement: RoundAnnouncement | None = None
         self.sent: set[tuple[int, float]] = set()  # (round, announcement opened) already delivered
+        #: the update being handed over: (key, paho message infos); done when every PUBACK is in
+        self.pending: tuple[tuple[int, float], list] | None = None
+        self.run_state = self._load_run_state()  # {"run", "global_round", "round", "left": [...]}
+        self._global_subscribed = False
+        self.service: ServiceStatus | None = None
         self.state = "online"
         self.rounds_trained = 0
         self.data_error: str | None = None
@@ -73,22 +99,24 @@ class AgentService:
         runtime = self.trainer.runtime if self.trainer else ""
         msg = Status(self.id, state, time.time(), runtime=f"python {platform.python_version()}",
                      interpreter=runtime, num_samples=int(len(self.y)), version=VERSION)
-        try:
-            self.client.publish(self.topics.status(self.id), codec.encode(msg), qos=1, retain=True, timeout=10)
+        try:  # not waited for: paho sends it (again after a reconnect); the loop never blocks on it
+            self.client.publish(self.topics.status(self.id), codec.encode(msg), qos=1, retain=True, wait=False)
         except FedmqError as e:
             log.warning("could not publish status %s: %s", state, e)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
         self._load_cached_model()
-        self.client.connect()
         t = self.topics
-        for f in (*t.with_chunks(t.model()), *t.with_chunks(t.global_()), t.round()):
-            self.client.subscribe(f, qos=1)
+        # plain topic before its chunks: the retained pointer arrives before the chunks it names
+        for f in (*t.with_chunks(t.model()), t.round(), t.service()):
+            self.client.subscribe(f, qos=1)  # remembered; made on every (re)connect
+        if self.cfg.agent.follow_global:
+            self._subscribe_global(True)
         self.publisher = Publisher(self.client, t)
-        self._reannounce.clear()
-        self._status("online")
-        log.info("agent %s up: %d local examples (%d held out)", self.id, len(self.y), len(self.y_eval))
+        self.client.start()  # returns at once: the broker may not be up yet; on_connected publishes our status
+        log.info("agent %s up: %d local examples (%d held out); connecting to %s:%s", self.id, len(self.y),
+                 len(self.y_eval), self.cfg.broker.host, self.cfg.broker.port)
 
     def run(self, max_seconds: float | None = None) -> None:
         self.start()
@@ -97,6 +125,11 @@ class AgentService:
             while not self.stop_event.is_set():
                 if t_end is not None and time.monotonic() > t_end:
                     break
+                if self.client.fatal is not None:
+                    log.error("the broker refused this device's credentials (%s): revoked or wrong password; "
+                              "stopping for good (exit code 3: systemd does not restart it). Re-provision the "
+                              "device (fedmq-broker rotate/add) and start it again.", self.client.fatal)
+                    raise self.client.fatal
                 self.step(0.1)
         finally:
             self.shutdown()
@@ -116,6 +149,7 @@ class AgentService:
             self._reannounce.clear()
             self._status(self.state if self.state != "offline" else "online")
             self._maybe_work()  # after a reconnect: re-send from the outbox if the round is open
+        self._check_pending()
         m = self.client.get(timeout=timeout)
         while m is not None:
             self._handle(m.topic, m.payload, m.retain)
@@ -135,9 +169,18 @@ class AgentService:
             return
         msg = got.message
         ch = got.topic.channel
+        if ch is Channel.SERVICE and isinstance(msg, ServiceStatus):
+            old = self.service
+            self.service = msg
+            if old is None or (old.state, old.run) != (msg.state, msg.run):
+                log.info("aggregator %s: %s (run %s, global round %d)", msg.service, msg.state, msg.run,
+                         msg.global_round)
+            return
         if ch is Channel.MODEL and isinstance(msg, ModelManifest):
             if hashlib.sha256(msg.artifact).hexdigest() != msg.model_id:
                 self.receiver.reject("bad_model_id", f"model {msg.model_id[:12]}: artifact hash differs", topic)
+                return
+            if not self._same_run(msg.run, topic, "model"):
                 return
             self._set_model(msg)
         elif ch is Channel.GLOBAL and isinstance(msg, GlobalModel):
@@ -145,14 +188,90 @@ class AgentService:
             if bad:
                 self.receiver.reject("bad_global", f"global of round {msg.round}: {bad}", topic)
                 return
+            if not self._same_run(msg.run, topic, "global", global_round=msg.round):
+                return
+            new = self.global_msg is None or (self.global_msg.run, self.global_msg.round) != (msg.run, msg.round)
             self.global_msg = msg
-            self.outbox.drop_before(msg.round + 1)  # rounds up to this one are closed
+            self.outbox.drop_before(msg.run, msg.round + 1)  # rounds up to this one are closed
+            if new and got.payload is not None:
+                atomic_write(self.cfg.cache_dir / "global.msgpack", got.payload)  # for LocalModel / predict
         elif ch is Channel.ROUND and isinstance(msg, RoundAnnouncement):
+            if not self._same_run(msg.run, topic, "round", round_no=msg.round):
+                return
             self.announcement = msg
-            self.outbox.drop_before(msg.round)
+            self.outbox.drop_before(msg.run, msg.round)
         else:
             return
         self._maybe_work()
+
+    # -- runs ------------------------------------------------------------------------------------------
+    def _load_run_state(self) -> dict:
+        p = self.cfg.cache_dir / "run.json"
+        try:
+            d = json.loads(p.read_text())
+            if isinstance(d, dict) and isinstance(d.get("run"), str):
+                return {"run": d["run"], "global_round": int(d.get("global_round", 0)),
+                        "round": int(d.get("round", 0)), "left": [str(x) for x in d.get("left", [])][-16:]}
+        except (OSError, ValueError, TypeError):
+            pass
+        return {"run": "", "global_round": 0, "round": 0, "left": []}
+
+    def _save_run_state(self) -> None:
+        atomic_write(self.cfg.cache_dir / "run.json", json.dumps(self.run_state).encode())
+
+    def _same_run(self, run: str, topic: str, what: str, global_round: int | None = None,
+                  round_no: int | None = None) -> bool:
+        """Follow ``run`` (a new one explicitly), refuse a left run or going back within the run."""
+        st = self.run_state
+        if run != st["run"]:
+            if run in st["left"]:
+                self.receiver.reject("stale_global", f"{what} of run {run}, which this agent left", topic)
+                return False
+            if st["run"]:
+                log.warning("following new run %s (was %s): the old run's outbox and residual are dropped", run,
+                            st["run"])
+                st["left"] = (st["left"] + [st["run"]])[-16:]
+            else:
+                log.info("following run %s", run)
+            st.update(run=run, global_round=0, round=0)
+            self.outbox.drop_other_runs(run)
+            self.ef.reset()
+            self.global_msg = None if self.global_msg is None or self.global_msg.run != run else self.global_msg
+            self.announcement = None if self.announcement is None or self.announcement.run != run \
+                else self.announcement
+            self.sent.clear()
+            self._save_run_state()
+        if global_round is not None:
+            if global_round < st["global_round"]:
+                self.receiver.reject("stale_global", f"global of round {global_round}, this agent had round "
+                                     f"{st['global_round']} of run {run}", topic)
+                return False
+            if global_round > st["global_round"]:
+                st["global_round"] = global_round
+                self._save_run_state()
+        if round_no is not None:
+            if round_no < st["round"]:
+                self.receiver.reject("stale_global", f"announcement of round {round_no}, this agent had round "
+                                     f"{st['round']} of run {run}", topic)
+                return False
+            if round_no > st["round"]:
+                st["round"] = round_no
+                self._save_run_state()
+        return True
+
+    def _subscribe_global(self, on: bool) -> None:
+        """Subscribe to the global (plain topic first, then its chunks) only while it is needed."""
+        if on == self._global_subscribed:
+            return
+        t = self.topics
+        filters = t.with_chunks(t.global_())
+        if on:
+            for f in filters:
+                self.client.subscribe(f, qos=1)
+        else:
+            for f in filters:
+                self.client.unsubscribe(f)
+        self._global_subscribed = on
 
     def _load_cached_model(self) -> None:
         for p in sorted((self.cfg.cache_dir / "models").glob("*.tflite"), key=lambda p: p.stat().st_mtime)[-1:]:
@@ -216,17 +335,23 @@ class AgentService:
     def _maybe_work(self) -> None:
         ann = self.announcement
         if ann is None or not ann.asks(self.id) or time.time() > ann.deadline:
+            self._subscribe_global(self.cfg.agent.follow_global)
             return
         key = (ann.round, ann.opened)
-        if key in self.sent:
-            return
-        stored = self.outbox.get(ann.round)
-        if stored is not None:  # finished earlier (before a restart, or the aggregator restarted): re-send
+        okey = OutboxKey(ann.run, ann.model_id, ann.round, ann.base_round)
+        stored = self.outbox.get(okey)
+        if stored is not None:  # finished earlier: re-send into a re-announced round (the aggregator restarted)
+            self._subscribe_global(self.cfg.agent.follow_global)
+            if key in self.sent or (self.pending is not None and self.pending[0][0] == ann.round):
+                return  # delivered for this announcement, or still being handed over (paho re-sends)
             self._send(key, stored)
             return
+        if key in self.sent:
+            return
         t, g = self.trainer, self.global_msg
-        if t is None or t.model_id != ann.model_id or g is None or g.round != ann.base_round \
-                or g.model_id != ann.model_id or self.data_error or self._global_misfit(g):
+        has_base = g is not None and g.run == ann.run and g.round == ann.base_round and g.model_id == ann.model_id
+        self._subscribe_global(self.cfg.agent.follow_global or not has_base)
+        if t is None or t.model_id != ann.model_id or not has_base or self.data_error or self._global_misfit(g):
             return  # wait for the matching model / global weights
         self._train(ann, g)
 
@@ -250,9 +375,9 @@ class AgentService:
             delta = {n: np.multiply(d, np.float32(factor), out=d) for n, d in delta.items()}
         delta = apply_error_feedback(delta, cfg.compression, self.ef)
         upd = Update(ann.round, self.id, ann.model_id, uuid.uuid4().hex, r.num_samples, delta, metrics, time.time(),
-                     cfg.compression, base_round=ann.base_round)
+                     cfg.compression, base_round=ann.base_round, run=ann.run)
         payload = codec.encode(upd)
-        self.outbox.put(ann.round, payload)  # on disk before it leaves
+        self.outbox.put(OutboxKey(ann.run, ann.model_id, ann.round, ann.base_round), payload)  # on disk first
         self.rounds_trained += 1
         log.info("round %d: trained %d steps in %.1fs, loss %.4f; sending %d bytes", ann.round, r.steps, r.seconds,
                  r.loss, len(payload))
@@ -262,12 +387,27 @@ class AgentService:
         self._status("idle")
 
     def _send(self, key: tuple[int, float], payload: bytes) -> None:
-        """Publish an update; it stays in the outbox until its round closes (the aggregator may restart)."""
+        """Hand an update to paho without waiting; it stays in the outbox until its round closes.
+
+        The PUBACKs are collected by ``_check_pending`` on later steps, so a slow upload never blocks
+        the protocol loop; paho re-sends unacknowledged packets after a reconnect.
+        """
+        infos: list = []
         try:
-            self.publisher.publish_payload(self.topics.update(self.id), payload, qos=1, timeout=30)
+            self.publisher.publish_payload(self.topics.update(self.id), payload, qos=1, wait=False, infos=infos)
         except FedmqError as e:
-            log.warning("round %d: update not acknowledged (%s); kept in the outbox", key[0], e)
+            log.warning("round %d: update not handed over (%s); kept in the outbox", key[0], e)
             return
+        self.pending = (key, infos)
+        self._check_pending()
+
+    def _check_pending(self) -> None:
+        if self.pending is None:
+            return
+        key, infos = self.pending
+        if not all(i.is_published() for i in infos):
+            return
+        self.pending = None
         self.sent.add(key)
         if len(self.sent) > 1000:
             self.sent = {k for k in self.sent if k[0] >= key[0] - 10}

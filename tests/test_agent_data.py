@@ -9,7 +9,7 @@ from fedmq.broker.contract.tensors import Compression, decode_tensor, encode_ten
 from fedmq.broker.errors import ConfigError
 from fedmq.edge_agent.compress import ErrorFeedback, apply_error_feedback
 from fedmq.edge_agent.data import load_local, split_eval
-from fedmq.edge_agent.outbox import Outbox
+from fedmq.edge_agent.outbox import Outbox, OutboxKey
 
 
 def test_npz_csv_and_callable_sources(tmp_path):
@@ -53,12 +53,30 @@ def test_eval_split_is_seeded_and_disjoint():
 
 
 def test_outbox_survives_and_drops_closed_rounds(tmp_path):
+    run, other, mid = "aa" * 8, "bb" * 8, "cd" * 32
+    k3, k4 = OutboxKey(run, mid, 3, 2), OutboxKey(run, mid, 4, 3)
     o = Outbox(tmp_path / "ob")
-    o.put(3, b"three")
-    o.put(4, b"four")
-    assert Outbox(tmp_path / "ob").get(3) == b"three"  # a new process sees it
-    o.drop_before(4)
-    assert o.get(3) is None and o.get(4) == b"four"
+    o.put(k3, b"three")
+    o.put(k4, b"four")
+    assert Outbox(tmp_path / "ob").get(k3) == b"three"  # a new process sees it
+    o.drop_before(run, 4)
+    assert o.get(k3) is None and o.get(k4) == b"four"
+    o.drop_before(other, 9)  # another run's rounds say nothing about this run's
+    assert o.get(k4) == b"four"
+
+
+def test_outbox_is_keyed_by_run_model_round_and_base(tmp_path):
+    """An entry is found only for the exact (run, model, round, base round) it was made for."""
+    run, mid = "aa" * 8, "cd" * 32
+    o = Outbox(tmp_path / "ob")
+    o.put(OutboxKey(run, mid, 3, 2), b"three")
+    assert o.get(OutboxKey(run, mid, 3, 2)) == b"three"  # positive control
+    for k in (OutboxKey("bb" * 8, mid, 3, 2), OutboxKey(run, "ef" * 32, 3, 2), OutboxKey(run, mid, 3, 1),
+              OutboxKey(run, mid, 4, 2)):
+        assert o.get(k) is None, k
+    o.put(OutboxKey("bb" * 8, mid, 5, 4), b"other run")
+    assert o.drop_other_runs(run) == 1 and [k.run for k in o.keys()] == [run]
+    assert o.drop_other_runs(run, model_id="ef" * 32) == 1 and o.keys() == []
 
 
 def test_topk_error_feedback_loses_nothing_over_rounds(tmp_path):

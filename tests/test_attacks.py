@@ -90,7 +90,8 @@ def _tensor(**kw) -> dict:
 
 
 def _update(agent: str, **kw) -> bytes:
-    m = {"v": 1, "kind": "update", "round": 1, "base_round": 0, "agent": agent, "model_id": "ab" * 32,
+    m = {"v": 1, "kind": "update", "run": "0123456789abcdef", "round": 1, "base_round": 0, "agent": agent,
+         "model_id": "ab" * 32,
          "update_id": uuid.uuid4().hex, "num_samples": 10, "metrics": {}, "created": 0.0, "tensors": [_tensor()]}
     m.update(kw)
     return msgpack.packb(m, use_bin_type=True)

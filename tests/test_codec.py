@@ -29,6 +29,7 @@ from fedmq.broker.contract.tensors import RAW_DTYPES, Compression, decode_tensor
 from fedmq.broker.errors import DecodeError, EncodeError
 
 MID = "ab" * 32
+RUN = "0123456789abcdef"  # a run id (every message of a run carries one)
 UID = "0123456789abcdef"
 
 dtypes = st.sampled_from(list(RAW_DTYPES.values()))
@@ -40,7 +41,7 @@ shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6)
 def test_raw_round_trip_bit_identical(data):
     dt = data.draw(dtypes)
     arr = data.draw(hnp.arrays(dt, data.draw(shapes)))
-    msg = GlobalModel(3, MID, {"w": arr, "b": arr.reshape(-1)}, 1.5)
+    msg = GlobalModel(3, MID, {"w": arr, "b": arr.reshape(-1)}, 1.5, run=RUN)
     out = codec.decode(codec.encode(msg))
     assert isinstance(out, GlobalModel) and out.round == 3
     for name in ("w", "b"):
@@ -52,7 +53,7 @@ def test_raw_round_trip_bit_identical(data):
 
 def test_decoded_raw_tensors_are_zero_copy_views():
     arr = np.arange(1000, dtype=np.float32)
-    payload = codec.encode(GlobalModel(1, MID, {"w": arr}, 0.0))
+    payload = codec.encode(GlobalModel(1, MID, {"w": arr}, 0.0, run=RUN))
     out = codec.decode(payload)
     w = out.tensors["w"]
     assert not w.flags.owndata and not w.flags.writeable
@@ -65,7 +66,7 @@ def test_big_endian_and_non_contiguous_inputs_are_normalised():
     assert a.dtype.byteorder == ">" and not a.flags.c_contiguous
     ref = np.array([[0, 2], [4, 6], [8, 10]], dtype="<f4")  # the values, written out
     # through the whole message codec...
-    got = codec.decode(codec.encode(GlobalModel(1, MID, {"x": a}, 0.0))).tensors["x"]
+    got = codec.decode(codec.encode(GlobalModel(1, MID, {"x": a}, 0.0, run=RUN))).tensors["x"]
     assert got.dtype == np.dtype("<f4") and got.shape == (3, 2)
     assert got.tobytes() == ref.tobytes()
     # ...and through the tensor encoding alone
@@ -143,14 +144,14 @@ def _all_messages():
     w = {"dense/kernel": np.ones((3, 2), np.float32), "dense/bias": np.zeros(2, np.float32)}
     return [
         ModelManifest(MID, b"\x00tflite", [TensorSpec("dense/kernel", (3, 2), "float32")],
-                      [TensorSpec("x", (8, 3), "float32"), TensorSpec("y", (8,), "int32")], 8, 1.0, {"lr": 0.1}),
-        GlobalModel(0, MID, w, 2.0),
+                      [TensorSpec("x", (8, 3), "float32"), TensorSpec("y", (8,), "int32")], 8, 1.0, {"lr": 0.1}, run=RUN),
+        GlobalModel(0, MID, w, 2.0, run=RUN),
         RoundAnnouncement(4, MID, 3, 10.0, 70.0, TrainConfig(2, 16, 0.05, 0.01, Compression("topk", 0.05), 7),
-                          ["a", "b-2"], 2),
-        RoundAnnouncement(1, MID, 0, 10.0, 70.0, TrainConfig(), None, 1),
-        Update(4, "a", MID, UID, 120, w, {"loss": 0.3, "acc": 0.9}, 5.0),
+                          ["a", "b-2"], 2, run=RUN),
+        RoundAnnouncement(1, MID, 0, 10.0, 70.0, TrainConfig(), None, 1, run=RUN),
+        Update(4, "a", MID, UID, 120, w, {"loss": 0.3, "acc": 0.9}, 5.0, run=RUN),
         Status("a", "training", 3.0, "litert", "ai_edge_litert 2.3", 120, "0.1.0"),
-        RoundMetrics(4, 9.0, "aggregated", ["a", "b-2"], {"loss": 0.2}, {"stale": 2}),
+        RoundMetrics(4, 9.0, "aggregated", ["a", "b-2"], {"loss": 0.2}, {"stale": 2}, run=RUN),
         Chunk(UID, 1, 3, 100, 250, b"\x01" * 32, b"abc"),
     ]
 
@@ -174,8 +175,8 @@ def test_every_kind_round_trips(msg):
 
 def test_encoder_reuses_its_buffer_and_matches_encode():
     enc = codec.Encoder()
-    m1 = GlobalModel(1, MID, {"w": np.arange(10_000, dtype=np.float32)}, 0.0)
-    m2 = GlobalModel(2, MID, {"w": np.ones(5, dtype=np.float32)}, 0.0)
+    m1 = GlobalModel(1, MID, {"w": np.arange(10_000, dtype=np.float32)}, 0.0, run=RUN)
+    m2 = GlobalModel(2, MID, {"w": np.ones(5, dtype=np.float32)}, 0.0, run=RUN)
     v1 = bytes(enc.encode(m1))
     assert v1 == codec.encode(m1)
     assert bytes(enc.encode(m2)) == codec.encode(m2)
@@ -224,7 +225,8 @@ def test_reader_rejects_every_truncation(obj, data):
 
 # -- hostile payloads ------------------------------------------------------------------------------
 def _env(**fields):
-    d = {"v": 1, "kind": "update", "round": 1, "base_round": 0, "agent": "a", "model_id": MID, "update_id": UID,
+    d = {"v": 1, "kind": "update", "run": RUN, "round": 1, "base_round": 0, "agent": "a", "model_id": MID,
+         "update_id": UID,
          "num_samples": 1,
          "metrics": {}, "created": 0.0,
          "tensors": [{"name": "w", "enc": "raw", "dtype": "float32", "shape": [2], "data": b"\0" * 8}]}

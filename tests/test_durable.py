@@ -78,11 +78,12 @@ def test_every_former_copy_uses_it(tmp_path):
     """The outbox, the error-feedback residual and the checkpoint go through the one helper."""
     from fedmq.aggregator.state import Checkpoint
     from fedmq.edge_agent.compress import ErrorFeedback
-    from fedmq.edge_agent.outbox import Outbox
+    from fedmq.edge_agent.outbox import Outbox, OutboxKey
 
     ob = Outbox(tmp_path / "outbox")
-    ob.put(3, b"payload")
-    assert ob.get(3) == b"payload" and [x.name for x in (tmp_path / "outbox").iterdir()] == ["round-00000003.msgpack"]
+    key = OutboxKey("aa" * 8, "cd" * 32, 3, 2)
+    ob.put(key, b"payload")
+    assert ob.get(key) == b"payload" and [x.name for x in (tmp_path / "outbox").iterdir()] == [key.filename()]
     ef = ErrorFeedback(tmp_path / "residual.npz")
     r = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
     ef.save(r)

@@ -15,6 +15,7 @@ from fedmq.broker.transport.receiver import Receiver
 pytest.importorskip("amqtt")
 pytestmark = pytest.mark.network
 MID = "ab" * 32
+RUN = "0123456789abcdef"  # a run id (every message of a run carries one)
 
 
 def test_chunked_update_and_retained_global_over_amqtt(tmp_path, topics):
@@ -29,11 +30,11 @@ def test_chunked_update_and_retained_global_over_amqtt(tmp_path, topics):
         with mk("sub-" + uuid.uuid4().hex[:6]) as sub, mk("pub-" + uuid.uuid4().hex[:6]) as pub:
             w = {"w": np.random.default_rng(1).normal(size=200_000).astype(np.float32)}
             p = Publisher(pub, topics)
-            p.publish(topics.global_(), GlobalModel(1, MID, w, 0.0), retain=True)
+            p.publish(topics.global_(), GlobalModel(1, MID, w, 0.0, run=RUN), retain=True)
             sub.subscribe(topics.all_updates())
             for f in topics.with_chunks(topics.global_()):
                 sub.subscribe(f)
-            assert p.publish(topics.update("a"), Update(1, "a", MID, uuid.uuid4().hex, 4, w, {}, 0.0)) > 1
+            assert p.publish(topics.update("a"), Update(1, "a", MID, uuid.uuid4().hex, 4, w, {}, 0.0, run=RUN)) > 1
             rx = Receiver(topics)
             got = []
 

@@ -25,6 +25,7 @@ from fedmq.broker.transport.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parents[1]
 MID = "ab" * 32
+RUN = "0123456789abcdef"  # a run id (every message of a run carries one)
 UID = "cd" * 16
 T = Topics("f")
 
@@ -36,7 +37,8 @@ def _tensor(**kw):
 
 
 def _update(**fields):
-    d = {"v": 1, "kind": "update", "round": 2, "base_round": 1, "agent": "a", "model_id": MID, "update_id": UID,
+    d = {"v": 1, "kind": "update", "run": RUN, "round": 2, "base_round": 1, "agent": "a", "model_id": MID,
+         "update_id": UID,
          "num_samples": 5, "metrics": {}, "created": 0.0, "tensors": [_tensor()]}
     d.update(fields)
     return {k: v for k, v in d.items() if v is not _DROP}
@@ -126,21 +128,21 @@ HOSTILE = [
       "sha256": b"\0" * 32, "data": b"x"}, "schema"),
     ({"v": 1, "kind": "chunk", "blob_id": "aa" * 8, "index": [0], "total": 2, "offset": 0, "size": 5,
       "sha256": b"\0" * 32, "data": b"x"}, "schema"),
-    ({"v": 1, "kind": "round", "round": 1, "model_id": MID, "base_round": 0, "opened": 0.0, "deadline": 1.0,
+    ({"v": 1, "kind": "round", "run": RUN, "round": 1, "model_id": MID, "base_round": 0, "opened": 0.0, "deadline": 1.0,
       "config": {"epochs": 1, "batch_size": 1, "lr": 0.1, "mu": 0.0, "encoding": {"raw": 1},
                  "topk_fraction": 0.1, "seed": 0}, "agents": None, "quorum": 1}, "schema"),
-    ({"v": 1, "kind": "round", "round": 1, "model_id": MID, "base_round": 0, "opened": 0.0, "deadline": 1.0,
+    ({"v": 1, "kind": "round", "run": RUN, "round": 1, "model_id": MID, "base_round": 0, "opened": 0.0, "deadline": 1.0,
       "config": [], "agents": None, "quorum": 1}, "schema"),
-    ({"v": 1, "kind": "round", "round": 1, "model_id": MID, "base_round": 0, "opened": 0.0, "deadline": 1.0,
+    ({"v": 1, "kind": "round", "run": RUN, "round": 1, "model_id": MID, "base_round": 0, "opened": 0.0, "deadline": 1.0,
       "config": {"epochs": 1, "batch_size": 1, "lr": 0.1, "mu": 0.0, "encoding": "raw", "topk_fraction": 0.1,
                  "seed": 0}, "agents": [["a"]], "quorum": 1}, "schema"),
-    ({"v": 1, "kind": "model", "model_id": MID, "format": ARTIFACT_FORMAT, "artifact": b"x",
+    ({"v": 1, "kind": "model", "run": RUN, "model_id": MID, "format": ARTIFACT_FORMAT, "artifact": b"x",
       "weights": [{"name": "w", "shape": [0, 2**40], "dtype": "float32"}], "inputs": [], "train_batch_size": 1,
       "created": 0.0, "extra": {}}, "schema"),
-    ({"v": 1, "kind": "model", "model_id": MID, "format": ARTIFACT_FORMAT, "artifact": b"x",
+    ({"v": 1, "kind": "model", "run": RUN, "model_id": MID, "format": ARTIFACT_FORMAT, "artifact": b"x",
       "weights": [{"name": "w", "shape": [1], "dtype": ["float32"]}], "inputs": [], "train_batch_size": 1,
       "created": 0.0, "extra": {}}, "schema"),
-    ({"v": 1, "kind": "metrics", "round": 1, "ts": 0.0, "outcome": "aggregated", "participants": [{"a": 1}],
+    ({"v": 1, "kind": "metrics", "run": RUN, "round": 1, "ts": 0.0, "outcome": "aggregated", "participants": [{"a": 1}],
       "values": {}, "rejected": {}}, "schema"),
 ]
 
@@ -166,9 +168,9 @@ def test_receiver_counts_hostile_payloads_and_never_raises(wire, reason):
 def test_valid_update_with_base_round_round_trips():
     out = codec.decode(pack(_update()))
     assert isinstance(out, Update) and out.base_round == 1 and out.num_samples == 5
-    u = Update(3, "a", MID, UID, 4, {"w": np.ones(2, np.float32)}, {}, 0.0, base_round=1)
+    u = Update(3, "a", MID, UID, 4, {"w": np.ones(2, np.float32)}, {}, 0.0, base_round=1, run=RUN)
     assert codec.decode(codec.encode(u)).base_round == 1
-    assert Update(3, "a", MID, UID, 4, {}, {}, 0.0).base_round == 2  # constructor default: round - 1
+    assert Update(3, "a", MID, UID, 4, {}, {}, 0.0, run=RUN).base_round == 2  # constructor default: round - 1
 
 
 def test_unknown_fields_are_ignored():
@@ -229,7 +231,7 @@ def test_wrong_channel_and_chunk_topic_index():
     assert rx.feed(T.status("a"), pack(status)) is not None  # positive control: right channel
     assert rx.feed(T.chunk(T.global_(), 0), pack(status)) is None
     assert rx.rejected["wrong_channel"] == 2
-    ch = split(codec.encode(Update(2, "a", MID, UID, 3, {"w": np.ones(4, np.float32)}, {}, 0.0)), 50)
+    ch = split(codec.encode(Update(2, "a", MID, UID, 3, {"w": np.ones(4, np.float32)}, {}, 0.0, run=RUN)), 50)
     assert rx.feed(T.chunk(T.global_(), 1), codec.encode(ch[0])) is None
     assert rx.rejected["chunk_inconsistent"] == 1
     # an update reassembled on the global channel is the wrong kind there
@@ -243,7 +245,7 @@ def test_wrong_channel_and_chunk_topic_index():
 
 def test_an_unexpected_exception_is_an_internal_rejection_logged_once_per_cause(monkeypatch, caplog):
     rx = Receiver(T)
-    good = codec.encode(Update(2, "a", MID, UID, 3, {"w": np.ones(4, np.float32)}, {}, 0.0))
+    good = codec.encode(Update(2, "a", MID, UID, 3, {"w": np.ones(4, np.float32)}, {}, 0.0, run=RUN))
 
     def boom(*a, **k):
         raise RuntimeError("bug")
@@ -337,11 +339,11 @@ def test_round_controller_rejects_a_delta_against_another_base():
     from fedmq.aggregator.strategies import build_strategy
 
     c = RoundController(build_strategy({"name": "fedavg"}), RoundsSection(deadline_s=100, grace_s=5))
-    ann = c.open(4, MID, 2, {"w": np.zeros(3, np.float32)}, ["a", "b"], TrainConfig(), now=0.0)
+    ann = c.open(4, MID, 2, {"w": np.zeros(3, np.float32)}, ["a", "b"], TrainConfig(), now=0.0, run=RUN)
     assert isinstance(ann, RoundAnnouncement) and ann.base_round == 2
     w = {"w": np.ones(3, np.float32)}
-    assert c.on_update(Update(4, "a", MID, "01" * 8, 5, w, {}, 0.0, base_round=3), 1, 1.0) == "stale_base"
-    assert c.on_update(Update(4, "a", MID, "02" * 8, 5, w, {}, 0.0, base_round=2), 1, 1.0) is None
+    assert c.on_update(Update(4, "a", MID, "01" * 8, 5, w, {}, 0.0, base_round=3, run=RUN), 1, 1.0) == "stale_base"
+    assert c.on_update(Update(4, "a", MID, "02" * 8, 5, w, {}, 0.0, base_round=2, run=RUN), 1, 1.0) is None
 
 
 # -- one top-k selection ---------------------------------------------------------------------------
@@ -447,7 +449,7 @@ def _agent(tmp_path):
 
 
 def _model_wire(artifact: bytes, **kw):
-    d = {"v": 1, "kind": "model", "model_id": hashlib.sha256(artifact).hexdigest(), "format": ARTIFACT_FORMAT,
+    d = {"v": 1, "kind": "model", "run": RUN, "model_id": hashlib.sha256(artifact).hexdigest(), "format": ARTIFACT_FORMAT,
          "artifact": artifact, "weights": [{"name": "w000", "shape": [4, 2], "dtype": "float32"}],
          "inputs": [{"name": "x", "shape": [2, 4], "dtype": "float32"}], "train_batch_size": 2, "created": 0.0,
          "extra": {}}
@@ -463,11 +465,11 @@ def test_agent_survives_hostile_model_global_round_and_chunks(tmp_path):
         (T.model(), pack(_model_wire(b"not a flatbuffer", model_id=MID))),  # hash differs: bad_model_id
         (T.model(), pack(_model_wire(b"not a flatbuffer"))),  # loads nothing: bad_model (or internal)
         (T.model(), pack(_model_wire(b"x", weights=[{"name": "w", "shape": [0, 2**40], "dtype": "f"}]))),
-        (T.global_(), pack({"v": 1, "kind": "global", "round": 0, "model_id": MID, "created": 0.0,
+        (T.global_(), pack({"v": 1, "kind": "global", "run": RUN, "round": 0, "model_id": MID, "created": 0.0,
                             "tensors": [_tensor(dtype=["x"])]})),
-        (T.global_(), pack({"v": 1, "kind": "global", "round": {"r": 1}, "model_id": MID, "created": 0.0,
+        (T.global_(), pack({"v": 1, "kind": "global", "run": RUN, "round": {"r": 1}, "model_id": MID, "created": 0.0,
                             "tensors": []})),
-        (T.round(), pack({"v": 1, "kind": "round", "round": 1, "model_id": MID, "base_round": 0, "opened": 0.0,
+        (T.round(), pack({"v": 1, "kind": "round", "run": RUN, "round": 1, "model_id": MID, "base_round": 0, "opened": 0.0,
                           "deadline": 1.0, "config": {"encoding": []}, "agents": None, "quorum": 1})),
         (T.chunk(T.global_(), 0), pack({"v": 1, "kind": "chunk", "blob_id": "aa" * 8, "index": 0, "total": 2,
                                         "offset": 0, "size": 256 << 20, "sha256": b"\0" * 32, "data": b"x"})),
@@ -485,7 +487,7 @@ def test_agent_survives_hostile_model_global_round_and_chunks(tmp_path):
     assert rx.reassembler.in_flight == 1 and rx.reassembler.reserved_bytes < 1024  # 256 MiB declared, 1 byte held
     assert rx.ignored["cleared"] == 1
     # positive control: a well-formed global and announcement are taken
-    ok = {"v": 1, "kind": "global", "round": 0, "model_id": MID, "created": 0.0,
+    ok = {"v": 1, "kind": "global", "run": RUN, "round": 0, "model_id": MID, "created": 0.0,
           "tensors": [_tensor(name="w000", shape=[4, 2], data=b"\0" * 32)]}
     ag._handle(T.global_(), pack(ok), True)
     assert ag.global_msg is not None and ag.global_msg.round == 0
@@ -494,7 +496,7 @@ def test_agent_survives_hostile_model_global_round_and_chunks(tmp_path):
 def test_agent_counts_an_unexpected_exception_and_goes_on(tmp_path, monkeypatch):
     ag = _agent(tmp_path)
     T = ag.topics
-    ok = {"v": 1, "kind": "global", "round": 0, "model_id": MID, "created": 0.0,
+    ok = {"v": 1, "kind": "global", "run": RUN, "round": 0, "model_id": MID, "created": 0.0,
           "tensors": [_tensor(name="w000", shape=[4, 2], data=b"\0" * 32)]}
 
     def boom(*a, **k):
@@ -570,7 +572,7 @@ def test_hostile_agent_over_a_real_broker_cannot_crash_or_starve_the_receiver(se
         marker = pack(_update(agent="agent-a", num_samples=0))  # the last one: counted as bad_samples
         evil.publish(t.update("agent-a"), marker, qos=1).wait_for_publish(10)
         w = {"w": np.arange(30_000, dtype=np.float32)}  # 120 KB: chunked under the 20 KB packet limit
-        sent = Update(2, "agent-b", MID, _uuid.uuid4().hex, 7, w, {}, 0.0, base_round=1)
+        sent = Update(2, "agent-b", MID, _uuid.uuid4().hex, 7, w, {}, 0.0, base_round=1, run=RUN)
         assert Publisher(honest, t).publish(t.update("agent-b"), sent) > 1
         got = feed_until(agg, rx, lambda: rx.rejected["bad_samples"] >= 1 and rx.accepted >= 1, "marker + update")
         ups = [g for g in got if g is not None and isinstance(g.message, Update)]

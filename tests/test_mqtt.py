@@ -19,6 +19,7 @@ from fedmq.broker.transport.publisher import Publisher
 from fedmq.broker.transport.receiver import Receiver
 
 MID = "ab" * 32
+RUN = "0123456789abcdef"  # a run id (every message of a run carries one)
 pytestmark = pytest.mark.network
 
 
@@ -64,7 +65,7 @@ def test_20mb_update_chunked_under_1mb_packet_limit(own_broker, topics):
         assert pub.broker_max_packet == 1_000_000  # advertised in CONNACK (MQTT 5)
         sub.subscribe(topics.all_updates())
         n = Publisher(pub, topics).publish(topics.update("agent-x"),
-                                           Update(1, "agent-x", MID, uuid.uuid4().hex, 10, w, {}, 0.0))
+                                           Update(1, "agent-x", MID, uuid.uuid4().hex, 10, w, {}, 0.0, run=RUN))
         assert n >= 21
         rx = Receiver(topics)
         (r,) = drain(sub, rx, 1, timeout=60)
@@ -92,36 +93,45 @@ def test_configured_max_payload_applies_too(broker, topics):
         c.publish(topics.metrics(), b"x" * 4000)
 
 
-def test_qos1_duplicate_delivered_once_to_the_application(broker, topics):
-    upd = Update(2, "dup-agent", MID, uuid.uuid4().hex, 5, {"w": np.ones(4, np.float32)}, {}, 0.0)
+def test_qos1_duplicate_counts_once_in_the_round(broker, topics):
+    """A redelivered update reaches the application again; the round controller counts it once.
+
+    The receiver does not de-duplicate updates (a copy refused for a reason that can change must count
+    when re-sent): the controller refuses a copy of an accepted update as ``duplicate``.
+    """
+    from fedmq.aggregator.config import RoundsSection
+    from fedmq.aggregator.rounds import RoundController
+    from fedmq.aggregator.strategies import build_strategy
+    from fedmq.broker.contract.messages import TrainConfig
+
+    upd = Update(2, "dup-agent", MID, uuid.uuid4().hex, 5, {"w": np.ones(4, np.float32)}, {}, 0.0, base_round=1,
+                 run=RUN)
     payload = codec.encode(upd)
-    other = Update(2, "dup-agent", MID, uuid.uuid4().hex, 5, {"w": np.zeros(4, np.float32)}, {}, 0.0)
+    other = Update(2, "dup-agent", MID, uuid.uuid4().hex, 5, {"w": np.zeros(4, np.float32)}, {}, 0.0,
+                   base_round=1, run=RUN)
+    c = RoundController(build_strategy({"name": "fedavg"}), RoundsSection(quorum=1))
+    c.open(2, MID, 1, {"w": np.zeros(4, np.float32)}, ["dup-agent"], TrainConfig(), 0.0, run=RUN)
     with client(broker) as sub, client(broker) as pub:
         sub.subscribe(topics.all_updates())
         for p in (payload, payload, codec.encode(other)):  # the second is a redelivery
             pub.publish(topics.update("dup-agent"), p, qos=1)
         rx = Receiver(topics)
-        got = drain(sub, rx, 2)
-        assert [g.message.update_id for g in got] == [upd.update_id, other.update_id]
-        assert rx.duplicates == 1
-        # nothing else is delivered: a marker published after them is the next thing on the subscription
-        # (one publisher, QoS 1: in order), so a third copy of the duplicate would have come first
-        marker = Update(3, "dup-agent", MID, uuid.uuid4().hex, 5, {"w": np.ones(4, np.float32)}, {}, 0.0)
-        pub.publish(topics.update("dup-agent"), codec.encode(marker), qos=1)
-        (last,) = drain(sub, rx, 1)
-        assert last.message.update_id == marker.update_id and rx.duplicates == 1
-        # and the duplicate, fed again, is still recognised
-        assert rx.feed(topics.update("dup-agent"), payload) is None and rx.duplicates == 2
+        got = drain(sub, rx, 3)
+        assert [g.message.update_id for g in got] == [upd.update_id, upd.update_id, other.update_id]
+        assert [c.on_update(g.message, g.nbytes, 1.0) for g in got] == [None, "duplicate", "duplicate"]
+        r, result = c.close()
+        assert list(r.received) == ["dup-agent"] and r.received["dup-agent"] == upd.update_id
+        np.testing.assert_array_equal(result.weights["w"], np.ones(4, np.float32))  # the first one, once
 
 
 def test_retained_chunked_global_model_reaches_late_subscriber(broker, topics):
     w = {"w": np.arange(300_000, dtype=np.float32)}
     with client(broker, max_payload=200_000) as pub:
         p = Publisher(pub, topics)
-        assert p.publish(topics.global_(), GlobalModel(1, MID, w, 0.0), retain=True) > 1
+        assert p.publish(topics.global_(), GlobalModel(1, MID, w, 0.0, run=RUN), retain=True) > 1
         # a smaller version later replaces it, and leaves no stale chunk behind
-        p.publish(topics.global_(), GlobalModel(2, MID, {"w": np.ones(10, np.float32)}, 0.0), retain=True)
-        assert p.publish(topics.global_(), GlobalModel(3, MID, w, 0.0), retain=True) > 1
+        p.publish(topics.global_(), GlobalModel(2, MID, {"w": np.ones(10, np.float32)}, 0.0, run=RUN), retain=True)
+        assert p.publish(topics.global_(), GlobalModel(3, MID, w, 0.0, run=RUN), retain=True) > 1
     with client(broker) as late:
         for f in topics.with_chunks(topics.global_()):
             late.subscribe(f)
@@ -134,8 +144,8 @@ def test_retained_chunked_global_model_reaches_late_subscriber(broker, topics):
 def test_rejections_counted_and_receiver_keeps_serving(broker, topics):
     with client(broker) as sub, client(broker) as pub:
         sub.subscribe(topics.all_updates())
-        good = codec.encode(Update(1, "ok", MID, uuid.uuid4().hex, 1, {"w": np.ones(2, np.float32)}, {}, 0.0))
-        spoof = codec.encode(Update(1, "victim", MID, uuid.uuid4().hex, 1, {"w": np.ones(2, np.float32)}, {}, 0.0))
+        good = codec.encode(Update(1, "ok", MID, uuid.uuid4().hex, 1, {"w": np.ones(2, np.float32)}, {}, 0.0, run=RUN))
+        spoof = codec.encode(Update(1, "victim", MID, uuid.uuid4().hex, 1, {"w": np.ones(2, np.float32)}, {}, 0.0, run=RUN))
         pub.publish(topics.update("ok"), b"\xff garbage")
         pub.publish(topics.update("ok"), spoof)  # claims another agent's id
         pub.publish(topics.update("ok"), good)

@@ -159,7 +159,8 @@ class Poisoner:
                 v = (rng.normal(size=a.shape) * 0.05).astype(np.float32)
             tensors.append({"name": name, "enc": "raw", "dtype": "float32", "shape": list(a.shape),
                             "data": v.tobytes()})
-        return msgpack.packb({"v": 1, "kind": "update", "round": ann.round, "base_round": ann.base_round,
+        return msgpack.packb({"v": 1, "kind": "update", "run": ann.run, "round": ann.round,
+                              "base_round": ann.base_round,
                               "agent": self.agent, "model_id": ann.model_id, "update_id": uuid.uuid4().hex,
                               "num_samples": 10**12 if self.mode == "samples" else 100, "metrics": {},
                               "created": time.time(), "tensors": tensors}, use_bin_type=True)

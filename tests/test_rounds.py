@@ -8,12 +8,13 @@ from fedmq.aggregator.strategies import build_strategy
 from fedmq.broker.contract.messages import TrainConfig, Update
 
 MID = "ab" * 32
+RUN = "0123456789abcdef"  # a run id (every message of a run carries one)
 G = {"w": np.zeros(3, np.float32)}
 
 
 def upd(agent, rnd=1, model=MID, uid=None):
     return Update(rnd, agent, model, uid or f"{abs(hash((agent, rnd, model))):016x}", 10,
-                  {"w": np.ones(3, np.float32)}, {}, 0.0)
+                  {"w": np.ones(3, np.float32)}, {}, 0.0, run=RUN)
 
 
 def controller(**kw):
@@ -34,19 +35,19 @@ def test_selection_and_quorum():
 
 def test_closes_after_grace_once_quorum_is_reached():
     c, _ = controller(quorum=2)
-    c.open(1, MID, 0, G, ["a", "b", "c"], TrainConfig(), now=0.0)
+    c.open(1, MID, 0, G, ["a", "b", "c"], TrainConfig(), now=0.0, run=RUN)
     assert c.on_update(upd("a"), 100, 1.0) is None
     assert c.poll(2.0) == "open"
     assert c.on_update(upd("b"), 100, 3.0) is None  # quorum at t=3
     assert c.poll(7.9) == "open" and c.poll(8.1) == "close"  # grace 5 s
     r, result = c.close()
-    assert r.received == ["a", "b"] and result.outcome == "aggregated"
+    assert list(r.received) == ["a", "b"] and result.outcome == "aggregated"
     np.testing.assert_allclose(result.weights["w"], np.ones(3))
 
 
 def test_closes_at_once_when_everyone_reported():
     c, _ = controller(quorum=1)
-    c.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0)
+    c.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0, run=RUN)
     c.on_update(upd("a"), 1, 1.0)
     assert c.poll(1.5) == "open"
     c.on_update(upd("b"), 1, 2.0)
@@ -55,15 +56,15 @@ def test_closes_at_once_when_everyone_reported():
 
 def test_deadline_without_quorum_abandons_or_extends():
     c, _ = controller(quorum=2)
-    c.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0)
+    c.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0, run=RUN)
     c.on_update(upd("a"), 1, 1.0)
     assert c.poll(99.0) == "open" and c.poll(100.1) == "timeout"
     assert c.extend(100.1) is None  # policy abandon
     r = c.abandon()
-    assert r.received == ["a"] and c.current is None
+    assert list(r.received) == ["a"] and c.current is None
     assert c.on_update(upd("b"), 1, 101.0) == "no_open_round"
     c2, _ = controller(quorum=2, on_timeout="extend", max_extensions=1)
-    c2.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0)
+    c2.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0, run=RUN)
     ann = c2.extend(100.0)
     assert ann is not None and ann.deadline == 200.0
     assert c2.extend(200.0) is None
@@ -71,7 +72,7 @@ def test_deadline_without_quorum_abandons_or_extends():
 
 def test_which_updates_count():
     c, _ = controller(quorum=5)
-    c.open(3, MID, 2, G, ["a", "b", "c"], TrainConfig(), now=0.0)
+    c.open(3, MID, 2, G, ["a", "b", "c"], TrainConfig(), now=0.0, run=RUN)
     c.closed_rounds.add(2)
     assert c.on_update(upd("a", rnd=2), 1, 1) == "late"
     assert c.on_update(upd("a", rnd=1), 1, 1) == "stale"
@@ -85,3 +86,27 @@ def test_which_updates_count():
     assert c.on_update(nan, 1, 1) == "non_finite"
     assert c.rejected == {"late": 1, "stale": 1, "future": 1, "wrong_model": 1, "not_asked": 1, "duplicate": 1,
                           "non_finite": 1}
+
+
+def test_an_update_refused_for_a_reason_that_can_change_counts_when_re_sent():
+    """Issue 13: refused as no_open_round / future, the same update (same update_id) counts in its round."""
+    c, _ = controller(quorum=2)
+    u = upd("a", rnd=2)
+    u.base_round = 1
+    assert c.on_update(u, 100, 0.0) == "no_open_round"  # sent before the (restarted) aggregator opened it
+    c.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0, run=RUN)
+    assert c.on_update(u, 100, 0.5) == "future"  # round 1 is still open
+    assert c.on_update(upd("a"), 100, 1.0) is None and c.on_update(upd("b"), 100, 1.0) is None
+    c.close()
+    c.open(2, MID, 1, G, ["a", "b"], TrainConfig(), now=2.0, run=RUN)
+    assert c.on_update(u, 100, 2.5) is None  # the outbox re-send: accepted, not a "duplicate"
+    assert c.on_update(u, 100, 2.6) == "duplicate"  # only now is a copy a duplicate
+
+
+def test_another_runs_update_never_counts():
+    c, _ = controller(quorum=1)
+    c.open(1, MID, 0, G, ["a"], TrainConfig(), now=0.0, run=RUN)
+    stale = upd("a")
+    stale.run = "fedcba9876543210"  # an old outbox after a state reset: same model, same round numbers
+    assert c.on_update(stale, 100, 1.0) == "wrong_run"
+    assert c.on_update(upd("a"), 100, 1.0) is None  # positive control: this run's update counts

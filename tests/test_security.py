@@ -14,6 +14,7 @@ from fedmq.broker.transport.client import MqttClient, MqttConfig, TlsConfig
 
 pytestmark = pytest.mark.network
 MID = "ab" * 32
+RUN = "0123456789abcdef"  # a run id (every message of a run carries one)
 
 
 def connect(prov, lb, user, *, password=None, ca=None, protocol="5", **kw):
@@ -28,7 +29,7 @@ def connect(prov, lb, user, *, password=None, ca=None, protocol="5", **kw):
 
 
 def update_bytes(agent):
-    return codec.encode(Update(1, agent, MID, uuid.uuid4().hex, 3, {"w": np.ones(3, np.float32)}, {}, 0.0))
+    return codec.encode(Update(1, agent, MID, uuid.uuid4().hex, 3, {"w": np.ones(3, np.float32)}, {}, 0.0, run=RUN))
 
 
 def until_marker(c: MqttClient, payload: bytes, timeout: float = 10.0) -> list:

@@ -202,6 +202,16 @@ class Reassembler:
             self._refused.popitem(last=False)
         return err
 
+    def discard_source(self, source: Hashable, keep: str | None = None) -> int:
+        """Drop every incomplete blob of ``source`` except blob ``keep``; return how many were dropped.
+
+        Used when a retained stream's pointer names a new blob: chunks of other blobs can never be used.
+        """
+        old = [k for k in self._partials if k[0] == source and k[1] != keep]
+        for k in old:
+            self._drop(k, freed=True)
+        return len(old)
+
     def expire(self, now: float | None = None) -> int:
         """Drop blobs idle for more than the TTL and forget old refusals; return how many blobs were dropped."""
         now = self._clock() if now is None else now

@@ -24,6 +24,12 @@ SCHEMA_VERSION = 1
 HEX_ID_RE = re.compile(r"[0-9a-f]{8,64}\Z")  # ASCII only; \Z: no trailing newline
 ARTIFACT_FORMAT = "tflite-trainable-v1"  # the one name of the model artifact format
 STATES = ("online", "idle", "training", "offline")
+SERVICE_STATES = ("online", "offline", "done")  # the aggregator's own status (``done``: the run ended)
+
+
+def req_run(m: Mapping[str, Any], kind: str) -> str:
+    """The run id every message of a run carries (8-64 lowercase hex; new with every fresh state_dir)."""
+    return req_str(m, "run", kind, HEX_ID_RE)
 
 
 @dataclass(frozen=True)
@@ -200,9 +206,10 @@ class ModelManifest(Message):
     created: float
     extra: dict[str, float] = field(default_factory=dict)  # default hyperparameters etc.
     format: str = ARTIFACT_FORMAT
+    run: str = ""  # the run that serves this model (required on the wire)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "format": self.format, "artifact": self.artifact,
+        return {"run": self.run, "model_id": self.model_id, "format": self.format, "artifact": self.artifact,
                 "weights": [w.to_wire() for w in self.weights], "inputs": [i.to_wire() for i in self.inputs],
                 "train_batch_size": self.train_batch_size, "created": self.created, "extra": self.extra}
 
@@ -225,6 +232,7 @@ class ModelManifest(Message):
             created=req_float(m, "created", k),
             extra=metrics_map(_get(m, "extra", k), k, limits, "extra"),
             format=req_str(m, "format", k, max_len=64),
+            run=req_run(m, k),
         )
 
 
@@ -237,9 +245,10 @@ class GlobalModel(Message):
     model_id: str
     tensors: dict[str, np.ndarray]
     created: float
+    run: str = ""  # required on the wire; rounds are ordered within a run only
 
     def to_wire(self) -> dict[str, Any]:
-        return {"round": self.round, "model_id": self.model_id, "created": self.created,
+        return {"run": self.run, "round": self.round, "model_id": self.model_id, "created": self.created,
                 "tensors": tensors_to_wire(self.tensors)}
 
     @classmethod
@@ -247,7 +256,7 @@ class GlobalModel(Message):
         k = cls.KIND
         m = _as_map(m, k)
         return cls(req_int(m, "round", k), req_str(m, "model_id", k, HEX_ID_RE),
-                   tensors_from_wire(_get(m, "tensors", k), k, limits), req_float(m, "created", k))
+                   tensors_from_wire(_get(m, "tensors", k), k, limits), req_float(m, "created", k), req_run(m, k))
 
 
 @dataclass
@@ -263,9 +272,10 @@ class RoundAnnouncement(Message):
     config: TrainConfig
     agents: list[str] | None = None
     quorum: int = 1
+    run: str = ""  # required on the wire
 
     def to_wire(self) -> dict[str, Any]:
-        return {"round": self.round, "model_id": self.model_id, "base_round": self.base_round,
+        return {"run": self.run, "round": self.round, "model_id": self.model_id, "base_round": self.base_round,
                 "opened": self.opened, "deadline": self.deadline, "config": self.config.to_wire(),
                 "agents": self.agents, "quorum": self.quorum}
 
@@ -282,7 +292,7 @@ class RoundAnnouncement(Message):
         return cls(req_int(m, "round", k, 1), req_str(m, "model_id", k, HEX_ID_RE),
                    req_int(m, "base_round", k), req_float(m, "opened", k), req_float(m, "deadline", k),
                    TrainConfig.from_wire(_get(m, "config", k), k), agents,
-                   req_int(m, "quorum", k, 1, limits.max_agents))
+                   req_int(m, "quorum", k, 1, limits.max_agents), req_run(m, k))
 
     def asks(self, agent: str) -> bool:
         return self.agents is None or agent in self.agents
@@ -305,13 +315,14 @@ class Update(Message):
     #: the global round the delta was computed against (the announcement's base_round);
     #: None in the constructor means ``round - 1`` (every earlier round aggregated)
     base_round: int = None  # type: ignore[assignment]
+    run: str = ""  # the run of the announcement it answers (required on the wire)
 
     def __post_init__(self) -> None:
         if self.base_round is None:
             self.base_round = max(0, self.round - 1)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"round": self.round, "base_round": self.base_round, "agent": self.agent,
+        return {"run": self.run, "round": self.round, "base_round": self.base_round, "agent": self.agent,
                 "model_id": self.model_id, "update_id": self.update_id, "num_samples": self.num_samples,
                 "metrics": self.metrics, "created": self.created,
                 "tensors": tensors_to_wire(self.tensors, self.compression)}
@@ -334,6 +345,7 @@ class Update(Message):
             tensors=tensors_from_wire(_get(m, "tensors", k), k, limits),
             metrics=metrics_map(_get(m, "metrics", k), k, limits), created=req_float(m, "created", k),
             base_round=req_int(m, "base_round", k, 0, rnd - 1),
+            run=req_run(m, k),
         )
 
 
@@ -377,9 +389,11 @@ class RoundMetrics(Message):
     participants: list[str]
     values: dict[str, float]
     rejected: dict[str, float]
+    run: str = ""  # required on the wire
 
     def to_wire(self) -> dict[str, Any]:
-        return {"round": self.round, "ts": self.ts, "outcome": self.outcome, "participants": self.participants,
+        return {"run": self.run, "round": self.round, "ts": self.ts, "outcome": self.outcome,
+                "participants": self.participants,
                 "values": self.values, "rejected": self.rejected}
 
     @classmethod
@@ -393,7 +407,7 @@ class RoundMetrics(Message):
             raise DecodeError(f"{k}: 'participants' must be a list of agent ids", reason="schema")
         return cls(req_int(m, "round", k), req_float(m, "ts", k), req_str(m, "outcome", k, max_len=32), parts,
                    metrics_map(_get(m, "values", k), k, limits, "values"),
-                   metrics_map(_get(m, "rejected", k), k, limits, "rejected"))
+                   metrics_map(_get(m, "rejected", k), k, limits, "rejected"), req_run(m, k))
 
 
 @dataclass
@@ -426,6 +440,69 @@ class Chunk(Message):
                    req_int(m, "offset", k, 0, size - 1), size, digest, req_bin(m, "data", k))
 
 
+@dataclass
+class ChunkSet(Message):
+    """The pointer a chunked retained message leaves on its plain topic: which blob its chunks make.
+
+    A subscriber assembles only the chunks of this blob from ``<topic>/chunk/<i>``; chunks of any
+    other blob there (an earlier version, a previous aggregator process) are ignored. Published
+    before the chunks, so a subscriber knows the blob before its first chunk arrives.
+    """
+
+    KIND: ClassVar[str] = "chunked"
+    blob_id: str
+    total: int
+    size: int
+    sha256: bytes | memoryview
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"blob_id": self.blob_id, "total": self.total, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "ChunkSet":
+        k = cls.KIND
+        m = _as_map(m, k)
+        digest = req_bin(m, "sha256", k)
+        if digest.nbytes != 32:
+            raise DecodeError(f"{k}: sha256 must be 32 bytes", reason="schema")
+        return cls(req_str(m, "blob_id", k, HEX_ID_RE), req_int(m, "total", k, 1, 1 << 24),
+                   req_int(m, "size", k, 1, 2**40), digest)
+
+
+@dataclass
+class ServiceStatus(Message):
+    """The aggregator's own retained status (topic ``service``); its last will says "offline"."""
+
+    KIND: ClassVar[str] = "service"
+    service: str  # the aggregator's client id
+    state: str  # SERVICE_STATES
+    ts: float
+    run: str
+    model_id: str = ""
+    global_round: int = 0
+    round: int = 0  # the open round, 0 when none is open
+    version: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"service": self.service, "state": self.state, "ts": self.ts, "run": self.run,
+                "model_id": self.model_id, "global_round": self.global_round, "round": self.round,
+                "version": self.version}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "ServiceStatus":
+        k = cls.KIND
+        m = _as_map(m, k)
+        state = _get(m, "state", k)
+        if type(state) is not str or state not in SERVICE_STATES:
+            raise DecodeError(f"{k}: state must be one of {SERVICE_STATES}", reason="schema")
+        model_id = _get(m, "model_id", k)
+        if model_id != "":
+            model_id = req_str(m, "model_id", k, HEX_ID_RE)
+        return cls(req_str(m, "service", k, NAME_RE), state, req_float(m, "ts", k), req_run(m, k), model_id,
+                   req_int(m, "global_round", k), req_int(m, "round", k), req_str(m, "version", k, max_len=64))
+
+
 KINDS: dict[str, type[Message]] = {
-    c.KIND: c for c in (ModelManifest, GlobalModel, RoundAnnouncement, Update, Status, RoundMetrics, Chunk)
+    c.KIND: c for c in (ModelManifest, GlobalModel, RoundAnnouncement, Update, Status, RoundMetrics, Chunk,
+                        ChunkSet, ServiceStatus)
 }

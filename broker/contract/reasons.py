@@ -39,15 +39,17 @@ REASONS: dict[str, str] = {
     "bad_model_id": "a model manifest whose model_id is not the SHA-256 of its artifact",
     "bad_model": "a model artifact the runtime cannot load",
     "bad_global": "global weights that do not match the model's weight names and shapes",
+    "stale_global": "a global (or round) of the followed run older than one this agent already had",
     # -- round control (fedmq.aggregator.rounds) -----------------------------------------------
-    "no_open_round": "an update arrived while no round is open",
+    "no_open_round": "an update arrived while no round is open (re-sent when the round opens, it counts)",
+    "wrong_run": "an update for another run (an old outbox, a previous state_dir) than the open round's",
     "late": "an update for a round that has closed",
     "stale": "an update for an older round that this aggregator never had open (e.g. before a restart)",
-    "future": "an update for a round above the open one",
+    "future": "an update for a round above the open one (re-sent when that round opens, it counts)",
     "wrong_model": "an update for another model than the open round's",
     "stale_base": "an update computed against another global round than the open round's base_round",
     "not_asked": "an update from an agent the open round did not ask",
-    "duplicate": "a second, different update from the same agent for the same round",
+    "duplicate": "a copy of an accepted update, or a second update from the same agent for the same round",
     # -- strategies (fedmq.aggregator.strategies) ----------------------------------------------
     "bad_tensors": "update tensor names differ from the model's",
     "non_finite": "update holds NaN or infinite values",
@@ -66,7 +68,8 @@ REASONS: dict[str, str] = {
 #: label -> meaning (counted, not errors)
 IGNORED: dict[str, str] = {
     "cleared": "empty payload on a retained channel: a cleared retained message",
-    "duplicate_delivery": "a message or chunk seen before (QoS 1 redelivery, outbox resend): dropped",
+    "duplicate_delivery": "a chunk seen before (QoS 1 redelivery, outbox resend): dropped",
+    "stale_chunk": "a retained chunk of another blob than its topic's pointer names (an older version): ignored",
 }
 
 

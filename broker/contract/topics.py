@@ -6,9 +6,12 @@ Layout under ``<prefix>/<fleet>/`` (prefix defaults to ``fedmq``)::
     global                      retained  current global weights (aggregator)
     round                       retained  round announcement (aggregator)
     metrics                     -         per-round results (aggregator)
+    service                     retained  the aggregator's own status + last will (aggregator)
     agents/<agent>/update       -         an agent's update (that agent only)
     agents/<agent>/status       retained  an agent's status + last will (that agent only)
     <channel>/chunk/<i>         retained  chunk i of a retained message too large for one packet
+                                          (model, global: the plain topic then holds a ``chunked``
+                                          pointer naming the blob the chunks make)
 
 Names are restricted to ``[a-z0-9-]`` (1-64 characters, no leading/trailing dash): Mosquitto
 ACL patterns substitute the username with ``%u`` and deny names holding ``+`` or ``#``.
@@ -44,11 +47,14 @@ class Channel(str, Enum):
     GLOBAL = "global"
     ROUND = "round"
     METRICS = "metrics"
+    SERVICE = "service"
     UPDATE = "update"
     STATUS = "status"
 
 
-FLEET_CHANNELS = (Channel.MODEL, Channel.GLOBAL, Channel.ROUND, Channel.METRICS)
+FLEET_CHANNELS = (Channel.MODEL, Channel.GLOBAL, Channel.ROUND, Channel.METRICS, Channel.SERVICE)
+#: retained channels whose large messages are chunked onto ``<topic>/chunk/<i>`` behind a pointer
+CHUNKED_RETAINED = (Channel.MODEL, Channel.GLOBAL)
 AGENT_CHANNELS = (Channel.UPDATE, Channel.STATUS)
 
 
@@ -89,6 +95,9 @@ class Topics:
 
     def metrics(self) -> str:
         return f"{self.base}/metrics"
+
+    def service(self) -> str:
+        return f"{self.base}/service"
 
     def update(self, agent: str) -> str:
         return f"{self.base}/agents/{check_name(agent)}/update"

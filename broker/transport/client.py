@@ -3,8 +3,10 @@
 * MQTT 5 by default (3.1.1 as an option); username/password; TLS with a CA and client cert.
 * Persistent sessions done right: under MQTT 5 ``clean_start=False`` plus a Session Expiry Interval.
 * Its own network thread reconnects with capped, jittered exponential backoff and stops for good
-  when the broker rejects the credentials (retrying cannot help); subscriptions are re-made after
-  every reconnect.
+  when the broker rejects the credentials (retrying cannot help: ``fatal`` then holds the AuthError
+  for the service loop to act on); subscriptions are re-made after every reconnect.
+* ``start`` returns at once and connects in the background, retrying until the broker is up (a
+  service started before its broker just waits); ``connect`` waits for the first CONNACK.
 * ``publish`` checks the packet size against the broker's advertised Maximum Packet Size and the
   configured maximum *before* sending (paho does not: an oversized QoS 1 publish loops through
   disconnects), and reports broker rejections (PUBACK reason >= 0x80), not just "sent".
@@ -101,6 +103,7 @@ class InMessage:
 class PublishResult:
     mid: int
     reason_code: int
+    info: Any = None  # paho's MQTTMessageInfo (``is_published()``) for a publish nobody waited for
 
 
 def backoff_delays(min_s: float, max_s: float, rng: random.Random | None = None):
@@ -169,6 +172,7 @@ class MqttClient:
         self._pending: dict[int, _Waiter] = {}
         self._early: dict[int, Any] = {}
         self._subs: dict[str, int] = {}
+        self._resub: dict[int, str] = {}  # mid -> topic of re-subscriptions made on (re)connect
         self._connected = threading.Event()
         self._first = _Waiter()
         self._fatal: MqttError | None = None
@@ -195,15 +199,46 @@ class MqttClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def connect(self, timeout: float = 10.0) -> None:
-        """Connect and start paho's network thread; raise ConnectError/AuthError on failure."""
-        if self._started:
-            return
+    def set_will(self, will: Will) -> None:
+        """Set (or replace) the last will; takes effect at the next connection (call before ``start``)."""
+        self.cfg.will = will
+        self._c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
+    @property
+    def fatal(self) -> MqttError | None:
+        """The error that ended the connection for good (the broker refused the credentials), or None."""
+        return self._fatal
+
+    def _connect_props(self) -> Properties | None:
         props = None
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
             if self.cfg.session_expiry > 0:
                 props.SessionExpiryInterval = self.cfg.session_expiry
+        return props
+
+    def start(self) -> None:
+        """Start connecting in the background and return at once (idempotent).
+
+        paho's thread retries the first connection like any reconnect (capped, jittered backoff), so
+        a service may start before its broker; ``connected`` and ``on_connected`` say when it is up,
+        and ``fatal`` is set if the broker refuses the credentials.
+        """
+        if self._started:
+            return
+        self._next_delay()
+        self._c.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
+                              clean_start=self.cfg.clean_start if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                              properties=self._connect_props())
+        self._c.loop_start()
+        self._started = True
+        log.info("connecting to %s:%s in the background", self.cfg.host, self.cfg.port)
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect and start paho's network thread; raise ConnectError/AuthError on failure."""
+        if self._started:
+            return
+        props = self._connect_props()
         self._next_delay()
         try:
             self._c.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
@@ -259,11 +294,14 @@ class MqttClient:
         self.broker_max_packet = None
         if props is not None and hasattr(props, "MaximumPacketSize"):
             self.broker_max_packet = int(props.MaximumPacketSize)
+        self._connected.set()  # first: a subscribe() from now on is sent by its caller (a double is harmless)
         with self._lock:
             subs = list(self._subs.items())
-        for topic, qos in subs:  # re-subscribe: the broker may have lost the session
-            c.subscribe(topic, qos)
-        self._connected.set()
+        for topic, qos in subs:  # re-subscribe, in the order first made: the broker may have lost the session
+            rc_, mid = c.subscribe(topic, qos)
+            if mid is not None:
+                with self._lock:
+                    self._resub[mid] = topic
         self._next_delay(reset=True)
         if self.on_connected is not None:
             try:
@@ -302,6 +340,12 @@ class MqttClient:
         self._resolve(mid, rc)
 
     def _on_subscribe(self, c: mqtt.Client, ud: Any, mid: int, rcs: list[ReasonCode], props: Any) -> None:
+        with self._lock:
+            topic = self._resub.pop(mid, None)
+        if topic is not None:  # a re-subscription nobody waits for: a refusal is logged, not lost
+            if rcs and rcs[0].is_failure:
+                log.error("broker refused subscription to %s: %s (check the ACL)", topic, rcs[0])
+            return
         self._resolve(mid, rcs)
 
     def _on_message(self, c: mqtt.Client, ud: Any, msg: mqtt.MQTTMessage) -> None:
@@ -361,7 +405,7 @@ class MqttClient:
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise MqttError(f"publish to {topic} refused: client queue full")
         if qos == 0 or not wait:
-            return PublishResult(info.mid, 0)
+            return PublishResult(info.mid, 0, info)
         rc = self._wait(info.mid, _Waiter(), timeout, f"publish to {topic}")
         if rc.is_failure:
             raise PublishRejected(f"broker rejected publish to {topic}: {rc} (0x{rc.value:02x})",
@@ -372,7 +416,11 @@ class MqttClient:
         """Subscribe (remembered for reconnects); return the granted QoS or raise SubscribeRejected."""
         with self._lock:
             self._subs[topic] = qos
+        if not self._connected.is_set():
+            return qos  # remembered: made (and its SUBACK checked) when the connection is up
         rc, mid = self._c.subscribe(topic, qos)
+        if rc == mqtt.MQTT_ERR_NO_CONN:
+            return qos  # the connection just went: re-made on reconnect
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             raise MqttError(f"subscribe to {topic} failed: {mqtt.error_string(rc)}")
         rcs = self._wait(mid, _Waiter(), timeout, f"subscribe to {topic}")

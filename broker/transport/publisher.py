@@ -1,9 +1,10 @@
 """Publishing protocol messages, chunked when they do not fit one packet.
 
-Non-retained messages (updates, metrics) are chunked on their own topic; retained ones (model,
-global) put chunk i on ``<topic>/chunk/<i>`` (retained) and clear the plain topic plus any
-chunk topics left over from a previous, larger version, so a late subscriber finds one
-complete, consistent set.
+Non-retained messages (updates, metrics) are chunked on their own topic. A retained one (model,
+global) first puts a ``chunked`` pointer on its plain topic (the blob id, size and digest), then
+chunk i on ``<topic>/chunk/<i>`` (retained), then clears chunk topics left over from a previous,
+larger version. Subscribers assemble only the blob the pointer names, so a late subscriber never
+mixes versions, and stale chunks (even from a previous process, see ``forget_retained``) are inert.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 
 from fedmq.broker.contract import codec
 from fedmq.broker.contract.chunking import CHUNK_OVERHEAD, split
-from fedmq.broker.contract.messages import Message
+from fedmq.broker.contract.messages import ChunkSet, Message
 from fedmq.broker.contract.topics import Topics
 from fedmq.broker.transport.client import MqttClient
 
@@ -28,35 +29,52 @@ class Publisher:
         self.bytes_out = 0
 
     def publish(self, topic: str, msg: Message, *, retain: bool = False, qos: int = 1,
-                timeout: float = 60.0) -> int:
+                timeout: float = 60.0, wait: bool = True) -> int:
         """Publish ``msg``; return the number of packets used (1 = not chunked)."""
-        return self.publish_payload(topic, self._encoder.encode(msg), retain=retain, qos=qos, timeout=timeout)
+        return self.publish_payload(topic, self._encoder.encode(msg), retain=retain, qos=qos, timeout=timeout,
+                                    wait=wait)
 
     def publish_payload(self, topic: str, payload: bytes | memoryview, *, retain: bool = False, qos: int = 1,
-                        timeout: float = 60.0) -> int:
-        """Publish an encoded payload, chunked when it does not fit one packet."""
+                        timeout: float = 60.0, wait: bool = True, infos: list | None = None) -> int:
+        """Publish an encoded payload, chunked when it does not fit one packet.
+
+        ``wait=False`` hands every packet to paho without waiting for PUBACKs (paho re-sends after
+        a reconnect); pass a list as ``infos`` to collect their ``MQTTMessageInfo`` handles.
+        """
         payload = memoryview(payload)
         limit = self.client.max_payload(topic + "/chunk/999999")
+
+        def send(target: str, data: bytes | memoryview, keep: bool) -> None:
+            r = self.client.publish(target, data, qos=qos, retain=keep, timeout=timeout, wait=wait)
+            if infos is not None and r.info is not None:
+                infos.append(r.info)
+
         if payload.nbytes <= limit:
-            self.client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
+            send(topic, payload, retain)
             self.bytes_out += payload.nbytes
             if retain:
                 self._clear_chunks(topic, 0)
             return 1
         chunks = split(payload, limit - CHUNK_OVERHEAD)
+        if retain:  # the pointer first: a subscriber then knows which blob the chunks it gets make
+            first = chunks[0]
+            send(topic, codec.encode(ChunkSet(first.blob_id, first.total, first.size, first.sha256)), True)
         for ch in chunks:
             data = codec.encode(ch)
-            target = self.topics.chunk(topic, ch.index) if retain else topic
-            self.client.publish(target, data, qos=qos, retain=retain, timeout=timeout)
+            send(self.topics.chunk(topic, ch.index) if retain else topic, data, retain)
             self.bytes_out += len(data)
         if retain:
-            self.client.publish(topic, b"", qos=qos, retain=True, timeout=timeout)
             self._clear_chunks(topic, len(chunks))
         log.debug("published %s in %d chunks (%d bytes)", topic, len(chunks), payload.nbytes)
         return len(chunks)
 
+    def forget_retained(self, topic: str, chunks: int) -> None:
+        """Say that ``chunks`` chunk topics of ``topic`` may hold retained data (e.g. found at start-up
+        from a previous process): the next publish on ``topic`` clears those it does not overwrite."""
+        self._retained_chunks[topic] = max(self._retained_chunks.get(topic, 0), chunks)
+
     def _clear_chunks(self, topic: str, keep: int) -> None:
         old = self._retained_chunks.get(topic, 0)
         for i in range(keep, old):
-            self.client.publish(self.topics.chunk(topic, i), b"", qos=1, retain=True)
+            self.client.publish(self.topics.chunk(topic, i), b"", qos=1, retain=True, wait=False)
         self._retained_chunks[topic] = keep

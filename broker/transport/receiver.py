@@ -2,8 +2,14 @@
 
 Both services feed every incoming message through a ``Receiver``: it parses the topic, decodes
 the payload under the size limits, checks the kind belongs on the channel, reassembles chunked
-payloads (charged to the sending agent), drops exact duplicates (QoS 1 redelivery; an agent
-re-sending from its outbox) and counts every rejection by reason (fedmq.broker.contract.reasons).
+payloads (charged to the sending agent) and counts every rejection by reason
+(fedmq.broker.contract.reasons). Updates are not de-duplicated here: whether a re-sent update is a
+duplicate depends on whether the round controller accepted the first copy (a copy refused for a
+reason that can change, e.g. ``no_open_round``, must count when re-sent).
+
+A chunked retained message (model, global) is assembled only from the blob its plain topic's
+``chunked`` pointer names; chunks of any other blob on the chunk topics (an older version, a
+previous aggregator process) are ignored (``stale_chunk``), so versions can never be mixed.
 It never raises on what the network sends: an unexpected exception while handling one message
 becomes a counted ``internal`` rejection with its traceback logged once per distinct cause.
 
@@ -25,16 +31,18 @@ from fedmq.broker.contract import codec
 from fedmq.broker.contract.chunking import Reassembler, ReassemblyLimits, release_memory
 from fedmq.broker.contract.messages import (
     Chunk,
+    ChunkSet,
     DecodeLimits,
     GlobalModel,
     Message,
     ModelManifest,
     RoundAnnouncement,
     RoundMetrics,
+    ServiceStatus,
     Status,
     Update,
 )
-from fedmq.broker.contract.topics import Channel, ParsedTopic, Topics
+from fedmq.broker.contract.topics import CHUNKED_RETAINED, Channel, ParsedTopic, Topics
 from fedmq.broker.errors import ChunkError, DecodeError, TopicError
 
 log = logging.getLogger(__name__)
@@ -42,7 +50,7 @@ log = logging.getLogger(__name__)
 #: the one message kind each channel carries (chunks may come on any channel and must reassemble to it)
 CHANNEL_KINDS: dict[Channel, type[Message]] = {
     Channel.MODEL: ModelManifest, Channel.GLOBAL: GlobalModel, Channel.ROUND: RoundAnnouncement,
-    Channel.METRICS: RoundMetrics, Channel.UPDATE: Update, Channel.STATUS: Status,
+    Channel.METRICS: RoundMetrics, Channel.UPDATE: Update, Channel.STATUS: Status, Channel.SERVICE: ServiceStatus,
 }
 #: channels that are never retained: an empty payload there is an error, elsewhere a cleared retained message
 NON_RETAINED = (Channel.UPDATE, Channel.METRICS)
@@ -57,6 +65,7 @@ class Received:
     message: Message
     nbytes: int  # bytes on the wire, chunks included
     retained: bool = False
+    payload: bytes | memoryview | None = None  # the encoded message (the reassembled blob if chunked)
 
 
 class RejectLog:
@@ -116,21 +125,23 @@ class Receiver:
     """
 
     def __init__(self, topics: Topics, limits: DecodeLimits | None = None,
-                 reassembly: ReassemblyLimits | None = None, dedupe_window: int = 4096,
+                 reassembly: ReassemblyLimits | None = None,
                  on_reject: Callable[[str], None] | None = None, log_interval_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.topics = topics
         self.limits = limits or DecodeLimits()
         self.reassembler = Reassembler(reassembly, clock)
         self.rejected: Counter[str] = Counter()
-        self.ignored: Counter[str] = Counter()  # "cleared", "duplicate_delivery": counted, not errors
+        self.ignored: Counter[str] = Counter()  # "cleared", "stale_chunk": counted, not errors
         self.accepted = 0
         self.duplicates = 0
         self.bytes_in = 0
         self.reject_log = RejectLog(log, log_interval_s, clock)
         self._clock = clock
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        self._window = dedupe_window
+        #: retained stream -> the blob its pointer names ("" after a plain, unchunked message)
+        self._pointer: dict[str, str] = {}
+        #: retained stream -> (blob id, message) assembled before its pointer arrived (one per stream)
+        self._pending: OrderedDict[str, tuple[str, Received]] = OrderedDict()
         self._on_reject = on_reject
         self._causes: set[tuple[str, str]] = set()
 
@@ -169,16 +180,6 @@ class Receiver:
         out["chunk_expired"] = self.reassembler.expired
         out["accepted"] = self.accepted
         return out
-
-    def _fresh(self, key: str) -> bool:
-        if key in self._seen:
-            self.duplicates += 1
-            self.ignored["duplicate_delivery"] += 1
-            return False
-        self._seen[key] = None
-        if len(self._seen) > self._window:
-            self._seen.popitem(last=False)
-        return True
 
     # -- timer ---------------------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> int:
@@ -221,37 +222,71 @@ class Receiver:
                 self.ignored["cleared"] += 1  # a cleared retained message (status, model/global chunks, ...)
             return None
         expected = CHANNEL_KINDS[parsed.channel]
+        pointed = parsed.channel in CHUNKED_RETAINED  # a retained stream with a chunk pointer
         try:
             msg = codec.decode(payload, self.limits)
             nbytes = n
+            raw: bytes | memoryview = payload
+            if isinstance(msg, ChunkSet):
+                if not pointed or parsed.chunk is not None:
+                    raise DecodeError(f"a chunk pointer on the {parsed.channel.value} channel", reason="wrong_channel")
+                return self._on_pointer(topic, msg)
             if isinstance(msg, Chunk):
                 if parsed.chunk is not None and parsed.chunk != msg.index:
                     raise ChunkError(f"chunk {msg.index} published on chunk topic {parsed.chunk}",
                                      reason="chunk_inconsistent")
                 stream = topic if parsed.chunk is None else topic.rsplit("/chunk/", 1)[0]
+                if pointed and parsed.chunk is not None and stream in self._pointer \
+                        and self._pointer[stream] != msg.blob_id:
+                    self.ignored["stale_chunk"] += 1  # another version's chunk: never mixed in
+                    return None
                 blob = self.reassembler.add(msg, stream, sender=source)
                 if blob is None:
                     return None
+                blob_id = msg.blob_id
                 nbytes = len(blob)
+                raw = blob
                 msg = codec.decode(blob, self.limits)
-                if isinstance(msg, Chunk):
+                if isinstance(msg, (Chunk, ChunkSet)):
                     raise DecodeError("a chunk may not contain a chunk", reason="malformed")
                 parsed = ParsedTopic(parsed.channel, parsed.agent, None)
             elif parsed.chunk is not None:
                 raise DecodeError(f"a {msg.KIND} message on a chunk topic", reason="wrong_channel")
+            elif pointed:
+                self._pointer[topic] = ""  # a plain message: chunks now on the chunk topics are stale
+                self._pending.pop(topic, None)
+                self.reassembler.discard_source(topic)
             if not isinstance(msg, expected):
                 raise DecodeError(f"a {msg.KIND} message on the {parsed.channel.value} channel", reason="wrong_channel")
             if parsed.agent is not None and getattr(msg, "agent", parsed.agent) != parsed.agent:
                 raise DecodeError(f"payload claims agent {getattr(msg, 'agent')!r} on {parsed.agent!r}'s topic",
                                   reason="agent_mismatch")
-            # Updates are the only non-idempotent messages: one per (agent, round, update_id).
-            if isinstance(msg, Update) and not self._fresh(f"{msg.agent}/{msg.round}/{msg.update_id}"):
-                return None
         except (DecodeError, ChunkError) as e:
             self.reject(e.reason, str(e), topic, source)
             return None
+        got = Received(parsed, msg, nbytes, retained, raw)
+        if pointed and raw is not payload:  # assembled from a retained stream's chunks
+            stream = topic.rsplit("/chunk/", 1)[0]
+            if stream not in self._pointer:  # its pointer has not arrived yet: hold the newest blob
+                self._pending[stream] = (blob_id, got)
+                self._pending.move_to_end(stream)
+                while len(self._pending) > 4:
+                    self._pending.popitem(last=False)
+                return None
         self.accepted += 1
-        return Received(parsed, msg, nbytes, retained)
+        return got
+
+    def _on_pointer(self, topic: str, ptr: ChunkSet) -> Received | None:
+        """A retained stream now names blob ``ptr.blob_id``: drop other blobs' partials, release a pending one."""
+        self._pointer[topic] = ptr.blob_id
+        while len(self._pointer) > 64:  # bounded: there are two pointed streams per fleet
+            self._pointer.pop(next(iter(self._pointer)))
+        self.reassembler.discard_source(topic, keep=ptr.blob_id)
+        pending = self._pending.pop(topic, None)
+        if pending is not None and pending[0] == ptr.blob_id:
+            self.accepted += 1
+            return pending[1]
+        return None
 
 
 def _source_of(topic: str) -> str:
