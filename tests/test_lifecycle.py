@@ -373,6 +373,12 @@ def test_refusals_exit_2_and_change_nothing(small_fleet, argv, says, capsys):
     assert {p: p.read_bytes() for p in small_fleet.rglob("*") if p.is_file() and p.name != ".lifecycle.lock"} == files
 
 
+def test_rotate_without_the_devices_files_exits_2(small_fleet, capsys):
+    (small_fleet / "agents/agent-001/agent.toml").unlink()
+    assert cli_main(["rotate", "--fleet-dir", str(small_fleet), "--agent", "agent-001"]) == 2
+    assert "agent.toml not found" in capsys.readouterr().err
+
+
 def test_revoked_id_is_never_reused(small_fleet, capsys):
     assert cli_main(["revoke", "--fleet-dir", str(small_fleet), "--agent", "agent-002"]) == 0
     for cmd in ("add", "rotate", "revoke"):

@@ -127,7 +127,7 @@ class Change:
 
     action: str
     agent: str
-    password: str | None = None  # the new password (add, rotate): shown once, also in the agent's config
+    password: str | None = None  # the new password (add, rotate), as written to the agent's config (never printed)
     written: list[Path] = field(default_factory=list)
     removed: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -300,7 +300,11 @@ def _raise_queue_limit(fleet: Fleet, m: Manifest, change: Change) -> None:
 
 def _set_toml_password(path: Path, password: str) -> bytes:
     """The agent's config with only its ``password = ...`` line changed (the operator's edits stay)."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: restore the device's files, or revoke it and add it under a new id"
+                          ) from None
     pat = re.compile(r'^password = "[^"\\\n]*"[ \t]*$', re.M)
     if len(pat.findall(text)) != 1:
         raise ConfigError(f"{path}: expected exactly one line `password = \"...\"` to replace; set the new "
