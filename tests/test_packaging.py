@@ -84,6 +84,7 @@ def test_license_templates_and_py_typed_are_inside(names, dist_info, wheel):
         assert f"fedmq/broker/ops/templates/{t.name}" in names
     for target in FOLDERS.values():
         assert f"{target}/py.typed" in names
+    assert "fedmq/edge_agent/data/fedmq-agent.service" in names  # fedmq-agent install-service writes it
 
 
 def test_entry_points_point_into_fedmq(wheel, dist_info):
