@@ -508,10 +508,10 @@ lr = 0.05
         done = len(history(f))
         agents["agent-004"] = f.spawn("agent-004", "fedmq.edge_agent.cli", run_config(
             fd, broker, "agent-004", tmp_path, f'[data]\nsource = "npz:{shards["agent-004"]}"\n'))
-        # the revoked device is refused when it reconnects, and stops for good (no retry loop)
+        # the revoked device is refused when it reconnects, and stops for good (EXIT_AUTH 3: systemd does not restart)
         wait_until(lambda: not agents["agent-003"].alive(), 60, what="agent-003 to stop")
         log3 = agents["agent-003"].text()
-        assert agents["agent-003"].popen.returncode != 0 and "refused credentials for 'agent-003'" in log3, log3[-2000:]
+        assert agents["agent-003"].popen.returncode == 3 and "refused credentials for 'agent-003'" in log3, log3[-2000:]
         wait_until(lambda: any(sorted(r["participants_list"]) == ["agent-001", "agent-002", "agent-004"]
                                for r in history(f)[done:]), 120, what="a round with the new device")
         h = history(f)
