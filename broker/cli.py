@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                     "(e.g. /mosquitto/config in Docker); default: OUT/broker")
     pr.add_argument("--max-packet-size", type=int, default=2_000_000, help="broker max_packet_size in bytes")
     pr.add_argument("--mutual-tls", action="store_true", help="require client certificates (CN = username)")
+    pr.add_argument("--persistence", action="store_true",
+                    help="turn Mosquitto persistence on (off by default: a crashed broker would restore a "
+                         "snapshot up to autosave_interval old and serve a stale global; docs/protocol.md)")
     for name, what in [("add", "add one device to an existing fleet directory (new password, cert, agent.toml)"),
                        ("rotate", "new password and client certificate for one device (the old ones are refused)"),
                        ("revoke", "refuse one device from the next broker reload on (the rest of the fleet is "
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_name(a)
             res = provision(ProvisionSpec(args.fleet, agents, args.out, args.host, args.port, args.prefix,
                                           broker_root=args.broker_root, max_packet_size=args.max_packet_size,
-                                          mutual_tls=args.mutual_tls))
+                                          mutual_tls=args.mutual_tls, persistence=args.persistence))
             print(f"provisioned fleet {args.fleet!r}: {len(agents)} agents + aggregator in {res.out_dir}")
             print(f"  broker:     {res.broker_dir}/mosquitto.conf (with passwd, acl, certs)")
             print(f"  aggregator: {res.out_dir}/aggregator/aggregator.toml")

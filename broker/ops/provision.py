@@ -76,6 +76,9 @@ class ProvisionSpec:
     max_packet_size: int = 2_000_000
     extra_names: list[str] = field(default_factory=list)
     mutual_tls: bool = False
+    #: Mosquitto persistence: off by default (a crashed broker would restore a stale global; see
+    #: docs/protocol.md "Broker restarts")
+    persistence: bool = False
 
 
 @dataclass
@@ -120,7 +123,7 @@ def provision(spec: ProvisionSpec) -> Provisioned:
                   require_certificate=spec.mutual_tls, crlfile=f"{root}/crl.pem" if spec.mutual_tls else None)],
         password_file=f"{root}/passwd", acl_file=f"{root}/acl", data_dir="/var/lib/mosquitto"
         if spec.broker_root is None else "/mosquitto/data", max_packet_size=spec.max_packet_size,
-        max_queued_messages=queued_messages_for(len(spec.agents)),
+        max_queued_messages=queued_messages_for(len(spec.agents)), persistence=spec.persistence,
     )
     _write(bdir / "mosquitto.conf", conf.render())
     serials: dict[str, str] = {}
