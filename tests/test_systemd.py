@@ -270,11 +270,15 @@ def test_every_system_call_the_agent_makes_is_allowed(artifact, tmp_path, secure
     allowed = _allowed_syscalls()
     assert "mbind" in allowed and "execve" in allowed and "reboot" not in allowed and "mount" not in allowed
 
+    families: set[str] = set()
+
     def traced(cmd: list[str], name: str, **kw) -> set[str]:
         log = tmp_path / f"{name}.strace"
         out = _run(["strace", "-f", "-qq", "-o", str(log), *cmd], cwd=ROOT, timeout=180, **kw)
         assert out.returncode == 0, out.stderr[-3000:]
-        calls = {m.group(1) for m in re.finditer(r"^\d+\s+([a-z0-9_]+)\(", log.read_text(), re.M)}
+        text = log.read_text()
+        calls = {m.group(1) for m in re.finditer(r"^\d+\s+([a-z0-9_]+)\(", text, re.M)}
+        families.update(re.findall(r"\bsocket\((AF_[A-Z0-9]+)", text))
         assert {"openat", "mmap"} <= calls, name  # the trace did record the process
         return calls
 
@@ -286,6 +290,8 @@ def test_every_system_call_the_agent_makes_is_allowed(artifact, tmp_path, secure
     used |= traced([str(BIN / "fedmq-agent"), "run", "--config", str(cfg), "--max-seconds", "3"], "agent")
     assert {"connect", "socket"} <= used  # the network part was traced too
     assert used - allowed == set()
+    (allowed_families,) = parse_unit(systemd.render(cores=2))["Service.RestrictAddressFamilies"]
+    assert "AF_INET" in families and families <= set(allowed_families.split()), families
 
 
 # -- exit codes that mean something ----------------------------------------------------------------------
