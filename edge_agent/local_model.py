@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmq.broker.contract import codec
+from fedmq.broker.contract.codec import DEFAULT_LIMITS
 from fedmq.broker.contract.messages import GlobalModel
 from fedmq.broker.errors import FedmqError
 
@@ -76,7 +77,10 @@ class _Stamp:
 
 
 class LocalModel:
-    """The latest verified global model of an agent's ``cache_dir``, ready to predict."""
+    """The latest verified global model of an agent's ``cache_dir``, ready to predict.
+
+    One interpreter: use it from one thread at a time (``fedmq-agent predict --serve`` holds a lock).
+    """
 
     def __init__(self, cache_dir: str | os.PathLike[str], runtime: str | None = None, num_threads: int | None = None,
                  xnnpack: bool | None = None) -> None:
@@ -163,6 +167,10 @@ class LocalModel:
             return False
         if self._refused is not None and self._refused[0] == stamp:
             raise self._refused[1]
+        if st.st_size > DEFAULT_LIMITS.max_payload_bytes:  # not even read: the wire would not carry it
+            err = GlobalRefused(f"{path} holds {st.st_size} bytes, more than a global may ({DEFAULT_LIMITS.max_payload_bytes})")
+            self._refused = (stamp, err)
+            raise err
         try:
             with open(path, "rb") as f:
                 stamp = _Stamp.of(os.fstat(f.fileno()))  # the version we actually read

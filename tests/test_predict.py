@@ -199,6 +199,9 @@ def _tamper(cache: Path, served, task, how: str) -> None:
         write_global(cache, t, 5, served.model_id)
     elif how == "garbage":
         atomic_write(cache / "global.msgpack", b"\x93\x01\x02" + os.urandom(64))
+    elif how == "oversize":  # a sparse file: refused from its size, never read
+        with open(cache / "global.msgpack", "r+b") as f:
+            f.truncate(65 * 2**20)
     elif how == "tampered_artifact":
         p = cache / "models" / f"{served.model_id}.tflite"
         b = bytearray(p.read_bytes())
@@ -210,7 +213,7 @@ def _tamper(cache: Path, served, task, how: str) -> None:
 
 HOW = {"other_model": "whose artifact is not in", "missing_tensor": "missing tensors", "extra_tensor": "unexpected",
        "shape": "has shape", "int_dtype": "not floating point", "nan": "NaN or Inf", "garbage": "not a valid global",
-       "tampered_artifact": "does not match model id"}
+       "tampered_artifact": "does not match model id", "oversize": "more than a global may"}
 
 
 @pytest.mark.parametrize("how", sorted(HOW))
@@ -220,7 +223,7 @@ def test_a_global_that_does_not_fit_is_refused(cache, served, task, how):
         LocalModel.open(cache)
 
 
-@pytest.mark.parametrize("how", ["missing_tensor", "shape", "nan", "garbage", "other_model"])
+@pytest.mark.parametrize("how", ["missing_tensor", "shape", "nan", "garbage", "other_model", "oversize"])
 def test_a_refused_newer_global_never_replaces_the_served_one(cache, served, task, how):
     m = LocalModel.open(cache)
     before = m.predict_proba(task["x"][:20])
@@ -420,8 +423,9 @@ def test_the_agent_predicts_what_the_aggregator_evaluated(tmp_path, broker, mode
     x, y = task["x"], task["y"]
     np.savez(tmp_path / "eval.npz", x=x, y=y)
     np.savez(tmp_path / "shard.npz", x=x[:120], y=y[:120])
-    f = Fleet(tmp_path, {"host": broker.host, "port": broker.port, "fleet": "p" + uuid.uuid4().hex[:8]},
-              model_cache=model_cache)
+    # max_payload 4 KiB: the global (~13 KB) travels chunked, and the agent stores the reassembled message
+    f = Fleet(tmp_path, {"host": broker.host, "port": broker.port, "fleet": "p" + uuid.uuid4().hex[:8],
+                         "max_payload": 4096}, model_cache=model_cache)
     try:
         f.start_aggregator(rounds={"rounds": 2, "min_agents": 1, "grace_s": 0.5},
                            eval={"dataset": f"npz:{tmp_path / 'eval.npz'}"})
@@ -441,6 +445,7 @@ def test_the_agent_predicts_what_the_aggregator_evaluated(tmp_path, broker, mode
             (cache / "global.msgpack").read_bytes()).round == last["round"], 60, what="the final global on the agent")
         m = LocalModel.open(cache)
         assert (m.round, m.run) == (last["round"], last["run"])
+        assert (cache / "global.msgpack").stat().st_size > 3 * 4096  # it did arrive in chunks
         p = m.predict(x)
         assert int(np.sum(p.labels == y)) == round(last["eval_accuracy"] * len(y))
         nll = -np.mean(np.log(np.float64(p.probabilities[np.arange(len(y)), y])))
