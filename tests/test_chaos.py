@@ -46,7 +46,8 @@ AGENTS = ("agent-0", "agent-1", "agent-2")
 # -- the bounded chaos run -------------------------------------------------------------------------------
 @needs_mosquitto
 def test_chaos_run_holds_every_check(tmp_path, model_cache):
-    cfg = ChaosConfig(seconds=90, seed=SEED, agents=4, mean_gap_s=4.0, startup_s=40, settle_s=40)
+    # about 2 minutes: start-up (seconds), 90 s of faults, settling (seconds when all is well, at most 35 s)
+    cfg = ChaosConfig(seconds=90, seed=SEED, agents=4, mean_gap_s=4.0, startup_s=30, settle_s=35)
     t = time.monotonic()
     try:
         rec, _ = chaos.run(cfg, tmp_path, model_cache)
