@@ -66,8 +66,12 @@ class RoundsSection:
     on_timeout: str = "abandon"  # abandon | extend
     max_extensions: int = 3
     seed: int = 0
+    upload_window_s: float = 0.0  # agents spread their uploads over this many seconds (0 = at once)
+    participants_listed: int = 1000  # ids listed in a metrics message / history row (all go to participants.jsonl)
 
     def validate(self, section: str) -> None:
+        if self.upload_window_s < 0 or self.participants_listed < 0:
+            raise ConfigError(f"{section}.upload_window_s and participants_listed must be >= 0")
         if self.select not in ("all", "fraction", "list"):
             raise ConfigError(f"{section}.select must be all, fraction or list")
         if self.select == "list" and not self.agents:
@@ -126,6 +130,10 @@ class LimitsSection:
     log_interval_s: float = 10.0  # rejections: the first per (agent, reason) logged, then counts per interval
     quarantine_msgs_per_s: float = 100.0  # an agent over its limit by this many messages/s is unsubscribed; 0 = never
     quarantine_s: float = 300.0  # how long a quarantine lasts
+    #: chunk reassembly (chunked updates): 0 = sized from the model and the fleet (ReassemblyLimits.for_fleet)
+    reassembly_blob_bytes: int = 0  # one blob's declared size
+    reassembly_total_bytes: int = 0  # every sender's blobs together
+    reassembly_ttl_s: float = 120.0  # an incomplete blob idle this long is dropped
 
     def validate(self, section: str) -> None:
         if self.msgs_per_s <= 0 or self.msgs_burst < 1:
@@ -134,6 +142,9 @@ class LimitsSection:
             raise ConfigError(f"{section}.bytes_per_s and bytes_burst must be >= 0 (0 = sized from the model)")
         if self.log_interval_s <= 0:
             raise ConfigError(f"{section}.log_interval_s must be > 0")
+        if self.reassembly_blob_bytes < 0 or self.reassembly_total_bytes < 0 or self.reassembly_ttl_s <= 0:
+            raise ConfigError(f"{section}.reassembly_blob_bytes/_total_bytes must be >= 0 (0 = sized from the "
+                              "fleet) and reassembly_ttl_s > 0")
         if self.quarantine_msgs_per_s < 0 or self.quarantine_s <= 0:
             raise ConfigError(f"{section}.quarantine_msgs_per_s must be >= 0 (0 = never) and quarantine_s > 0")
 

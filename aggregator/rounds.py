@@ -18,7 +18,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fedmq.broker.contract.messages import RoundAnnouncement, TrainConfig, Update
+from fedmq.broker.contract.messages import RoundAnnouncement, Sample, TrainConfig, Update, sampled
 
 from .config import RoundsSection
 from .ratelog import BoundedLog
@@ -42,13 +42,20 @@ class OpenRound:
 
 
 def select_agents(online: list[str], cfg: RoundsSection, round_no: int) -> list[str]:
-    """The agents asked in a round: all online, a seeded fraction of them, or a fixed list."""
+    """The agents asked in a round: all online, the seeded hash rule's fraction of them, or a fixed list.
+
+    ``fraction`` uses ``messages.sampled`` (an agent is asked when its seeded hash falls below the
+    fraction), which every agent evaluates for itself: the announcement carries the rule, not the ids.
+    If the rule picks nobody online, one agent is picked so that the round can run (then listed).
+    """
     online = sorted(online)
     if cfg.select == "list":
         return sorted(cfg.agents)
     if cfg.select == "fraction":
-        k = max(1, math.ceil(cfg.fraction * len(online)))
-        return sorted(random.Random(f"{cfg.seed}/{round_no}").sample(online, min(k, len(online))))
+        picked = [a for a in online if sampled(cfg.seed, round_no, a, cfg.fraction)]
+        if not picked and online:
+            picked = [random.Random(f"{cfg.seed}/{round_no}").choice(online)]
+        return picked
     return online
 
 
@@ -71,8 +78,16 @@ class RoundController:
              train: TrainConfig, now: float, run: str = "") -> RoundAnnouncement:
         asked = select_agents(online, self.cfg, round_no)
         q = quorum_for(len(asked), self.cfg)
+        sample, listed = None, None
+        if self.cfg.select == "list":
+            listed = asked
+        elif self.cfg.select == "fraction":
+            if all(sampled(self.cfg.seed, round_no, a, self.cfg.fraction) for a in asked):
+                sample = Sample(self.cfg.seed, self.cfg.fraction)  # O(1) size, whatever the fleet
+            else:
+                listed = asked  # the fallback pick of one agent
         ann = RoundAnnouncement(round_no, model_id, base_round, now, now + self.cfg.deadline_s, train,
-                                None if self.cfg.select == "all" else asked, q, run=run)
+                                listed, q, run=run, sample=sample)
         self.current = OpenRound(ann, asked, q, started=now, asked_set=frozenset(asked))
         self.strategy.begin_round(global_weights, round_no)
         log.info("round %d open: %d agents asked, quorum %d, deadline in %.0fs", round_no, len(asked), q,

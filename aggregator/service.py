@@ -26,7 +26,16 @@ import numpy as np
 
 from fedmq.broker import __version__
 from fedmq.broker.contract import codec
-from fedmq.broker.contract.messages import GlobalModel, RoundMetrics, ServiceStatus, Status, TrainConfig, Update
+from fedmq.broker.contract.chunking import ReassemblyLimits
+from fedmq.broker.contract.messages import (
+    GlobalModel,
+    Receipt,
+    RoundMetrics,
+    ServiceStatus,
+    Status,
+    TrainConfig,
+    Update,
+)
 from fedmq.broker.contract.tensors import Compression
 from fedmq.broker.contract.topics import Channel
 from fedmq.broker.errors import FedmqError
@@ -44,6 +53,11 @@ from .strategies import build_strategy
 from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+#: the broker's count of messages it dropped (full per-client queues): a loss no receipt can hide
+SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
+#: refusals whose cause can go away: the same update counts if re-sent into its round later
+RETRY_REASONS = frozenset({"no_open_round", "future"})
 
 
 def load_eval(cfg: AggregatorConfig):
@@ -105,6 +119,7 @@ class AggregatorService:
         self.telemetry = Telemetry()
         self.round_rejects: Counter[str] = Counter()
         self.receiver = Receiver(self.topics, on_reject=self._count_reject)
+        self.broker_dropped: int | None = None  # $SYS/broker/publish/messages/dropped, when the broker tells
         self.strategy = build_strategy(cfg.strategy)
         self.bounded_log = BoundedLog(log, cfg.limits.log_interval_s)
         self.controller = RoundController(self.strategy, cfg.rounds, self.bounded_log)
@@ -217,6 +232,20 @@ class AggregatorService:
                 self.client.unsubscribe(t.status(a))
             self._per_agent.clear()
 
+    def _size_reassembly(self, asked: int) -> None:
+        """Chunk reassembly sized for the model and the fleet (every sender's full share fits), or [limits]."""
+        lc = self.cfg.limits
+        model_bytes = sum(int(a.nbytes) for a in self.global_weights.values())
+        n = max(asked, len(self._known), 1)
+        lim = ReassemblyLimits.for_fleet(model_bytes, n, ttl_s=lc.reassembly_ttl_s)
+        if lc.reassembly_blob_bytes or lc.reassembly_total_bytes:
+            blob = lc.reassembly_blob_bytes or lim.max_blob_bytes
+            total = lc.reassembly_total_bytes or lim.max_total_bytes
+            lim = ReassemblyLimits(max_blob_bytes=blob, max_source_bytes=max(lim.max_source_bytes, 2 * blob),
+                                   max_total_bytes=max(total, blob), max_blobs=lim.max_blobs,
+                                   max_blobs_per_source=lim.max_blobs_per_source, ttl_s=lc.reassembly_ttl_s)
+        self.receiver.reassembler.limits = lim
+
     def _make_limiter(self) -> AgentLimiter | None:
         lc = self.cfg.limits
         if not lc.enabled:
@@ -263,6 +292,7 @@ class AggregatorService:
             self.served = load_or_export(self.cfg.model, self.state_dir / "models", prox=self.cfg.train.mu > 0)
         self._restore()
         self.limiter = self._make_limiter()
+        self._size_reassembly(0)
         done = sum(1 for h in self.history if h["outcome"] == "aggregated")
         if self.cfg.rounds.rounds and done >= self.cfg.rounds.rounds:
             log.info("the checkpoint already holds %d aggregated rounds: nothing to do", done)
@@ -280,6 +310,7 @@ class AggregatorService:
         self.client.on_connected = lambda reconnect: self._republish.set()
         self.client.subscribe(t.all_updates(), qos=1)  # remembered: made on every (re)connect
         self.client.subscribe(t.all_statuses(), qos=1)
+        self.client.subscribe(SYS_DROPPED, qos=0)  # Mosquitto's drop counter (refused by other brokers: logged)
         self._wildcards = True
         self.publisher = Publisher(self.client, t)
         self.client.start()  # returns at once: the broker may not be up yet (step() waits for it)
@@ -468,7 +499,34 @@ class AggregatorService:
         elif found:
             log.info("retained chunk topics left by an earlier process (cleared by our next publish): %s", found)
 
+    def _on_sys_dropped(self, payload: bytes) -> None:
+        try:
+            n = int(bytes(payload[:32]).decode("ascii").strip())
+        except (ValueError, UnicodeDecodeError):
+            return
+        old, self.broker_dropped = self.broker_dropped, n
+        self.telemetry.broker_dropped.set(n)
+        if old is not None and n > old:
+            log.warning("the broker dropped %d messages since its last report (%d in total): a client's queue is "
+                        "full (raise max_queued_messages / max_inflight_messages for the fleet; docs/operations.md)",
+                        n - old, n)
+
+    def _receipt(self, u: Update, reason: str | None) -> None:
+        """Tell the agent whether we hold its update (never blocks: paho sends it, again after a reconnect)."""
+        r = self.controller.current
+        accepted = reason is None or (reason == "duplicate" and r is not None and r.ann.round == u.round
+                                      and r.received.get(u.agent) == u.update_id)
+        msg = Receipt(u.run if u.run else self.run_id, u.round, u.agent, u.update_id, accepted, reason or "",
+                      reason in RETRY_REASONS)
+        try:
+            self.client.publish(self.topics.receipt(u.agent), codec.encode(msg), qos=1, wait=False)
+        except Exception as e:  # noqa: BLE001 - a receipt must never stop the round loop
+            self.bounded_log.reject(u.agent, "receipt", "receipt to %s not handed over: %s", u.agent, e)
+
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == SYS_DROPPED:
+            self._on_sys_dropped(payload)
+            return
         if self.limiter is not None and not self._admits:  # an injected client: limit here
             agent = agent_of(topic, self.topics.base)
             if agent is not None and not self.limiter.allow(agent, len(payload)):
@@ -497,6 +555,7 @@ class AggregatorService:
                 self.telemetry.bytes_in.inc(got.nbytes)
             else:
                 self._count_reject(reason)
+            self._receipt(msg, reason)
         else:
             self._count_reject("wrong_channel")
 
@@ -509,11 +568,12 @@ class AggregatorService:
         tc = self.cfg.train
         lr = tc.lr * tc.lr_decay ** (self.next_round - 1)
         train = TrainConfig(tc.epochs, self.served.batch_size, lr, tc.mu, Compression(tc.encoding, tc.topk_fraction),
-                            seed=self.next_round)
+                            seed=self.next_round, upload_window_s=rc.upload_window_s)
         self.round_rejects = Counter()
         ann = self.controller.open(self.next_round, self.served.model_id, self.global_round, self.global_weights,
                                    list(self.online), train, now, run=self.run_id)
         self.telemetry.round.set(self.next_round)
+        self._size_reassembly(len(self.controller.current.asked) if self.controller.current else 0)
         self._publish_retained(self.topics.round(), ann)
 
     def _close_round(self, now: float) -> None:
@@ -555,9 +615,13 @@ class AggregatorService:
             loss, acc = self._evaluator.evaluate(self._eval.x, self._eval.y, batch=256)
             values.update(eval_loss=loss, eval_accuracy=acc, eval_s=time.perf_counter() - t0)
         rejected = dict(self.round_rejects)
+        participants = list(r.received)
+        listed = participants[: self.cfg.rounds.participants_listed]  # rows and messages of bounded size
+        self.history_log.append_participants(r.ann.round, self.run_id, participants)  # all of them, append-only
         row = {"round": r.ann.round, "run": self.run_id, "outcome": outcome, "reason": reason, "ts": time.time(),
                **values,
-               "participants_list": list(r.received),
+               "strategy": self.strategy.name,
+               "participants_list": listed, "participants_truncated": len(listed) < len(participants),
                "rejected": rejected}
         self.history.append(row)
         self.telemetry.rounds.labels(outcome).inc()
@@ -565,7 +629,7 @@ class AggregatorService:
         log.info("round %d %s: %d updates%s%s", r.ann.round, outcome, len(r.received),
                  f", eval acc {values['eval_accuracy']:.4f}" if "eval_accuracy" in values else "",
                  f" ({reason})" if reason else "")
-        metrics = RoundMetrics(r.ann.round, time.time(), outcome, list(r.received),
+        metrics = RoundMetrics(r.ann.round, time.time(), outcome, listed,
                                {k: v for k, v in values.items() if np.isfinite(v)},
                                {k: float(v) for k, v in rejected.items()}, run=self.run_id)
         return metrics, values

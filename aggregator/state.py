@@ -116,6 +116,20 @@ class HistoryLog:
         self.last_round = 0  #: the highest round on disk
         self._cols: list[str] = []
 
+    def append_participants(self, round_no: int, run: str, participants: list[str]) -> None:
+        """Append every participant of a closed round to ``participants.jsonl`` (rows elsewhere stay bounded).
+
+        One JSON line per round, appended and fsynced; a round that ran again after a crash appears
+        twice: its last line is the one its checkpoint counts.
+        """
+        line = json.dumps({"round": round_no, "run": run, "participants": participants}) + "\n"
+        fd = os.open(self.directory / "participants.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     # -- reading -----------------------------------------------------------------------------------
     def read(self) -> tuple[list[dict], bool]:
         """The rows on disk keyed by round (in round order) and whether the file needs a rewrite to be clean

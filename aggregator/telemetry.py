@@ -19,6 +19,8 @@ class Telemetry:
         self.weight_capped = Counter("fedmq_updates_weight_capped",
                                      "Accepted updates whose claimed sample count was capped", registry=r)
         self.inbox_dropped = Gauge("fedmq_inbox_dropped", "Messages dropped because the inbox was full", registry=r)
+        self.broker_dropped = Gauge("fedmq_broker_dropped_messages",
+                                    "Messages the broker dropped (full client queues; $SYS, Mosquitto)", registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)

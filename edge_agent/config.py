@@ -25,11 +25,19 @@ class AgentSection:
     #: predictions between rounds); off: the global is fetched only when a round asks for it, so a
     #: device on a thin link never downloads intermediate globals it will not train on
     follow_global: bool = False
+    #: re-send an update from the outbox when no receipt came this many seconds after it was handed over
+    #: (doubling up to 8x); receipts, not PUBACKs, say the aggregator holds it
+    resend_s: float = 30.0
+    #: when a (re)started aggregator announces itself, republish this agent's status within this many
+    #: seconds (seeded per agent): the aggregator's presence re-sync at fleet scale
+    presence_jitter_s: float = 5.0
     #: robustness experiments only: make this agent Byzantine ("sign_flip": send -delta,
     #: "scale": send 100 x delta). Never set on a real device.
     attack: str = ""
 
     def validate(self, section: str) -> None:
+        if not self.resend_s > 0 or self.presence_jitter_s < 0:
+            raise ConfigError(f"{section}.resend_s must be > 0 and presence_jitter_s >= 0")
         if self.attack not in ("", "sign_flip", "scale"):
             raise ConfigError(f"{section}.attack must be empty, sign_flip or scale")
         if not NAME_RE.match(self.id or ""):

@@ -14,6 +14,13 @@ What it will not do:
   slow link carries one global per round it trains, not every intermediate one;
 * block: updates and statuses are handed to paho without waiting for PUBACKs (paho re-sends after a
   reconnect), so the protocol loop keeps reading while a slow upload drains;
+* trust a PUBACK as a receipt: an update counts as delivered only when the aggregator's receipt says
+  it holds it; without one it is re-sent from the outbox (same ``update_id``, capped backoff from
+  ``[agent] resend_s``) until the round closes; a refusal that cannot change drops the entry;
+* burst: with the round's ``upload_window_s`` it uploads at a seeded moment within that window, and
+  when a (re)started aggregator announces itself it republishes its status after a seeded delay
+  within ``[agent] presence_jitter_s`` (a presence re-sync that never relies on every retained status
+  fitting the aggregator's broker queue at once);
 * outlive refused credentials: the loop raises the client's AuthError (``fedmq-agent`` exits 3).
 """
 
@@ -35,6 +42,7 @@ from fedmq.broker.contract import codec
 from fedmq.broker.contract.messages import (
     GlobalModel,
     ModelManifest,
+    Receipt,
     RoundAnnouncement,
     ServiceStatus,
     Status,
@@ -55,6 +63,12 @@ from .trainer import ArtifactError, DataError, TFLiteTrainer, check_data
 
 log = logging.getLogger(__name__)
 VERSION = __version__
+
+
+def _update_id(payload: bytes) -> str:
+    """The update_id of an encoded update of ours (read back from the outbox bytes)."""
+    m = codec.decode(payload)
+    return getattr(m, "update_id", "")
 
 
 class AgentService:
@@ -83,6 +97,13 @@ class AgentService:
         self.sent: set[tuple[int, float]] = set()  # (round, announcement opened) already delivered
         #: the update being handed over: (key, paho message infos); done when every PUBACK is in
         self.pending: tuple[tuple[int, float], list] | None = None
+        #: the update awaiting its receipt: outbox key, update_id, monotonic time last handed over, attempts
+        self.inflight: tuple[OutboxKey, str, float, int] | None = None
+        self.delivered: set[OutboxKey] = set()  # the aggregator's receipt says it holds these (or refused for good)
+        self.wait_reannounce: set[OutboxKey] = set()  # refused for a reason that can change: re-sent when re-announced
+        self.scheduled: tuple[float, tuple[int, float], bytes] | None = None  # (due, key, payload): upload window
+        self._presence_due: float | None = None
+        self._announced_at = 0.0  # ``opened`` of the announcement our last send answered
         self.run_state = self._load_run_state()  # {"run", "global_round", "round", "left": [...]}
         self._global_subscribed = False
         self.service: ServiceStatus | None = None
@@ -109,7 +130,7 @@ class AgentService:
         self._load_cached_model()
         t = self.topics
         # plain topic before its chunks: the retained pointer arrives before the chunks it names
-        for f in (*t.with_chunks(t.model()), t.round(), t.service()):
+        for f in (*t.with_chunks(t.model()), t.round(), t.service(), t.receipt(self.id)):
             self.client.subscribe(f, qos=1)  # remembered; made on every (re)connect
         if self.cfg.agent.follow_global:
             self._subscribe_global(True)
@@ -150,6 +171,7 @@ class AgentService:
             self._status(self.state if self.state != "offline" else "online")
             self._maybe_work()  # after a reconnect: re-send from the outbox if the round is open
         self._check_pending()
+        self._timers()
         m = self.client.get(timeout=timeout)
         while m is not None:
             self._handle(m.topic, m.payload, m.retain)
@@ -175,6 +197,13 @@ class AgentService:
             if old is None or (old.state, old.run) != (msg.state, msg.run):
                 log.info("aggregator %s: %s (run %s, global round %d)", msg.service, msg.state, msg.run,
                          msg.global_round)
+            if msg.state == "online" and not retained and (old is None or old.ts != msg.ts):
+                # a (re)connected aggregator: republish our status within the jitter window
+                jitter = self.cfg.agent.presence_jitter_s * (zlib.crc32(f"{self.id}/{msg.ts}".encode()) / 2**32)
+                self._presence_due = time.monotonic() + jitter
+            return
+        if ch is Channel.RECEIPT and isinstance(msg, Receipt):
+            self._on_receipt(msg)
             return
         if ch is Channel.MODEL and isinstance(msg, ModelManifest):
             if hashlib.sha256(msg.artifact).hexdigest() != msg.model_id:
@@ -342,8 +371,15 @@ class AgentService:
         stored = self.outbox.get(okey)
         if stored is not None:  # finished earlier: re-send into a re-announced round (the aggregator restarted)
             self._subscribe_global(self.cfg.agent.follow_global)
-            if key in self.sent or (self.pending is not None and self.pending[0][0] == ann.round):
+            if key in self.sent or (self.pending is not None and self.pending[0][0] == ann.round) \
+                    or (self.scheduled is not None and self.scheduled[1][0] == ann.round):
                 return  # delivered for this announcement, or still being handed over (paho re-sends)
+            if okey in self.delivered and self.inflight is not None and self.inflight[0] == okey \
+                    and key[1] == self._announced_at:
+                return  # the aggregator holds it, and this is not a re-announcement
+            self._announced_at = key[1]
+            self.delivered.discard(okey)  # a re-announced round: the aggregator may have restarted
+            self.wait_reannounce.discard(okey)
             self._send(key, stored)
             return
         if key in self.sent:
@@ -379,9 +415,15 @@ class AgentService:
         payload = codec.encode(upd)
         self.outbox.put(OutboxKey(ann.run, ann.model_id, ann.round, ann.base_round), payload)  # on disk first
         self.rounds_trained += 1
-        log.info("round %d: trained %d steps in %.1fs, loss %.4f; sending %d bytes", ann.round, r.steps, r.seconds,
-                 r.loss, len(payload))
-        self._send((ann.round, ann.opened), payload)
+        window = cfg.upload_window_s
+        delay = window * (zlib.crc32(f"{self.id}/{ann.round}".encode()) / 2**32) if window > 0 else 0.0
+        log.info("round %d: trained %d steps in %.1fs, loss %.4f; sending %d bytes%s", ann.round, r.steps, r.seconds,
+                 r.loss, len(payload), f" in {delay:.1f}s (upload window)" if delay else "")
+        self._announced_at = ann.opened
+        if delay > 0:
+            self.scheduled = (time.monotonic() + delay, (ann.round, ann.opened), payload)
+        else:
+            self._send((ann.round, ann.opened), payload)
         if self.cfg.agent.low_memory:
             t.release()  # idle between rounds without the interpreter's model-size buffers
         self._status("idle")
@@ -399,7 +441,61 @@ class AgentService:
             log.warning("round %d: update not handed over (%s); kept in the outbox", key[0], e)
             return
         self.pending = (key, infos)
+        ann = self.announcement
+        if ann is not None and ann.round == key[0]:
+            okey = OutboxKey(ann.run, ann.model_id, ann.round, ann.base_round)
+            prev = self.inflight
+            attempts = prev[3] + 1 if prev is not None and prev[0] == okey else 1
+            self.inflight = (okey, _update_id(payload), time.monotonic(), attempts)
         self._check_pending()
+
+    def _on_receipt(self, rc: Receipt) -> None:
+        """The aggregator's answer for our update: stop re-sending it, or drop it if it can never count."""
+        inf = self.inflight
+        if rc.agent != self.id or inf is None or rc.update_id != inf[1] or rc.round != inf[0].round \
+                or rc.run != inf[0].run:
+            return  # not about the update we are delivering (an old copy's answer)
+        okey = inf[0]
+        if rc.accepted:
+            self.delivered.add(okey)
+        elif rc.retry:
+            log.info("round %d: update refused for now (%s); re-sent when the round is (re-)announced", rc.round,
+                     rc.reason)
+            self.wait_reannounce.add(okey)
+        else:
+            log.warning("round %d: update refused (%s); it can never count: dropped from the outbox", rc.round,
+                        rc.reason)
+            self.outbox.drop(okey)
+            self.delivered.add(okey)
+
+    def _timers(self) -> None:
+        """Due uploads (upload window), presence re-sync, and re-sends of updates without a receipt."""
+        now = time.monotonic()
+        if self.scheduled is not None and now >= self.scheduled[0]:
+            _, key, payload = self.scheduled
+            self.scheduled = None
+            self._send(key, payload)
+        if self._presence_due is not None and now >= self._presence_due and self.client.connected:
+            self._presence_due = None
+            self._status(self.state if self.state != "offline" else "online")
+        inf, ann = self.inflight, self.announcement
+        if inf is None or ann is None or self.pending is not None or not self.client.connected:
+            return
+        okey, uid, last, attempts = inf
+        if okey in self.delivered or okey in self.wait_reannounce:
+            return
+        if (ann.run, ann.model_id, ann.round, ann.base_round) != (okey.run, okey.model_id, okey.round,
+                                                                 okey.base_round) or time.time() > ann.deadline:
+            return  # its round closed: nothing to re-send into
+        wait = min(self.cfg.agent.resend_s * 2 ** (attempts - 1), 8 * self.cfg.agent.resend_s)
+        if now - last < wait:
+            return
+        stored = self.outbox.get(okey)
+        if stored is None:
+            return
+        log.info("round %d: no receipt %.0fs after sending: re-sending from the outbox (attempt %d)", okey.round,
+                 now - last, attempts + 1)
+        self._send((ann.round, ann.opened), stored)
 
     def _check_pending(self) -> None:
         if self.pending is None:

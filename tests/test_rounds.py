@@ -27,7 +27,7 @@ def test_selection_and_quorum():
     assert select_agents(online, RoundsSection(), 1) == sorted(online)
     frac = RoundsSection(select="fraction", fraction=0.3, seed=4)
     s1, s2 = select_agents(online, frac, 1), select_agents(online, frac, 2)
-    assert len(s1) == 3 and s1 == select_agents(online, frac, 1) and s1 != s2  # seeded, varies by round
+    assert s1 == select_agents(online, frac, 1) and s1 != s2  # seeded, varies by round
     assert select_agents(online, RoundsSection(select="list", agents=["x", "a1"]), 1) == ["a1", "x"]
     assert quorum_for(10, RoundsSection(quorum_fraction=0.6)) == 6
     assert quorum_for(4, RoundsSection(quorum=6)) == 4
@@ -110,3 +110,32 @@ def test_another_runs_update_never_counts():
     stale.run = "fedcba9876543210"  # an old outbox after a state reset: same model, same round numbers
     assert c.on_update(stale, 100, 1.0) == "wrong_run"
     assert c.on_update(upd("a"), 100, 1.0) is None  # positive control: this run's update counts
+
+
+def _rule(seed, rnd, agent, fraction):  # the hash rule as docs/protocol.md states it (independent of the code)
+    import hashlib
+
+    h = hashlib.sha256(f"{seed}/{rnd}/{agent}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+def test_fraction_selection_is_a_hash_rule_every_agent_evaluates():
+    """select = fraction: the announcement carries the rule (O(1) in the fleet), agents agree with the aggregator."""
+    from fedmq.broker.contract import codec
+
+    online = [f"agent-{i:05d}" for i in range(10_000)]
+    cfg = RoundsSection(select="fraction", fraction=0.1, seed=7, deadline_s=100)
+    c = RoundController(build_strategy({"name": "fedavg"}), cfg)
+    ann = c.open(3, MID, 2, G, online, TrainConfig(), now=0.0, run=RUN)
+    expected = sorted(a for a in online if _rule(7, 3, a, 0.1))
+    assert c.current.asked == expected and abs(len(expected) - 1000) < 100  # ~ fraction x fleet
+    assert ann.agents is None and ann.sample is not None
+    wire = codec.decode(codec.encode(ann))
+    assert [a for a in online if wire.asks(a)] == expected  # each agent decides for itself, the same way
+    small = codec.encode(c.open(4, MID, 3, G, online[:10], TrainConfig(), now=0.0, run=RUN))
+    assert len(codec.encode(ann)) <= len(small) + 16  # the announcement does not grow with the fleet
+    # nobody online hashes in: one agent is picked and listed, so the round can still run
+    lone = RoundsSection(select="fraction", fraction=1e-9, seed=7)
+    c2 = RoundController(build_strategy({"name": "fedavg"}), lone)
+    ann2 = c2.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0, run=RUN)
+    assert len(c2.current.asked) == 1 and ann2.agents == c2.current.asked and ann2.asks(ann2.agents[0])

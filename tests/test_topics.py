@@ -16,13 +16,15 @@ def test_build_and_parse_every_topic():
         t.metrics(): ParsedTopic(Channel.METRICS),
         t.update("a"): ParsedTopic(Channel.UPDATE, "a"),
         t.status("a"): ParsedTopic(Channel.STATUS, "a"),
+        t.receipt("a"): ParsedTopic(Channel.RECEIPT, "a"),
+        t.service(): ParsedTopic(Channel.SERVICE),
         t.chunk(t.global_(), 12): ParsedTopic(Channel.GLOBAL, None, 12),
         t.chunk(t.model(), 0): ParsedTopic(Channel.MODEL, None, 0),
     }
     for topic, parsed in cases.items():
         assert t.parse(topic) == parsed
     for ch in Channel:
-        agent = "x1" if ch in (Channel.UPDATE, Channel.STATUS) else None
+        agent = "x1" if ch in (Channel.UPDATE, Channel.STATUS, Channel.RECEIPT) else None
         assert t.parse(t.channel(ch, agent)).channel is ch
 
 

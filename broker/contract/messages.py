@@ -9,6 +9,7 @@ fedmq.broker.contract.codec.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -170,11 +171,13 @@ class TrainConfig:
     mu: float = 0.0  # FedProx proximal coefficient; 0 disables it
     compression: Compression = field(default_factory=Compression)
     seed: int = 0
+    #: agents spread their uploads uniformly over this many seconds after training (0 = at once)
+    upload_window_s: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "mu": self.mu,
                 "encoding": self.compression.encoding, "topk_fraction": self.compression.topk_fraction,
-                "seed": self.seed}
+                "seed": self.seed, "upload_window_s": self.upload_window_s}
 
     @classmethod
     def from_wire(cls, m: Any, kind: str) -> "TrainConfig":
@@ -190,6 +193,7 @@ class TrainConfig:
             mu=req_float(m, "mu", kind, 0.0, 1e6),
             compression=Compression(enc, req_float(m, "topk_fraction", kind, 1e-9, 1.0)),
             seed=req_int(m, "seed", kind, 0, 2**32 - 1),
+            upload_window_s=req_float(m, "upload_window_s", kind, 0.0, 86_400.0) if "upload_window_s" in m else 0.0,
         )
 
 
@@ -259,9 +263,37 @@ class GlobalModel(Message):
                    tensors_from_wire(_get(m, "tensors", k), k, limits), req_float(m, "created", k), req_run(m, k))
 
 
+def sampled(seed: int, round_no: int, agent: str, fraction: float) -> bool:
+    """The seeded hash rule of ``select = "fraction"``: is ``agent`` asked in ``round_no``?
+
+    ``int.from_bytes(sha256(f"{seed}/{round_no}/{agent}")[:8], "big") / 2**64 < fraction``: every
+    agent evaluates it for itself, so the announcement's size does not grow with the fleet.
+    """
+    h = hashlib.sha256(f"{seed}/{round_no}/{agent}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64 < fraction
+
+
+@dataclass(frozen=True)
+class Sample:
+    """``select = "fraction"`` on the wire: agents for which ``sampled(seed, round, id, fraction)`` holds."""
+
+    seed: int
+    fraction: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"seed": self.seed, "fraction": self.fraction}
+
+    @classmethod
+    def from_wire(cls, m: Any, kind: str) -> "Sample":
+        if not isinstance(m, Mapping):
+            raise DecodeError(f"{kind}: 'sample' must be null or a map", reason="schema")
+        return cls(req_int(m, "seed", kind, 0, 2**63 - 1), req_float(m, "fraction", kind, 0.0, 1.0))
+
+
 @dataclass
 class RoundAnnouncement(Message):
-    """Opens round ``round`` (retained). ``agents`` None means every online agent is asked."""
+    """Opens round ``round`` (retained). Who is asked: ``agents`` (a list) if given, else ``sample``
+    (the hash rule) if given, else every agent that was online when the round opened."""
 
     KIND: ClassVar[str] = "round"
     round: int
@@ -273,11 +305,13 @@ class RoundAnnouncement(Message):
     agents: list[str] | None = None
     quorum: int = 1
     run: str = ""  # required on the wire
+    sample: Sample | None = None  # the hash rule of select = "fraction" (optional on the wire)
 
     def to_wire(self) -> dict[str, Any]:
         return {"run": self.run, "round": self.round, "model_id": self.model_id, "base_round": self.base_round,
                 "opened": self.opened, "deadline": self.deadline, "config": self.config.to_wire(),
-                "agents": self.agents, "quorum": self.quorum}
+                "agents": self.agents, "quorum": self.quorum,
+                "sample": None if self.sample is None else self.sample.to_wire()}
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "RoundAnnouncement":
@@ -292,10 +326,15 @@ class RoundAnnouncement(Message):
         return cls(req_int(m, "round", k, 1), req_str(m, "model_id", k, HEX_ID_RE),
                    req_int(m, "base_round", k), req_float(m, "opened", k), req_float(m, "deadline", k),
                    TrainConfig.from_wire(_get(m, "config", k), k), agents,
-                   req_int(m, "quorum", k, 1, limits.max_agents), req_run(m, k))
+                   req_int(m, "quorum", k, 1, limits.max_agents), req_run(m, k),
+                   None if m.get("sample") is None else Sample.from_wire(m["sample"], k))
 
     def asks(self, agent: str) -> bool:
-        return self.agents is None or agent in self.agents
+        if self.agents is not None:
+            return agent in self.agents
+        if self.sample is not None:
+            return sampled(self.sample.seed, self.round, agent, self.sample.fraction)
+        return True
 
 
 @dataclass
@@ -441,6 +480,39 @@ class Chunk(Message):
 
 
 @dataclass
+class Receipt(Message):
+    """The aggregator's answer to one update (``agents/<agent>/receipt``, that agent only; not retained).
+
+    ``accepted`` true: the aggregator holds the update for the round (also for a copy of an accepted
+    update, ``reason = "duplicate"``). False: refused with ``reason``; ``retry`` says whether the same
+    update may count if re-sent into its round later (``no_open_round``, ``future``).
+    """
+
+    KIND: ClassVar[str] = "receipt"
+    run: str
+    round: int
+    agent: str
+    update_id: str
+    accepted: bool
+    reason: str = ""
+    retry: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"run": self.run, "round": self.round, "agent": self.agent, "update_id": self.update_id,
+                "accepted": self.accepted, "reason": self.reason, "retry": self.retry}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "Receipt":
+        k = cls.KIND
+        m = _as_map(m, k)
+        acc, retry = _get(m, "accepted", k), _get(m, "retry", k)
+        if type(acc) is not bool or type(retry) is not bool:
+            raise DecodeError(f"{k}: 'accepted' and 'retry' must be booleans", reason="schema")
+        return cls(req_run(m, k), req_int(m, "round", k, 1), req_str(m, "agent", k, NAME_RE),
+                   req_str(m, "update_id", k, HEX_ID_RE), acc, req_str(m, "reason", k, max_len=64), retry)
+
+
+@dataclass
 class ChunkSet(Message):
     """The pointer a chunked retained message leaves on its plain topic: which blob its chunks make.
 
@@ -504,5 +576,5 @@ class ServiceStatus(Message):
 
 KINDS: dict[str, type[Message]] = {
     c.KIND: c for c in (ModelManifest, GlobalModel, RoundAnnouncement, Update, Status, RoundMetrics, Chunk,
-                        ChunkSet, ServiceStatus)
+                        ChunkSet, ServiceStatus, Receipt)
 }

@@ -9,6 +9,7 @@ Layout under ``<prefix>/<fleet>/`` (prefix defaults to ``fedmq``)::
     service                     retained  the aggregator's own status + last will (aggregator)
     agents/<agent>/update       -         an agent's update (that agent only)
     agents/<agent>/status       retained  an agent's status + last will (that agent only)
+    agents/<agent>/receipt      -         the aggregator's receipt for each update (read by that agent only)
     <channel>/chunk/<i>         retained  chunk i of a retained message too large for one packet
                                           (model, global: the plain topic then holds a ``chunked``
                                           pointer naming the blob the chunks make)
@@ -50,12 +51,13 @@ class Channel(str, Enum):
     SERVICE = "service"
     UPDATE = "update"
     STATUS = "status"
+    RECEIPT = "receipt"
 
 
 FLEET_CHANNELS = (Channel.MODEL, Channel.GLOBAL, Channel.ROUND, Channel.METRICS, Channel.SERVICE)
 #: retained channels whose large messages are chunked onto ``<topic>/chunk/<i>`` behind a pointer
 CHUNKED_RETAINED = (Channel.MODEL, Channel.GLOBAL)
-AGENT_CHANNELS = (Channel.UPDATE, Channel.STATUS)
+AGENT_CHANNELS = (Channel.UPDATE, Channel.STATUS, Channel.RECEIPT)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ class Topics:
 
     def status(self, agent: str) -> str:
         return f"{self.base}/agents/{check_name(agent)}/status"
+
+    def receipt(self, agent: str) -> str:
+        return f"{self.base}/agents/{check_name(agent)}/receipt"
 
     def channel(self, channel: Channel, agent: str | None = None) -> str:
         if channel in AGENT_CHANNELS:

@@ -36,6 +36,7 @@ from fedmq.broker.contract.messages import (
     GlobalModel,
     Message,
     ModelManifest,
+    Receipt,
     RoundAnnouncement,
     RoundMetrics,
     ServiceStatus,
@@ -51,9 +52,10 @@ log = logging.getLogger(__name__)
 CHANNEL_KINDS: dict[Channel, type[Message]] = {
     Channel.MODEL: ModelManifest, Channel.GLOBAL: GlobalModel, Channel.ROUND: RoundAnnouncement,
     Channel.METRICS: RoundMetrics, Channel.UPDATE: Update, Channel.STATUS: Status, Channel.SERVICE: ServiceStatus,
+    Channel.RECEIPT: Receipt,
 }
 #: channels that are never retained: an empty payload there is an error, elsewhere a cleared retained message
-NON_RETAINED = (Channel.UPDATE, Channel.METRICS)
+NON_RETAINED = (Channel.UPDATE, Channel.METRICS, Channel.RECEIPT)
 #: freed reassembly bytes above which ``tick`` asks the allocator to return memory to the OS
 TRIM_THRESHOLD = 1 << 20
 MAX_CAUSES = 256  # distinct internal-error causes remembered (each logged with its traceback once)
