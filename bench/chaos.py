@@ -694,6 +694,19 @@ def machine_line() -> str:
         return machine()
 
 
+def code_state() -> str:
+    """The commit the run used, and whether product files differed from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "broker", "aggregator",
+                                "edge_agent"], capture_output=True, text=True, timeout=10).stdout.split("\n")
+        n = sum(1 for line in dirty if line.strip())
+        return f"commit {head}" + (f" + {n} uncommitted product file(s)" if n else "")
+    except (OSError, subprocess.SubprocessError):
+        return "code of unknown commit"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=30.0, help="how long faults are injected")
@@ -702,6 +715,7 @@ def main() -> int:
     ap.add_argument("--mean-gap", type=float, default=4.0, help="mean seconds between faults")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (logs, state)")
     ap.add_argument("--write-results", action="store_true", help="append a section to bench/RESULTS.md")
+    ap.add_argument("--code", default="", help="what code ran (default: git HEAD and whether the tree was dirty)")
     a = ap.parse_args()
     from common import now
 
@@ -718,8 +732,9 @@ def main() -> int:
     checks = check_all(rec)
     lines = [f"## Chaos (issue 13): {a.minutes:g} minutes of faults — {started}", "",
              f"Machine: {machine_line()}. `bench/chaos.py --minutes {a.minutes:g} --seed {a.seed} --agents {a.agents} "
-             f"--mean-gap {a.mean_gap:g}` ({wall / 60:.1f} min wall): SIGKILL/SIGTERM at seeded random moments "
-             "(aggregator, Mosquitto as shipped, agents), supervisor restarts, observer on the bus.", "",
+             f"--mean-gap {a.mean_gap:g}` ({wall / 60:.1f} min wall) on {a.code or code_state()}: SIGKILL/SIGTERM at "
+             "seeded random moments (aggregator, Mosquitto as shipped, agents), supervisor restarts, observer on "
+             "the bus.", "",
              *summary(rec, checks), ""]
     print("\n".join(lines))
     for text in rec.exit_logs[:5] + rec.log_excerpts[:5]:
