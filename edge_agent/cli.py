@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         from .config import load_config
 
         cfg = load_config(args.config)
+        relative = not Path(cfg.agent.cache_dir).expanduser().is_absolute()
+        given = cfg.agent.cache_dir
         resolve_cache_dir(cfg)
         log.info("config: %s", redact(cfg))
         if args.cmd == "check" or getattr(args, "check", False):
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             if problems:
                 return EXIT_USAGE
             print(f"config ok: agent {cfg.agent.id}, {summary}")
+            if relative and not os.environ.get("STATE_DIRECTORY"):
+                print(f"note: cache_dir = {given!r} is relative: {cfg.agent.cache_dir} from this directory; under the "
+                      f"systemd unit (StateDirectory=fedmq) it is /var/lib/fedmq/{given}: prefer an absolute path")
             return EXIT_OK
         if args.cmd == "predict":
             return _predict(cfg, args)
