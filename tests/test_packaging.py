@@ -200,6 +200,15 @@ def test_agent_info_without_a_runtime_exits_2(bare):
     _assert_missing_extra(_cmd(bare, "fedmq-agent", "info"), "agent", "TFLite runtime")
 
 
+def test_install_service_from_the_wheel(bare):
+    """A pip-installed agent writes its systemd unit (shipped in the wheel), pointing at its own script."""
+    r = _cmd(bare, "fedmq-agent", "install-service", "--print", "--cores", "4")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert f"ExecStart={bare / 'fedmq-agent'} run --config /etc/fedmq/agent.toml" in lines
+    assert "CPUQuota=300%" in lines and "RestartPreventExitStatus=2 3" in lines and "StateDirectory=fedmq" in lines
+
+
 def test_provision_without_cryptography_exits_2_with_the_fix(bare, tmp_path):
     r = _cmd(bare, "fedmq-broker", "provision", "--fleet", "f", "--count", "1", "--out", str(tmp_path / "fleet"))
     _assert_missing_extra(r, "broker", "cryptography")
