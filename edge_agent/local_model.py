@@ -188,7 +188,7 @@ class LocalModel:
     def _load(self, payload: bytes) -> bool:
         try:
             g = codec.decode(payload, expect=GlobalModel)
-        except FedmqError as e:
+        except (FedmqError, ValueError) as e:  # the codec raises DecodeError; anything else it lets through
             raise GlobalRefused(f"{GLOBAL_FILE} in {self.cache_dir} is not a valid global model: {e}") from None
         assert isinstance(g, GlobalModel)
         old = self._global
