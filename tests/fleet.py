@@ -81,7 +81,8 @@ class Fleet:
             t.setdefault(k, {}).update(v)
         return write_toml(self.tmp / f"{name}.toml", t)
 
-    def agent_config(self, agent: str, data: Path, **tables) -> Path:
+    def agent_config(self, agent_id: str, data: Path, /, **tables) -> Path:
+        agent = agent_id
         t = {"agent": {"id": agent, "cache_dir": str(self.tmp / f"{agent}-cache")},
              "broker": {**self.broker, **({"username": agent} if "username" in self.broker else {})},
              "data": {"source": f"npz:{data}"}}
@@ -92,8 +93,8 @@ class Fleet:
     def start_aggregator(self, name="aggregator", **tables) -> Proc:
         return self.spawn(name, "fedmq.aggregator.cli", self.aggregator_config(name, **tables))
 
-    def start_agent(self, agent: str, data: Path, **tables) -> Proc:
-        return self.spawn(agent, "fedmq.edge_agent.cli", self.agent_config(agent, data, **tables))
+    def start_agent(self, agent_id: str, data: Path, /, **tables) -> Proc:
+        return self.spawn(agent_id, "fedmq.edge_agent.cli", self.agent_config(agent_id, data, **tables))
 
     def stop_all(self) -> None:
         for p in self.procs:

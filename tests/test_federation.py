@@ -32,7 +32,7 @@ def fleet(tmp_path, model_cache, request):
     brokers = []
 
     def make(broker: LocalBroker | None = None, fleet_name: str | None = None) -> Fleet:
-        b = broker or LocalBroker(workdir=str(tmp_path / "broker"), persistence=True)
+        b = broker or LocalBroker(workdir=str(tmp_path / "broker"))  # the shipped config: persistence off
         if broker is None:
             (tmp_path / "broker").mkdir(exist_ok=True)
             b.start()
