@@ -30,7 +30,7 @@ import pytest
 from conftest import needs_mosquitto, wait_until
 from fleet import Proc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # last: bench/ names never shadow
 import chaos  # noqa: E402
 from chaos import ChaosConfig, Record, SeenGlobal, SeenMetrics, SeenRound, check_all  # noqa: E402
 
