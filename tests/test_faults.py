@@ -361,7 +361,7 @@ def test_revoked_agent_exits_3_and_the_rest_keeps_training(tmp_path, model_cache
                    what="a round with both agents")
         reloads = lb.log().count("Reloading config.")
         assert cli_main(["revoke", "--fleet-dir", str(prov.out_dir), "--agent", "agent-b",
-                         "--pid", str(lb.proc.pid)]) == 0
+                         "--pid", str(lb.proc.pid), "--broker", f"localhost:{lb.port}"]) == 0
         wait_until(lambda: lb.log().count("Reloading config.") > reloads, 10, what="the broker's reload")
         done = len(history(f))
         wait_until(lambda: not procs["agent-b"].alive(), 90, what="the revoked agent to stop")
@@ -449,7 +449,7 @@ def test_after_a_broker_sigkill_no_client_is_served_an_older_global(fleet, tmp_p
         early.close()
         h = history(f)
         run = h[0]["run"]
-        last = max(r["global_round"] for r in h if r["ts"] < t_kill)
+        last = int(max(r["global_round"] for r in h if r["ts"] < t_kill))
         assert last >= 3
         b.start()
         late.connect_asap()
@@ -457,7 +457,7 @@ def test_after_a_broker_sigkill_no_client_is_served_an_older_global(fleet, tmp_p
         # until the fleet has aggregated a round after the restart, and that round's global was served
         wait_until(lambda: any(r["outcome"] == "aggregated" for r in history(f)[n:]), 90,
                    what="a round aggregated after the broker restart")
-        new = max(r["global_round"] for r in history(f))
+        new = int(max(r["global_round"] for r in history(f)))
 
         def served_new() -> bool:
             late.pump()
