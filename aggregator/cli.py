@@ -58,13 +58,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .export.convert import ExportError, export_model, load_model_fn
+    from .export.convert import ExportError, ModelRefused, export_model, load_model_fn
     from .export.trainable import TrainSpec
 
     try:
         model = load_model_fn(args.model)()
         ex = export_model(model, TrainSpec(batch_size=args.batch_size, optimizer=args.optimizer, prox=args.prox),
                           verify_steps=args.verify_steps)
+    except ModelRefused as e:  # the model as given cannot be served: a usage error (exit 2)
+        print(f"fedmq-aggregator export: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (ExportError, ValueError) as e:
         print(f"fedmq-aggregator export: {e}", file=sys.stderr)
         return EXIT_FAIL

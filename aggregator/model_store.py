@@ -90,8 +90,8 @@ def load_or_export(cfg: ModelSection, cache_dir: Path, prox: bool = False) -> Se
 
 def export_final(cfg: ModelSection, served: ServedModel, weights: dict[str, np.ndarray], out: Path) -> list[Path]:
     """Write the final global model as .keras and as an inference .tflite (softmax output)."""
-    import keras
-    import tensorflow as tf
+    import keras  # noqa: F401 - ImportError here (no TensorFlow) makes the service skip the final export
+    import tensorflow as tf  # noqa: F401
 
     from .export.convert import load_model_fn
 
@@ -100,8 +100,9 @@ def export_final(cfg: ModelSection, served: ServedModel, weights: dict[str, np.n
         var.assign(weights[spec.name])
     out.mkdir(parents=True, exist_ok=True)
     kpath, tpath = out / "model.keras", out / "model.tflite"
-    model.save(kpath)
-    infer = keras.Sequential([model, keras.layers.Softmax()])
-    conv = tf.lite.TFLiteConverter.from_keras_model(infer)
-    atomic_write(tpath, conv.convert())
+    from .export.plain import inference_tflite, to_plain_keras
+
+    plain = to_plain_keras(model)  # stock Keras layers only: loads with keras.models.load_model, no fedmq
+    plain.save(kpath)
+    atomic_write(tpath, inference_tflite(plain))  # serving_default(x) -> {output}: softmax (docs/models.md)
     return [kpath, tpath]

@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from fedmq.broker.contract.messages import ARTIFACT_FORMAT, ModelManifest, TensorSpec
+from fedmq.broker.errors import ConfigError
 from fedmq.edge_agent.runtime import load_interpreter
 
 from .trainable import TrainableModule, TrainSpec, weight_key
@@ -61,6 +62,80 @@ class ExportError(Exception):
     """The model cannot be turned into a trainable builtin-only artifact (message says why)."""
 
 
+class ModelRefused(ExportError, ConfigError):
+    """The model as given cannot be served (a layer, an op, an unimportable module): a usage error.
+
+    Being a ConfigError, it makes ``fedmq-aggregator run/simulate/export`` exit 2; the message names
+    the layer (or module) and what to use instead. Verification failures stay plain ExportErrors.
+    """
+
+    reason = "model_refused"
+
+
+# layers whose state or randomness cannot be federated / run on-device, with what to use instead
+_NOT_FEDERATED = ("its moving mean and variance are non-trainable state that is neither learned on-device "
+                  "nor averaged by the aggregator (only trainable weights travel), so the served model would "
+                  "normalize with mean 0 / variance 1; use keras.layers.LayerNormalization or "
+                  "keras.layers.GroupNormalization (both export and train on-device), or remove it")
+_RANDOM = ("it draws random numbers in training, and the random ops (StatelessRandomUniformV2, ...) are not "
+           "builtins of the on-device interpreters; remove it (for regularization: a smaller layer, fewer local "
+           "epochs, or FedProx with [train] mu > 0)")
+REFUSED_LAYERS = {
+    "BatchNormalization": _NOT_FEDERATED,
+    "Dropout": _RANDOM, "SpatialDropout1D": _RANDOM, "SpatialDropout2D": _RANDOM, "SpatialDropout3D": _RANDOM,
+    "GaussianDropout": _RANDOM, "AlphaDropout": _RANDOM, "GaussianNoise": _RANDOM, "RandomFlip": _RANDOM,
+    "RandomRotation": _RANDOM, "RandomZoom": _RANDOM, "RandomTranslation": _RANDOM, "RandomCrop": _RANDOM,
+    "RandomContrast": _RANDOM, "RandomBrightness": _RANDOM,
+}
+# stock Keras layers whose gradients are not builtins, with the fedmq layer that replaces them
+_STOCK = {
+    "Conv2D": ("Conv2DBackpropFilter", "fedmq.aggregator.export.layers.Conv2D"),
+    "Conv1D": ("Conv2DBackpropFilter", "fedmq.aggregator.export.layers.Conv1D"),
+    "MaxPooling2D": ("MaxPoolGrad", "fedmq.aggregator.export.layers.MaxPool2D"),
+    "MaxPooling1D": ("MaxPoolGrad", "fedmq.aggregator.export.layers.MaxPool1D"),
+    "ReLU": ("ReluGrad", "fedmq.aggregator.export.layers.relu (e.g. in a keras.layers.Lambda)"),
+}
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def check_model(model: keras.Model) -> None:
+    """Refuse, before converting, the layers that would export wrongly or not at all (ModelRefused).
+
+    Every refusal names the layer, its class and what to use; all of them are reported at once.
+    """
+    problems: list[str] = []
+    for layer in _all_layers(model):
+        cls = type(layer).__name__
+        where = f"layer {layer.name!r} ({cls})"
+        if cls in REFUSED_LAYERS:
+            problems.append(f"{where}: {REFUSED_LAYERS[cls]}")
+            continue
+        if type(layer).__module__.startswith("fedmq."):
+            continue
+        if cls in _STOCK:
+            op, use = _STOCK[cls]
+            problems.append(f"{where}, stock Keras: its gradient needs {op}, which the on-device interpreters "
+                            f"lack; use {use}")
+        elif cls == "Dense" and getattr(layer.activation, "__name__", "") == "relu":
+            problems.append(f"{where}, stock Keras with activation='relu': its gradient needs ReluGrad; use "
+                            f"fedmq.aggregator.export.layers.Dense(..., activation='relu')")
+        elif cls == "Activation" and getattr(layer.activation, "__name__", "") == "relu":
+            problems.append(f"{where} 'relu': its gradient needs ReluGrad; use keras.layers.Lambda("
+                            f"fedmq.aggregator.export.layers.relu) or an activation='relu' on a fedmq layer")
+        elif layer.non_trainable_weights and not isinstance(layer, keras.Model):
+            names = ", ".join(w.name for w in layer.non_trainable_weights)
+            problems.append(f"{where}: non-trainable weights ({names}) are not federated (only trainable weights "
+                            f"travel); remove it or make them trainable")
+    if problems:
+        raise ModelRefused(f"model {model.name!r} cannot be trained on devices as built:\n  " + "\n  ".join(problems))
+
+
 @dataclass
 class Exported:
     artifact: bytes
@@ -79,7 +154,7 @@ class Exported:
 
 def _flex_ops_from_error(msg: str) -> list[str]:
     ops = set(re.findall(r"tf\.(\w+)", msg)) | set(re.findall(r"Flex(\w+)", msg))
-    return sorted(ops)
+    return sorted(o for o in ops if o[:1].isupper())  # op names are CamelCase ("tf.entry_function" is not one)
 
 
 def _builtin_name(oc) -> str:
@@ -121,17 +196,23 @@ def load_model_fn(ref: str):
 
     mod, _, fn = ref.partition(":")
     if not fn:
-        raise ExportError(f"model reference {ref!r}: use 'zoo:NAME' or 'package.module:function'")
+        raise ModelRefused(f"model reference {ref!r}: use 'zoo:NAME' or 'package.module:function'")
     if mod == "zoo":
         from .zoo import ZOO
 
         if fn not in ZOO:
-            raise ExportError(f"no zoo model {fn!r}; available: {', '.join(ZOO)}")
+            raise ModelRefused(f"no zoo model {fn!r}; available: {', '.join(ZOO)}")
         return ZOO[fn]
     try:
         return getattr(importlib.import_module(mod), fn)
+    except ModuleNotFoundError as e:
+        top = mod.split(".")[0]
+        hint = (f"; fedmq does not look in the current directory: put the directory that holds {top}/ (or {top}.py) "
+                f"on PYTHONPATH (e.g. PYTHONPATH=. fedmq-aggregator ...) or pip install -e the project "
+                f"(docs/models.md)") if (e.name or "") in (mod, top) or mod.startswith((e.name or "?") + ".") else ""
+        raise ModelRefused(f"cannot load model function {ref!r}: {e}{hint}") from None
     except (ImportError, AttributeError) as e:
-        raise ExportError(f"cannot load model function {ref!r}: {e}") from None
+        raise ModelRefused(f"cannot load model function {ref!r}: {e}") from None
 
 
 def strip_zero_initializers(artifact: bytes, min_bytes: int = 1024) -> bytes:
@@ -223,7 +304,7 @@ def convert(module: TrainableModule) -> bytes:
         except Exception as e:  # the converter raises ConverterError with the op list
             ops = _flex_ops_from_error(str(e))
             hints = [f"  {op}: {REPLACEMENTS[op]}" for op in ops if op in REPLACEMENTS]
-            raise ExportError(
+            raise ModelRefused(
                 "the model needs TensorFlow ops that the on-device interpreters cannot run: "
                 + (", ".join(ops) or str(e)[:500]) + ("\nreplace:\n" + "\n".join(hints) if hints else "")
             ) from None
@@ -231,7 +312,12 @@ def convert(module: TrainableModule) -> bytes:
 
 def export_model(model: keras.Model, spec: TrainSpec = TrainSpec(), *, verify_steps: int = 20,
                  tolerance: float = 1e-3, update_tolerance: float = 0.1, seed: int = 0) -> Exported:
-    """Export and verify; raises ExportError when the artifact must not be published."""
+    """Export and verify; raises ExportError when the artifact must not be published.
+
+    ModelRefused (a subclass) when the model itself cannot be served: a refused layer (check_model)
+    or an op the converter cannot make a builtin of.
+    """
+    check_model(model)
     module = TrainableModule(model, spec)
     init = module.weights_numpy()
     module.zero_weights()  # saved as zeros, then stripped from the artifact (see the module docstring)

@@ -10,6 +10,12 @@ These replacements compute the same functions with builtin-only gradients:
   gradient by ``conv2d_transpose``, filter gradient by a ``conv2d`` of the transposed input
   with the transposed output gradient (batch used as channels)
 * ``MaxPool2D``/``MaxPool1D`` — non-overlapping windows by reshape + ``reduce_max`` (rank <= 4)
+
+Defaults follow Keras: ``Conv2D``/``Conv1D`` pad ``"valid"`` unless given ``padding="same"``
+(before 2026-12 they silently defaulted to ``"same"``; the zoo models now say so explicitly).
+What each layer supports, and how it differs from its Keras namesake, is in docs/models.md;
+``fedmq.aggregator.export.plain.to_plain_keras`` maps every layer here to its stock Keras
+equivalent (the final ``model.keras`` loads without fedmq).
 """
 
 from __future__ import annotations
@@ -41,14 +47,37 @@ def _same_pads(k: int) -> tuple[int, int]:
     return (k - 1) // 2, k // 2
 
 
+PADDINGS = ("valid", "same")
+
+
+def _activation(name):
+    """None, the builtin-safe relu, or a stock Keras activation by name (e.g. "tanh")."""
+    if name is None or name == "linear":
+        return None
+    if name == "relu":
+        return relu
+    if not isinstance(name, str):
+        raise ValueError(f"activation {name!r}: give a Keras activation name (e.g. 'relu', 'tanh') or None")
+    return keras.activations.get(name)  # ValueError for an unknown name
+
+
 @keras.saving.register_keras_serializable("fedmq")
 class Conv2D(keras.layers.Layer):
-    """2-D convolution, stride 1, padding "same" or "valid", optional relu."""
+    """2-D convolution, stride 1, square kernel, padding "valid" (Keras' default) or "same", optional activation."""
 
-    def __init__(self, filters: int, kernel_size: int, padding: str = "same", activation: str | None = None,
+    def __init__(self, filters: int, kernel_size: int, padding: str = "valid", activation: str | None = None,
                  **kw) -> None:
         super().__init__(**kw)
-        self.filters, self.kernel_size, self.padding, self.activation = filters, kernel_size, padding, activation
+        if isinstance(kernel_size, (tuple, list)):
+            if len(set(kernel_size)) != 1:
+                raise ValueError(f"kernel_size {kernel_size!r}: fedmq's {type(self).__name__} takes a square kernel")
+            kernel_size = kernel_size[0]
+        padding = padding.lower() if isinstance(padding, str) else padding
+        if padding not in PADDINGS:
+            raise ValueError(f"padding {padding!r}: use 'valid' (the default, as in Keras) or 'same'")
+        self._act = _activation(activation)
+        self.filters, self.kernel_size, self.padding, self.activation = (int(filters), int(kernel_size), padding,
+                                                                         activation)
 
     def build(self, input_shape):
         k = self.kernel_size
@@ -61,7 +90,7 @@ class Conv2D(keras.layers.Layer):
             a, b = _same_pads(self.kernel_size)
             x = tf.pad(x, [[0, 0], [a, b], [a, b], [0, 0]])
         y = conv2d_valid(x, self.kernel) + self.bias
-        return relu(y) if self.activation == "relu" else y
+        return self._act(y) if self._act else y
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
@@ -85,7 +114,7 @@ class Conv1D(Conv2D):
             x = tf.pad(x, [[0, 0], [0, 0], [a, b], [0, 0]])
         y = conv2d_valid(x, self.kernel) + self.bias
         y = tf.squeeze(y, 1)
-        return relu(y) if self.activation == "relu" else y
+        return self._act(y) if self._act else y
 
 
 @keras.saving.register_keras_serializable("fedmq")

@@ -27,9 +27,9 @@ def two_nn(input_dim: int = 784, num_classes: int = 10) -> keras.Model:
 def cnn(input_shape: tuple[int, int, int] = (28, 28, 1), num_classes: int = 10) -> keras.Model:
     """The FedAvg paper's CNN: 5x5 conv 32, 2x2 max-pool, 5x5 conv 64, 2x2 max-pool, dense 512, softmax."""
     inp = keras.Input(input_shape)
-    x = Conv2D(32, 5, activation="relu", name="conv1")(inp)
+    x = Conv2D(32, 5, padding="same", activation="relu", name="conv1")(inp)
     x = MaxPool2D(2, name="pool1")(x)
-    x = Conv2D(64, 5, activation="relu", name="conv2")(x)
+    x = Conv2D(64, 5, padding="same", activation="relu", name="conv2")(x)
     x = MaxPool2D(2, name="pool2")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = Dense(512, activation="relu", name="dense")(x)
@@ -39,8 +39,8 @@ def cnn(input_shape: tuple[int, int, int] = (28, 28, 1), num_classes: int = 10) 
 def sensor1d(steps: int = 100, channels: int = 6, num_classes: int = 7) -> keras.Model:
     """Compact 1-D conv net for sensor windows (the smartwatch data: 100 x 6, 7 classes)."""
     inp = keras.Input((steps, channels))
-    x = Conv1D(16, 5, activation="relu", name="conv1")(inp)
-    x = Conv1D(32, 5, activation="relu", name="conv2")(x)
+    x = Conv1D(16, 5, padding="same", activation="relu", name="conv1")(inp)
+    x = Conv1D(32, 5, padding="same", activation="relu", name="conv2")(x)
     x = keras.layers.GlobalAveragePooling1D(name="gap")(x)
     return keras.Model(inp, Dense(num_classes, name="logits")(x), name="sensor1d")
 
