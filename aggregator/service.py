@@ -140,6 +140,8 @@ class AggregatorService:
         self._republish = threading.Event()
         self._republish.set()  # the first connection publishes everything we own
         self._next_republish = 0.0
+        self._guarded: tuple[str, ...] = ()
+        self.foreign_writes = 0
         self._scanned = False  # stale chunk topics of an earlier process cleared (once, at first connect)
         self.quorum_to_publish: tuple[int, float] | None = None
 
@@ -311,8 +313,23 @@ class AggregatorService:
         self.client.subscribe(t.all_updates(), qos=1)  # remembered: made on every (re)connect
         self.client.subscribe(t.all_statuses(), qos=1)
         self.client.subscribe(SYS_DROPPED, qos=0)  # Mosquitto's drop counter (refused by other brokers: logged)
+        # our own retained topics, to notice anyone else writing them (a leaked password, a bad ACL): the
+        # agents refuse what we did not sign, and we put our state back (No Local: our own writes stay away)
+        self._guarded = (t.model(), t.global_(), t.round(), t.service())
+        for topic in self._guarded:
+            self.client.subscribe(topic, qos=1, no_local=True)
+        self.foreign_writes = 0
         self._wildcards = True
-        self.publisher = Publisher(self.client, t)
+        signer = None
+        if self.cfg.service.signing_key:
+            from fedmq.broker.contract.signing import Signer
+
+            signer = Signer.from_file(self.cfg.service.signing_key)
+            log.info("model, global, round and service messages are signed (key %s)", signer.key_id)
+        else:
+            log.warning("[service] signing_key is not set: model and global messages are not signed; agents "
+                        "that hold trusted keys will refuse them")
+        self.publisher = Publisher(self.client, t, signer)
         self.client.start()  # returns at once: the broker may not be up yet (step() waits for it)
         log.info("aggregator up: run %s, model %s, global round %d, fleet %s", self.run_id, self.served.model_id[:12],
                  self.global_round, t.fleet)
@@ -523,9 +540,29 @@ class AggregatorService:
         except Exception as e:  # noqa: BLE001 - a receipt must never stop the round loop
             self.bounded_log.reject(u.agent, "receipt", "receipt to %s not handed over: %s", u.agent, e)
 
+    def _on_own_topic(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A message on a retained topic we own: if it is not what we last put there, put our state back."""
+        import hashlib
+
+        if self.publisher is None or hashlib.sha256(payload).digest() == self.publisher.retained_digest.get(topic):
+            return  # our own (3.1.1 has no No Local; or the retained copy of our last publish)
+        if retained and not self._scanned:
+            return  # what an earlier process left: replaced by the first publish of the state anyway
+        self.foreign_writes += 1
+        self.telemetry.rejected.labels("foreign_write").inc()
+        self.bounded_log.reject(topic, "foreign_write", "someone else wrote %s (%d bytes, retained=%s): republishing "
+                                "our state; agents refuse what the fleet key did not sign. Check the broker's ACL "
+                                "and who holds write credentials", topic[:200], len(payload), retained)
+        if not self._republish.is_set():
+            self._next_republish = max(self._next_republish, time.monotonic() + 1.0)  # a flood costs 1 publish/s
+            self._republish.set()
+
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == SYS_DROPPED:
             self._on_sys_dropped(payload)
+            return
+        if topic in self._guarded:
+            self._on_own_topic(topic, payload, retained)
             return
         if self.limiter is not None and not self._admits:  # an injected client: limit here
             agent = agent_of(topic, self.topics.base)

@@ -25,6 +25,9 @@ class AgentSection:
     #: predictions between rounds); off: the global is fetched only when a round asks for it, so a
     #: device on a thin link never downloads intermediate globals it will not train on
     follow_global: bool = False
+    #: the fleet's public model-signing keys ("ed25519:<base64>", written by `fedmq-broker provision`):
+    #: model, global, round and service messages must be signed by one of them; empty = not checked
+    trusted_keys: list[str] = field(default_factory=list)
     #: re-send an update from the outbox when no receipt came this many seconds after it was handed over
     #: (doubling up to 8x); receipts, not PUBACKs, say the aggregator holds it
     resend_s: float = 30.0
@@ -36,6 +39,17 @@ class AgentSection:
     attack: str = ""
 
     def validate(self, section: str) -> None:
+        import base64
+        import binascii
+
+        for k in self.trusted_keys:
+            try:
+                ok = isinstance(k, str) and k.startswith("ed25519:") and len(base64.b64decode(k[8:], validate=True)) == 32
+            except (binascii.Error, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"{section}.trusted_keys: {k!r:.60} is not ed25519:<base64 of a 32-byte key> (copy "
+                                  "the fleet's aggregator/signing.pub)")
         if not self.resend_s > 0 or self.presence_jitter_s < 0:
             raise ConfigError(f"{section}.resend_s must be > 0 and presence_jitter_s >= 0")
         if self.attack not in ("", "sign_flip", "scale"):

@@ -85,7 +85,16 @@ class AgentService:
         self.client = client or MqttClient(cfg.broker.mqtt(self.id, clean_start=True,
                                                            will=Will(self.topics.status(self.id), offline)))
         self.client.on_connected = self._on_connected
-        self.receiver = Receiver(self.topics)
+        trust = None
+        if cfg.agent.trusted_keys:
+            from fedmq.broker.contract.signing import TrustedKeys
+
+            trust = TrustedKeys.parse(cfg.agent.trusted_keys)
+        else:
+            log.warning("[agent] trusted_keys is empty: model and global messages are not authenticated (anyone "
+                        "who can write the fleet's retained topics could push a model); set it from the fleet's "
+                        "aggregator/signing.pub")
+        self.receiver = Receiver(self.topics, trust=trust)
         self.stop_event = threading.Event()
         self._reannounce = threading.Event()
         x, y = load_local(cfg.data.source)

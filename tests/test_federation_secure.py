@@ -43,12 +43,17 @@ def secure(tmp_path, model_cache, request):
 
 
 def provisioned_config(prov, lb, who: str, extra: str) -> str:
+    """The provisioned config of ``who`` with the test's tables merged in (tables the two share are merged)."""
+    import tomllib
+
+    from fedmq.broker.commands.config import write_toml
+
     d = prov.client_dir(who)
     name = "aggregator.toml" if who == "aggregator" else "agent.toml"
-    text = (d / name).read_text().replace("port = 8883", f"port = {lb.port}")
-    out = d / f"run-{name}"
-    out.write_text(text + "\n" + extra)
-    return str(out)
+    base = tomllib.loads((d / name).read_text().replace("port = 8883", f"port = {lb.port}"))
+    for table, values in tomllib.loads(extra).items():
+        base.setdefault(table, {}).update(values)
+    return str(write_toml(d / f"run-{name}", base))
 
 
 def start_secure(prov, lb, f: Fleet, rounds: str, agents: list[str], shards, service: str = "") -> object:
@@ -76,9 +81,12 @@ lr = 0.05
 [data]
 source = "npz:{shards[a]}"
 """)
-        cfg = cfg.replace("[agent]", "[agent]")  # keep provisioned id/credentials
-        text = open(cfg).read().replace('[agent]\nid = ', f'[agent]\ncache_dir = "{f.tmp / (a + "-cache")}"\nid = ')
-        open(cfg, "w").write(text)
+        cfg = provisioned_config(prov, lb, a, f"""
+[data]
+source = "npz:{shards[a]}"
+[agent]
+cache_dir = "{f.tmp / (a + '-cache')}"
+""")  # the provisioned id, credentials and trusted key stay
         f.spawn(a, "fedmq.edge_agent.cli", cfg)
     return agg
 
@@ -142,7 +150,7 @@ def test_hostile_agent_is_rejected_with_reasons_and_memory_stays_bounded(secure,
     name0 = next(iter(g))
     upd = lambda **kw: Update(**{"round": 1, "agent": "agent-c", "model_id": ann.model_id,  # noqa: E731
                                 "update_id": uuid.uuid4().hex, "num_samples": 10, "tensors": good,
-                                "metrics": {}, "created": 0.0, **kw})
+                                "metrics": {}, "created": 0.0, "run": ann.run, **kw})
     me = t.update("agent-c")
     pid = agg.popen.pid
     rss_before = rss_mb(pid)

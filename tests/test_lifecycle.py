@@ -458,11 +458,16 @@ def run_config(fd: Path, broker: FleetBroker, user: str, tmp: Path, extra: str) 
     name = "aggregator.toml" if user == "aggregator" else "agent.toml"
     text = (fd / ("aggregator" if user == "aggregator" else f"agents/{user}") / name).read_text()
     text = text.replace("port = 8883", f"port = {broker.port}")
+    import tomllib
+
+    from fedmq.broker.commands.config import write_toml
+
+    tables = tomllib.loads(text)  # merged, not appended: the provisioned file has [service]/[agent] tables too
     if user != "aggregator":
-        text = text.replace("[agent]\n", f'[agent]\ncache_dir = "{tmp / (user + "-cache")}"\n', 1)
-    out = tmp / f"run-{user}.toml"
-    out.write_text(text + "\n" + extra)
-    return out
+        tables["agent"]["cache_dir"] = str(tmp / (user + "-cache"))
+    for name, values in tomllib.loads(extra).items():
+        tables.setdefault(name, {}).update(values)
+    return write_toml(tmp / f"run-{user}.toml", tables)
 
 
 @needs_mosquitto

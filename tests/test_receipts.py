@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import needs_mosquitto, wait_until
-from test_federation import aggregated, fleet, history  # noqa: F401 - the fleet fixture
 from fleet import watch_shards
+from test_federation import aggregated, fleet, history  # noqa: F401 - the fleet fixture
 
 pytestmark = [pytest.mark.network, needs_mosquitto]
 

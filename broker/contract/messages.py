@@ -574,7 +574,33 @@ class ServiceStatus(Message):
                    req_int(m, "global_round", k), req_int(m, "round", k), req_str(m, "version", k, max_len=64))
 
 
+@dataclass
+class Signed(Message):
+    """An envelope: ``body`` (an encoded message) signed with the fleet's key (fedmq.broker.contract.signing)."""
+
+    KIND: ClassVar[str] = "signed"
+    key_id: str
+    sig: bytes | memoryview
+    body: bytes | memoryview
+    alg: str = "ed25519"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"alg": self.alg, "key_id": self.key_id, "sig": self.sig, "body": self.body}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "Signed":
+        k = cls.KIND
+        m = _as_map(m, k)
+        alg = _get(m, "alg", k)
+        if alg != "ed25519":
+            raise DecodeError(f"{k}: unsupported signature algorithm {alg!r:.40}", reason="schema")
+        sig = req_bin(m, "sig", k)
+        if sig.nbytes != 64:
+            raise DecodeError(f"{k}: an ed25519 signature is 64 bytes", reason="schema")
+        return cls(req_str(m, "key_id", k, HEX_ID_RE), sig, req_bin(m, "body", k))
+
+
 KINDS: dict[str, type[Message]] = {
     c.KIND: c for c in (ModelManifest, GlobalModel, RoundAnnouncement, Update, Status, RoundMetrics, Chunk,
-                        ChunkSet, ServiceStatus, Receipt)
+                        ChunkSet, ServiceStatus, Receipt, Signed)
 }

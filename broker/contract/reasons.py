@@ -25,6 +25,10 @@ REASONS: dict[str, str] = {
     "agent_mismatch": "the payload's 'agent' differs from the agent named by the topic",
     "wrong_channel": "a valid message of a kind that does not belong on the channel it came on",
     "internal": "handling the message raised an unexpected exception (a bug: traceback logged once per cause)",
+    # -- signatures (fedmq.broker.contract.signing; agents holding trusted keys) ----------------
+    "unsigned": "an unsigned model, global, round or service message where the fleet's signature is required",
+    "unknown_key": "a signed message whose key id is not among the agent's trusted keys",
+    "bad_signature": "a signed message whose Ed25519 signature does not verify (forged or altered)",
     # -- chunk reassembly (fedmq.broker.contract.chunking) -------------------------------------
     "chunk_too_large": "a blob declares more bytes than max_blob_bytes",
     "chunk_too_many": "a blob declares more chunks than max_chunks",
@@ -61,6 +65,7 @@ REASONS: dict[str, str] = {
     "missing_quality": "quality weighting: the update does not report the quality metric",
     "bad_quality": "quality weighting: the quality metric is not finite or negative",
     "too_many": "the strategy holds its maximum number of updates for this round",
+    "foreign_write": "a client other than the aggregator wrote one of its retained topics: state republished",
     # -- transport (fedmq.broker.transport.client) ---------------------------------------------
     "puback_0x": "prefix: the broker refused a publish with this MQTT 5 PUBACK reason code (e.g. puback_0x97)",
 }

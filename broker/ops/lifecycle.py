@@ -51,7 +51,13 @@ from typing import Any, Callable, Iterator
 from fedmq.broker.contract.topics import check_name
 from fedmq.broker.errors import ConfigError, FedmqError
 from fedmq.broker.ops import certs
-from fedmq.broker.ops.provision import ProvisionSpec, client_toml, hash_password, queued_messages_for
+from fedmq.broker.ops.provision import (
+    ProvisionSpec,
+    client_toml,
+    hash_password,
+    queued_messages_for,
+    read_signing_public,
+)
 from fedmq.broker.storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -371,7 +377,8 @@ def add_device(root: Path, agent: str, *, ca_key: Path | None = None) -> Change:
         serial = _write_leaf(fleet, d, agent, change)
         change.written.append(atomic_write(d / "ca.crt", fleet.ca_cert.read_bytes(), mode=0o644))
         change.written.append(atomic_write(d / "agent.toml", client_toml(m.spec(fleet.root), agent, password,
-                                                                         d, "agent").encode(), mode=0o600))
+                                                                         d, "agent", read_signing_public(fleet.root)
+                                                                         ).encode(), mode=0o600))
         set_passwd_line(fleet.passwd, agent, f"{agent}:{hash_password(password)}")
         change.written.append(fleet.passwd)
         m.devices[agent] = Device(added_at=now_iso(), cert_serial=serial)

@@ -171,7 +171,7 @@ class MqttClient:
         self._lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
         self._early: dict[int, Any] = {}
-        self._subs: dict[str, int] = {}
+        self._subs: dict[str, tuple[int, bool]] = {}  # topic -> (qos, no_local)
         self._resub: dict[int, str] = {}  # mid -> topic of re-subscriptions made on (re)connect
         self._connected = threading.Event()
         self._first = _Waiter()
@@ -297,8 +297,8 @@ class MqttClient:
         self._connected.set()  # first: a subscribe() from now on is sent by its caller (a double is harmless)
         with self._lock:
             subs = list(self._subs.items())
-        for topic, qos in subs:  # re-subscribe, in the order first made: the broker may have lost the session
-            rc_, mid = c.subscribe(topic, qos)
+        for topic, (qos, no_local) in subs:  # re-subscribe, in the order first made: the session may be gone
+            rc_, mid = c.subscribe(topic, **self._sub_args(qos, no_local))
             if mid is not None:
                 with self._lock:
                     self._resub[mid] = topic
@@ -412,13 +412,23 @@ class MqttClient:
                                   reason=f"puback_0x{rc.value:02x}")
         return PublishResult(info.mid, rc.value)
 
-    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> int:
-        """Subscribe (remembered for reconnects); return the granted QoS or raise SubscribeRejected."""
+    def _sub_args(self, qos: int, no_local: bool) -> dict[str, Any]:
+        if self._v5:
+            from paho.mqtt.subscribeoptions import SubscribeOptions
+
+            return {"options": SubscribeOptions(qos=qos, noLocal=no_local)}
+        return {"qos": qos}  # 3.1.1 has no No Local: the caller sees its own messages too
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0, no_local: bool = False) -> int:
+        """Subscribe (remembered for reconnects); return the granted QoS or raise SubscribeRejected.
+
+        ``no_local`` (MQTT 5): the broker does not send us back what we publish on it ourselves.
+        """
         with self._lock:
-            self._subs[topic] = qos
+            self._subs[topic] = (qos, no_local)
         if not self._connected.is_set():
             return qos  # remembered: made (and its SUBACK checked) when the connection is up
-        rc, mid = self._c.subscribe(topic, qos)
+        rc, mid = self._c.subscribe(topic, **self._sub_args(qos, no_local))
         if rc == mqtt.MQTT_ERR_NO_CONN:
             return qos  # the connection just went: re-made on reconnect
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:

@@ -9,11 +9,13 @@ mixes versions, and stale chunks (even from a previous process, see ``forget_ret
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from fedmq.broker.contract import codec
 from fedmq.broker.contract.chunking import CHUNK_OVERHEAD, split
 from fedmq.broker.contract.messages import ChunkSet, Message
+from fedmq.broker.contract.signing import Signer
 from fedmq.broker.contract.topics import Topics
 from fedmq.broker.transport.client import MqttClient
 
@@ -21,18 +23,27 @@ log = logging.getLogger(__name__)
 
 
 class Publisher:
-    def __init__(self, client: MqttClient, topics: Topics) -> None:
+    def __init__(self, client: MqttClient, topics: Topics, signer: Signer | None = None) -> None:
         self.client = client
         self.topics = topics
+        #: signs model, global, round and service messages (the channels agents verify)
+        self.signer = signer
+        self._signed = {topics.model(): "model", topics.global_(): "global", topics.round(): "round",
+                        topics.service(): "service"}
+        #: topic -> sha256 of what we last put on the plain retained topic (a foreign write differs)
+        self.retained_digest: dict[str, bytes] = {}
         self._encoder = codec.Encoder()
         self._retained_chunks: dict[str, int] = {}
         self.bytes_out = 0
 
     def publish(self, topic: str, msg: Message, *, retain: bool = False, qos: int = 1,
                 timeout: float = 60.0, wait: bool = True) -> int:
-        """Publish ``msg``; return the number of packets used (1 = not chunked)."""
-        return self.publish_payload(topic, self._encoder.encode(msg), retain=retain, qos=qos, timeout=timeout,
-                                    wait=wait)
+        """Publish ``msg`` (signed on the signed channels when a signer is set); return the packets used."""
+        payload: bytes | memoryview = self._encoder.encode(msg)
+        channel = self._signed.get(topic)
+        if self.signer is not None and channel is not None:
+            payload = self.signer.wrap(channel, payload)
+        return self.publish_payload(topic, payload, retain=retain, qos=qos, timeout=timeout, wait=wait)
 
     def publish_payload(self, topic: str, payload: bytes | memoryview, *, retain: bool = False, qos: int = 1,
                         timeout: float = 60.0, wait: bool = True, infos: list | None = None) -> int:
@@ -50,6 +61,8 @@ class Publisher:
                 infos.append(r.info)
 
         if payload.nbytes <= limit:
+            if retain:
+                self.retained_digest[topic] = hashlib.sha256(payload).digest()
             send(topic, payload, retain)
             self.bytes_out += payload.nbytes
             if retain:
@@ -58,7 +71,9 @@ class Publisher:
         chunks = split(payload, limit - CHUNK_OVERHEAD)
         if retain:  # the pointer first: a subscriber then knows which blob the chunks it gets make
             first = chunks[0]
-            send(topic, codec.encode(ChunkSet(first.blob_id, first.total, first.size, first.sha256)), True)
+            pointer = codec.encode(ChunkSet(first.blob_id, first.total, first.size, first.sha256))
+            self.retained_digest[topic] = hashlib.sha256(pointer).digest()
+            send(topic, pointer, True)
         for ch in chunks:
             data = codec.encode(ch)
             send(self.topics.chunk(topic, ch.index) if retain else topic, data, retain)

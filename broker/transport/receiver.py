@@ -40,9 +40,11 @@ from fedmq.broker.contract.messages import (
     RoundAnnouncement,
     RoundMetrics,
     ServiceStatus,
+    Signed,
     Status,
     Update,
 )
+from fedmq.broker.contract.signing import TrustedKeys
 from fedmq.broker.contract.topics import CHUNKED_RETAINED, Channel, ParsedTopic, Topics
 from fedmq.broker.errors import ChunkError, DecodeError, TopicError
 
@@ -54,6 +56,8 @@ CHANNEL_KINDS: dict[Channel, type[Message]] = {
     Channel.METRICS: RoundMetrics, Channel.UPDATE: Update, Channel.STATUS: Status, Channel.SERVICE: ServiceStatus,
     Channel.RECEIPT: Receipt,
 }
+#: the aggregator's retained channels, signed with the fleet's key when the receiver holds trusted keys
+SIGNED_CHANNELS = (Channel.MODEL, Channel.GLOBAL, Channel.ROUND, Channel.SERVICE)
 #: channels that are never retained: an empty payload there is an error, elsewhere a cleared retained message
 NON_RETAINED = (Channel.UPDATE, Channel.METRICS, Channel.RECEIPT)
 #: freed reassembly bytes above which ``tick`` asks the allocator to return memory to the OS
@@ -129,8 +133,10 @@ class Receiver:
     def __init__(self, topics: Topics, limits: DecodeLimits | None = None,
                  reassembly: ReassemblyLimits | None = None,
                  on_reject: Callable[[str], None] | None = None, log_interval_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, trust: TrustedKeys | None = None) -> None:
         self.topics = topics
+        #: with keys: messages on SIGNED_CHANNELS must be signed by one of them (the agent); None: not checked
+        self.trust = trust
         self.limits = limits or DecodeLimits()
         self.reassembler = Reassembler(reassembly, clock)
         self.rejected: Counter[str] = Counter()
@@ -258,6 +264,7 @@ class Receiver:
                 self._pointer[topic] = ""  # a plain message: chunks now on the chunk topics are stale
                 self._pending.pop(topic, None)
                 self.reassembler.discard_source(topic)
+            msg = self._unwrap(msg, parsed.channel)
             if not isinstance(msg, expected):
                 raise DecodeError(f"a {msg.KIND} message on the {parsed.channel.value} channel", reason="wrong_channel")
             if parsed.agent is not None and getattr(msg, "agent", parsed.agent) != parsed.agent:
@@ -277,6 +284,22 @@ class Receiver:
                 return None
         self.accepted += 1
         return got
+
+    def _unwrap(self, msg: Message, channel: Channel) -> Message:
+        """Verify a signed envelope (before its body is decoded) and return the body's message."""
+        if isinstance(msg, Signed):
+            if channel not in SIGNED_CHANNELS:
+                raise DecodeError(f"a signed message on the {channel.value} channel", reason="wrong_channel")
+            if self.trust is not None:
+                self.trust.verify(channel.value, msg.key_id, msg.sig, msg.body)
+            inner = codec.decode(msg.body, self.limits)
+            if isinstance(inner, (Chunk, ChunkSet, Signed)):
+                raise DecodeError(f"a signed {inner.KIND} message", reason="malformed")
+            return inner
+        if self.trust is not None and channel in SIGNED_CHANNELS:
+            raise DecodeError(f"an unsigned {msg.KIND} message on the {channel.value} channel: this agent accepts "
+                              "only messages signed with the fleet's key", reason="unsigned")
+        return msg
 
     def _on_pointer(self, topic: str, ptr: ChunkSet) -> Received | None:
         """A retained stream now names blob ``ptr.blob_id``: drop other blobs' partials, release a pending one."""
