@@ -160,7 +160,8 @@ def _predict(cfg, args) -> int:
     from .trainer import DataError
 
     xnnpack = False if cfg.agent.low_memory else None
-    model = LocalModel(cfg.cache_dir, cfg.agent.runtime or None, cfg.agent.num_threads or None, xnnpack)
+    model = LocalModel(cfg.cache_dir, cfg.agent.runtime or None, cfg.agent.num_threads or None, xnnpack,
+                       cfg.agent.trusted_keys or None)
     if args.serve:
         from .serve import serve
 

@@ -83,8 +83,14 @@ class LocalModel:
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], runtime: str | None = None, num_threads: int | None = None,
-                 xnnpack: bool | None = None) -> None:
+                 xnnpack: bool | None = None, trusted_keys: list[str] | None = None) -> None:
         self.cache_dir = Path(cache_dir).expanduser()
+        #: the fleet's public keys ([agent] trusted_keys): the stored global must be signed by one of them
+        self._trust = None
+        if trusted_keys:
+            from fedmq.broker.contract.signing import TrustedKeys
+
+            self._trust = TrustedKeys.parse(trusted_keys)
         self._runtime, self._num_threads, self._xnnpack = runtime, num_threads, xnnpack
         self._trainer: TFLiteTrainer | None = None
         self._global: GlobalModel | None = None  # metadata of the weights loaded (tensors dropped)
@@ -93,9 +99,13 @@ class LocalModel:
 
     @classmethod
     def open(cls, cache_dir: str | os.PathLike[str], runtime: str | None = None, num_threads: int | None = None,
-             xnnpack: bool | None = None) -> "LocalModel":
-        """Load the global model of ``cache_dir``; :class:`ModelNotReady` / :class:`GlobalRefused` if none fits."""
-        m = cls(cache_dir, runtime, num_threads, xnnpack)
+             xnnpack: bool | None = None, trusted_keys: list[str] | None = None) -> "LocalModel":
+        """Load the global model of ``cache_dir``; :class:`ModelNotReady` / :class:`GlobalRefused` if none fits.
+
+        With ``trusted_keys`` (the agent's ``[agent] trusted_keys``) the stored global must carry the
+        fleet's signature, checked before its body is decoded.
+        """
+        m = cls(cache_dir, runtime, num_threads, xnnpack, trusted_keys)
         m.refresh()
         return m
 
@@ -187,7 +197,7 @@ class LocalModel:
 
     def _load(self, payload: bytes) -> bool:
         try:
-            g = codec.decode(payload, expect=GlobalModel)
+            g = self._unsigned(payload)
         except (FedmqError, ValueError) as e:  # the codec raises DecodeError; anything else it lets through
             raise GlobalRefused(f"{GLOBAL_FILE} in {self.cache_dir} is not a valid global model: {e}") from None
         assert isinstance(g, GlobalModel)
@@ -221,11 +231,27 @@ class LocalModel:
         except ArtifactError as e:
             raise GlobalRefused(f"cached artifact {path.name} refused: {e}") from None
 
+    def _unsigned(self, payload: bytes) -> GlobalModel:
+        """The global inside ``payload``: its signature verified first when trusted keys are set."""
+        from fedmq.broker.contract.messages import Signed
+
+        m = codec.decode(payload)
+        if isinstance(m, Signed):
+            if self._trust is not None:
+                self._trust.verify("global", m.key_id, m.sig, m.body)
+            m = codec.decode(m.body, expect=GlobalModel)
+        elif self._trust is not None:
+            raise GlobalRefused(f"{GLOBAL_FILE} in {self.cache_dir} is not signed, and this agent trusts only "
+                                "globals signed with the fleet's key")
+        if not isinstance(m, GlobalModel):
+            raise GlobalRefused(f"{GLOBAL_FILE} in {self.cache_dir} holds a {m.KIND} message, not a global")
+        return m
+
     @staticmethod
     def _verify(payload: bytes, g: GlobalModel, trainer: TFLiteTrainer) -> None:
         """The one place a global is accepted for inference: GlobalRefused unless it fits the artifact.
 
-        ``payload`` (the bytes as stored) is passed for the signature check to come (issue #15).
+        ``payload`` (the bytes as stored) was signature-checked by ``_unsigned`` when trusted keys are set.
         """
         if g.model_id != trainer.model_id:
             raise GlobalRefused(f"global of round {g.round} is for model {g.model_id[:12]}, the artifact is "

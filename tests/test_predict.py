@@ -455,3 +455,29 @@ def test_the_agent_predicts_what_the_aggregator_evaluated(tmp_path, broker, mode
         raise
     finally:
         f.stop_all()
+
+
+def test_with_trusted_keys_only_a_global_signed_by_the_fleet_is_served(tmp_path, served, task):
+    """Issue 15 point 1 on the device: the stored global's signature is checked before it is decoded."""
+    from fedmq.broker.contract import signing
+    from fedmq.edge_agent.local_model import GlobalRefused, LocalModel
+
+    pem, public = signing.generate()
+    other_pem, _ = signing.generate()
+    c = tmp_path / "cache"
+    (c / "models").mkdir(parents=True)
+    (c / "models" / f"{served.model_id}.tflite").write_bytes(served.artifact)
+    body = codec.encode(GlobalModel(3, served.model_id, task["round3"], 0.0, run=RUN))
+    for payload, ok in ((body, False), (signing.Signer(other_pem).wrap("global", body), False),
+                        (signing.Signer(pem).wrap("round", body), False),  # a signature made for another channel
+                        (signing.Signer(pem).wrap("global", body), True)):  # the positive control
+        (c / "global.msgpack").write_bytes(payload)
+        if ok:
+            m = LocalModel.open(c, trusted_keys=[public])
+            assert m.info()["round"] == 3 and m.info()["run"] == RUN
+            assert len(m.predict(task["x"][:4]).labels) == 4
+        else:
+            with pytest.raises(GlobalRefused):
+                LocalModel.open(c, trusted_keys=[public])
+    # without trusted keys (not configured) the signed envelope is still readable
+    assert LocalModel.open(c) is not None
