@@ -10,6 +10,13 @@ Run directory: ``config.json`` (the settings), ``data/`` (agent shards, eval set
 (TOML per process), ``logs/``, ``state/`` (checkpoint, ``history.jsonl``/``history.csv``,
 ``final/model.keras`` and ``final/model.tflite``), ``plots/`` (accuracy and loss, bytes per round),
 ``summary.json``.
+
+Your own data (``--data``, docs/datasets.md): ``.npz`` files with ``x`` (examples) and ``y`` (integer
+labels) — a directory or glob of files gives one agent per file, as they are; a single file is
+split with ``--partition`` (``iid``, ``dirichlet``, ``shards``, or ``natural`` by its optional
+``groups`` array) across ``--agents``. ``--eval`` names the held-out file; ``--model`` is required.
+Every file is checked against the model (input shape, class count) before anything starts: a
+misfit, like a refused model, is a ConfigError (exit 2) naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import numpy as np
 from fedmq.broker.commands.config import write_toml
 from fedmq.broker.contract.messages import RoundMetrics
 from fedmq.broker.contract.topics import Topics
+from fedmq.broker.errors import ConfigError
 from fedmq.broker.ops.launcher import LocalBroker
 from fedmq.broker.transport.client import MqttClient, MqttConfig
 from fedmq.broker.transport.receiver import Receiver
@@ -69,6 +77,8 @@ class SimConfig:
     byzantine: int = 0  # robustness experiments: the first k agents attack
     attack: str = "sign_flip"
     agent_low_memory: bool = False  # agents without XNNPACK, releasing the interpreter between rounds
+    data: str = ""  # the operator's own .npz: a file (partitioned), or a directory / glob (one agent per file)
+    eval_data: str = ""  # the held-out .npz (required with data)
 
 
 def load_split(cfg: SimConfig):
@@ -93,6 +103,55 @@ def load_split(cfg: SimConfig):
     raise ValueError(f"unknown dataset {cfg.dataset!r}: use watch, fashion-mnist or digits")
 
 
+def model_io(source: str) -> tuple[tuple[int, ...], int]:
+    """(input shape, class count) of the model ``source`` builds; ModelRefused (exit 2) for a refused model."""
+    from .export.convert import check_model, load_model_fn
+
+    model = load_model_fn(source)()
+    check_model(model)
+    return tuple(int(d) for d in model.inputs[0].shape[1:]), int(model.outputs[0].shape[-1])
+
+
+def load_own_data(cfg: SimConfig) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+    """(one (x, y) per agent, held-out x, held-out y) from ``cfg.data``/``cfg.eval_data``, checked against the model."""
+    from .datasets import check_fits, find_npz, load_npz
+
+    if not cfg.model:
+        raise ConfigError("--data needs --model (zoo:NAME or package.module:function) that fits the data")
+    if not cfg.eval_data:
+        raise ConfigError("--data needs --eval HELD_OUT.npz (x, y): the aggregator's held-out set")
+    x_shape, classes = model_io(cfg.model)
+    ev = load_npz(cfg.eval_data)
+    check_fits(ev, cfg.eval_data, x_shape, classes)
+    files = find_npz(cfg.data, exclude=Path(cfg.eval_data))
+    if len(files) > 1:
+        if cfg.partition not in ("auto", "natural"):
+            log.info("--data has %d files: one agent per file, --partition %s not used", len(files), cfg.partition)
+        shards = []
+        for f in files:
+            d = load_npz(f)
+            check_fits(d, f, x_shape, classes)
+            shards.append((d.x, d.y))
+        log.info("own data: %d agents, one per file (%s ... %s)", len(files), files[0].name, files[-1].name)
+        return shards, ev.x, ev.y
+    d = load_npz(files[0], groups=True)
+    check_fits(d, files[0], x_shape, classes)
+    how = cfg.partition if cfg.partition != "auto" else ("natural" if d.groups is not None else "iid")
+    if how == "natural" and d.groups is None:
+        raise ConfigError(f"{files[0]}: --partition natural needs a 'groups' array (one client id per example) "
+                          "in the file; or use iid, dirichlet or shards")
+    n = len(np.unique(d.groups)) if how == "natural" else cfg.agents
+    try:
+        parts = partition(d.y, n, how, alpha=cfg.alpha, seed=cfg.seed, groups=d.groups)
+    except ValueError as e:
+        raise ConfigError(f"--partition {how}: {e}") from None
+    empty = [i + 1 for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ConfigError(f"--partition {how} of {files[0]} ({len(d.y)} examples) left agent(s) {empty} without "
+                          "examples: use fewer --agents" + (" or a larger --alpha" if how == "dirichlet" else ""))
+    return [(d.x[p], d.y[p]) for p in parts], ev.x, ev.y
+
+
 class Simulation:
     def __init__(self, cfg: SimConfig, run_dir: Path, progress: bool = True) -> None:
         self.cfg = cfg
@@ -110,6 +169,8 @@ class Simulation:
         for d in ("data", "configs", "logs", "state", "plots"):
             (self.run_dir / d).mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(asdict(c), indent=2))
+        if c.data:
+            return self._prepare_own(c)
         x, y, groups, xt, yt = load_split(c)
         if c.partition == "natural" and groups is not None:
             parts = partition(y, len(np.unique(groups)), "natural", groups=groups)
@@ -124,6 +185,18 @@ class Simulation:
             np.savez(self.run_dir / "data" / f"{a}.npz", x=x[idx], y=y[idx])
         np.savez(self.run_dir / "data" / "eval.npz", x=xt, y=yt)
         self.train = (x[np.concatenate(parts)], y[np.concatenate(parts)])
+        self.test = (xt, yt)
+        return agents
+
+    def _prepare_own(self, c: SimConfig) -> list[str]:
+        shards, xt, yt = load_own_data(c)
+        agents = [f"agent-{i + 1:03d}" for i in range(len(shards))]
+        if c.max_examples_per_agent:
+            shards = [(x[: c.max_examples_per_agent], y[: c.max_examples_per_agent]) for x, y in shards]
+        for a, (x, y) in zip(agents, shards):
+            np.savez(self.run_dir / "data" / f"{a}.npz", x=x, y=y)
+        np.savez(self.run_dir / "data" / "eval.npz", x=xt, y=yt)
+        self.train = (np.concatenate([x for x, _ in shards]), np.concatenate([y for _, y in shards]))
         self.test = (xt, yt)
         return agents
 
@@ -205,6 +278,9 @@ class Simulation:
         finally:
             bar.close()
             client.close()
+        if agg.returncode == 2:  # the aggregator refused its configuration or model: a usage error here too
+            tail = (self.run_dir / "logs" / "aggregator.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise ConfigError("the aggregator refused its configuration:\n  " + "\n  ".join(tail))
         if agg.returncode not in (0, None):
             raise RuntimeError(f"the aggregator exited with {agg.returncode}: see {self.run_dir / 'logs'}")
         return seen
@@ -303,7 +379,13 @@ class Simulation:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="watch", choices=["watch", "fashion-mnist", "digits"])
-    p.add_argument("--partition", default="natural", choices=PARTITIONS)
+    p.add_argument("--data", metavar="NPZ|DIR|GLOB",
+                   help="your own data instead of --dataset: .npz files with x and y; a directory or glob = one agent "
+                        "per file, one file = split with --partition across --agents (needs --eval and --model)")
+    p.add_argument("--eval", dest="eval_data", metavar="NPZ", help="held-out .npz (x, y) for --data")
+    p.add_argument("--partition", default=None, choices=PARTITIONS,
+                   help="how one dataset is split across agents (default: natural for watch and for --data with a "
+                        "groups array, else iid)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (partition dirichlet)")
     p.add_argument("--agents", type=int, default=8)
     p.add_argument("--model", default="", help="zoo:NAME or module:function (default: by dataset)")
@@ -332,12 +414,20 @@ def from_args(a: argparse.Namespace) -> tuple[SimConfig, Path]:
     strategy: dict = {"name": a.strategy}
     if a.server_lr is not None:
         strategy["server"] = {"lr": a.server_lr}
-    cfg = SimConfig(dataset=a.dataset, partition=a.partition if a.dataset == "watch" or a.partition != "natural"
-                    else "iid", alpha=a.alpha, agents=a.agents, model=a.model, batch_size=a.batch_size,
+    if a.eval_data and not a.data:
+        raise ConfigError("--eval is the held-out set of --data: give --data too")
+    if a.data:
+        partition_ = a.partition or "auto"
+    else:
+        partition_ = a.partition or ("natural" if a.dataset == "watch" else "iid")
+        if partition_ == "natural" and a.dataset != "watch":
+            partition_ = "iid"  # only watch has natural clients
+    cfg = SimConfig(dataset="npz" if a.data else a.dataset, partition=partition_, alpha=a.alpha, agents=a.agents, model=a.model, batch_size=a.batch_size,
                     optimizer=a.optimizer, rounds=a.rounds, epochs=a.epochs, lr=a.lr, lr_decay=a.lr_decay, mu=a.mu, fraction=a.fraction,
                     encoding=a.encoding, strategy=strategy, seed=a.seed, baseline=not a.no_baseline,
                     byzantine=a.byzantine, attack=a.attack, agent_low_memory=a.agent_low_memory,
-                    flatten=a.dataset == "fashion-mnist" and (a.model or "zoo:2nn") in ("zoo:2nn", "zoo:mlp"))
+                    flatten=not a.data and a.dataset == "fashion-mnist" and (a.model or "zoo:2nn") in ("zoo:2nn", "zoo:mlp"),
+                    data=a.data or "", eval_data=a.eval_data or "")
     run_dir = a.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     return cfg, run_dir
 
