@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Run the aggregator service (see docs/configuration.md).")
     r.add_argument("--config", required=True, help="aggregator TOML file")
     r.add_argument("--max-seconds", type=float, help="stop after this many seconds (testing)")
+    r.add_argument("--switch-strategy", action="store_true",
+                   help="allow a restart with another [strategy] than the checkpoint's (its state starts fresh; "
+                        "recorded in the history)")
     r.add_argument("--check", action="store_true",
                    help="validate what run needs (config, state_dir, model source, eval data) and exit; 2 = a problem")
     sm = sub.add_parser("simulate", help="run a whole fleet on this machine (broker, aggregator, N agents)",
@@ -106,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     from .service import AggregatorService
 
-    svc = AggregatorService(cfg)
+    svc = AggregatorService(cfg, switch_strategy=args.switch_strategy)
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())
     signal.signal(signal.SIGINT, lambda *_: svc.stop())
     summary = svc.run(args.max_seconds)

@@ -95,8 +95,11 @@ class RunSummary:
 
 class AggregatorService:
     def __init__(self, cfg: AggregatorConfig, client: MqttClient | None = None,
-                 served: ServedModel | None = None) -> None:
+                 served: ServedModel | None = None, switch_strategy: bool = False) -> None:
         self.cfg = cfg
+        #: allow a restart with another strategy than the checkpoint's (its state then starts fresh)
+        self.switch_strategy = switch_strategy
+        self._switched_from: str | None = None  # recorded in the next history row
         self.topics = cfg.broker.topics()
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -278,7 +281,22 @@ class AggregatorService:
         self.global_round = ck.global_round
         self.next_round = ck.next_round
         self.history = self.history_log.restore(ck)  # rows the checkpoint counts, once each
-        self.strategy.load_state_dict(ck.strategy)
+        mine, theirs = self._strategy_info(), ck.strategy_info
+        if theirs and (theirs.get("name"), theirs.get("server")) != (mine["name"], mine["server"]):
+            was = f"{theirs.get('name')} (server optimizer {theirs.get('server')})"
+            now = f"{mine['name']} (server optimizer {mine['server']})"
+            if not self.switch_strategy:
+                from fedmq.broker.errors import ConfigError
+
+                raise ConfigError(f"the checkpoint in {self.state_dir} was made by strategy {was}, the config asks "
+                                  f"for {now}: their state does not carry over. Restore [strategy], or restart with "
+                                  "--switch-strategy to start the new strategy's state fresh (the switch is "
+                                  "recorded in the history)")
+            log.warning("strategy switched from %s to %s (--switch-strategy): the new strategy starts with fresh "
+                        "state; the global weights carry over", was, now)
+            self._switched_from = was
+        else:
+            self.strategy.load_state_dict(ck.strategy)
         log.info("resumed from checkpoint: next round %d, global model of round %d", self.next_round,
                  self.global_round)
 
@@ -286,7 +304,12 @@ class AggregatorService:
         self.history_log.sync(self.history)  # append + fsync first: restore drops a row whose checkpoint is missing
         Checkpoint(self.next_round, self.global_round, self.served.model_id, self.global_weights,
                    self.strategy.state_dict(), self.history[-1] if self.history else None,
-                   run=self.run_id).save(self.checkpoint_path)
+                   run=self.run_id, strategy_info=self._strategy_info()).save(self.checkpoint_path)
+
+    def _strategy_info(self) -> dict:
+        """Which strategy this is (recorded in the checkpoint and every history row)."""
+        return {"name": self.strategy.name, "server": self.strategy.server.name,
+                "table": dict(self.cfg.strategy)}  # the [strategy] table as configured (TOML: JSON-able)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -657,9 +680,12 @@ class AggregatorService:
         self.history_log.append_participants(r.ann.round, self.run_id, participants)  # all of them, append-only
         row = {"round": r.ann.round, "run": self.run_id, "outcome": outcome, "reason": reason, "ts": time.time(),
                **values,
-               "strategy": self.strategy.name,
+               "strategy": self.strategy.name, "server_optimizer": self.strategy.server.name,
+               "strategy_params": self._strategy_info()["table"],
+               **({"strategy_switched_from": self._switched_from} if self._switched_from else {}),
                "participants_list": listed, "participants_truncated": len(listed) < len(participants),
                "rejected": rejected}
+        self._switched_from = None  # recorded once, in the first round after the switch
         self.history.append(row)
         self.telemetry.rounds.labels(outcome).inc()
         self.telemetry.duration.observe(values["duration_s"])

@@ -50,10 +50,12 @@ class Checkpoint:
     #: only from a format-1 checkpoint, which embedded the whole history; never written
     legacy_history: list[dict] | None = field(default=None, repr=False)
     run: str = ""  #: the run id every retained message carries ("" in checkpoints older than run ids)
+    #: which strategy made ``strategy`` (its state): {"name", "server", "table"}; {} in older checkpoints
+    strategy_info: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         meta = {"next_round": self.next_round, "global_round": self.global_round, "model_id": self.model_id,
-                "last_row": self.last_row, "format": FORMAT, "run": self.run}
+                "last_row": self.last_row, "format": FORMAT, "run": self.run, "strategy_info": self.strategy_info}
         arrays = {f"g/{k}": v for k, v in self.weights.items()}
         arrays.update({f"s/{k}": np.asarray(v) for k, v in self.strategy.items()})
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
@@ -71,7 +73,7 @@ class Checkpoint:
             strat = {k[2:]: z[k] for k in z.files if k.startswith("s/")}
         legacy = meta.get("history") if meta.get("format", 1) == 1 else None
         return cls(int(meta["next_round"]), int(meta["global_round"]), str(meta["model_id"]), weights, strat,
-                   meta.get("last_row"), legacy, str(meta.get("run", "")))
+                   meta.get("last_row"), legacy, str(meta.get("run", "")), dict(meta.get("strategy_info") or {}))
 
 
 def _csv_cell(v):
