@@ -22,6 +22,7 @@ class ServiceSection:
     prometheus_port: int = 0  # 0 disables the /metrics endpoint
     prometheus_addr: str = "127.0.0.1"
     export_final: bool = True  # write final .keras + inference .tflite when the run ends
+    plots: bool = True  # redraw state_dir/plots/*.png after every round (background thread; needs matplotlib)
     #: the fleet's Ed25519 model-signing key (PEM; `fedmq-broker provision` writes aggregator/signing.key):
     #: model, global, round and service messages are signed with it; "" = unsigned
     signing_key: str = ""

@@ -140,6 +140,7 @@ class AggregatorService:
         self._evaluator = None
         self._eval = None
         self._done = False
+        self._plots = None  # PlotWriter, made at the first closed round
         self._republish = threading.Event()
         self._republish.set()  # the first connection publishes everything we own
         self._next_republish = 0.0
@@ -415,6 +416,8 @@ class AggregatorService:
         if self.client.connected and self.publisher is not None:  # a clean stop sends no will: say it ourselves
             self._publish_service("done" if self._done else "offline")
         self.client.close()
+        if self._plots is not None:
+            self._plots.close()
 
     # -- the protocol step -----------------------------------------------------------------------------
     def step(self, timeout: float = 0.05) -> None:
@@ -449,6 +452,7 @@ class AggregatorService:
                 self.next_round = r.ann.round + 1
                 self._checkpoint()
                 self._publish_metrics(metrics)
+                self._submit_plots()
                 self._check_done(values)
 
     def _tick(self) -> None:
@@ -653,7 +657,17 @@ class AggregatorService:
             #: (round, seconds from the quorum being reached to the new global model being published)
             self.quorum_to_publish = (r.ann.round, time.time() - (r.quorum_at or now))
         self._publish_metrics(metrics)
+        self._submit_plots()
         self._check_done(values)
+
+    def _submit_plots(self) -> None:
+        if not self.cfg.service.plots:
+            return
+        if self._plots is None:
+            from .plots import PlotWriter
+
+            self._plots = PlotWriter(self.state_dir / "plots")
+        self._plots.submit(self.history)
 
     def _publish_metrics(self, metrics: RoundMetrics) -> None:
         try:  # disconnected: handed to paho, which sends it after the reconnect (never blocks the round loop)

@@ -202,6 +202,9 @@ def _other_value(table: str, f: dataclasses.Field, typ, tmp_path: Path) -> tuple
     if typing.get_origin(base) is list:
         if typing.get_args(base)[0] is int:
             return "3,4", [3, 4]
+        if f.name == "trusted_keys":  # public keys: ed25519:<base64> (no commas in base64)
+            keys = ["ed25519:" + __import__("base64").b64encode(bytes([i]) * 32).decode() for i in (1, 2)]
+            return ",".join(keys), keys
         return "x-1,y-2", ["x-1", "y-2"]
     if f.name.endswith("_file"):
         p = tmp_path / f"{f.name}.pem"

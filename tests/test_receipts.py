@@ -41,6 +41,10 @@ def test_a_dropped_update_is_re_sent_until_the_aggregator_holds_it(fleet, tmp_pa
     assert "no receipt" in logs and "re-sending from the outbox" in logs
     # every round still closed by quorum, not by its deadline (which would mean an update was lost)
     assert all(r["duration_s"] < 120 for r in aggregated(h)[:2])
+    # `run` draws the plots of the run into its state dir after each round (issue 16)
+    plots = f.tmp / "aggregator-state" / "plots"
+    wait_until(lambda: all((plots / n).exists() for n in ("accuracy_loss.png", "bytes.png", "participants.png")),
+               60, what="the run's plots")
 
 
 def test_control_without_re_sends_the_dropped_update_is_lost(fleet, tmp_path):  # noqa: F811
