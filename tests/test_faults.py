@@ -36,7 +36,7 @@ from fedmq.aggregator.model_store import load_or_export
 from fedmq.broker.cli import main as cli_main
 from fedmq.broker.contract import codec
 from fedmq.broker.contract.chunking import split
-from fedmq.broker.contract.messages import ChunkSet, GlobalModel, RoundAnnouncement, Update
+from fedmq.broker.contract.messages import ChunkSet, GlobalModel, Receipt, RoundAnnouncement, Update
 from fedmq.broker.contract.topics import Topics
 from fedmq.broker.ops.launcher import LocalBroker, SecureFiles
 from fedmq.broker.ops.lifecycle import set_passwd_line
@@ -179,10 +179,13 @@ class AllSeen(Observer):
     """The test federation's observer, also keeping every global and update in arrival order (a planted
     global of another run and the run's own may share a round number)."""
 
-    def __init__(self, f: Fleet, **cfg) -> None:
+    def __init__(self, f: Fleet, receipts_of: tuple[str, ...] = (), **cfg) -> None:
         self.all_globals: list[GlobalModel] = []
         self.all_updates: list[Update] = []
+        self.receipts: list[Receipt] = []
         super().__init__(f, **cfg)
+        for a in receipts_of:  # the aggregator's answers to these agents' updates
+            self.client.subscribe(self.topics.receipt(a))
 
     def pump(self) -> None:
         m = self.client.get(timeout=0.05)
@@ -198,6 +201,8 @@ class AllSeen(Observer):
                     self.all_globals.append(msg)
                 elif isinstance(msg, RoundAnnouncement):
                     self.rounds.append(msg)
+                elif isinstance(msg, Receipt):
+                    self.receipts.append(msg)
             m = self.client.get(timeout=0)
 
 
