@@ -51,7 +51,6 @@ _why = unavailable() or tbf_available()
 pytestmark = [needs_mosquitto, pytest.mark.network, pytest.mark.skipif(_why is not None, reason=_why or "")]
 
 RATE = "1mbit"
-RATE_BYTES_S = 1_000_000 / 8  # tc's mbit is 10^6 bit/s
 MODEL = ModelSection(source="zoo:2nn", batch_size=16, verify_steps=5)
 SLOW = "agent-slow"
 FAST = [f"fast-{i}" for i in range(1, 5)]
@@ -193,27 +192,29 @@ class Figures:
     upload_s: list[float]
     down_bytes: int
     answer_s: list[float] = field(default_factory=list)
+    internal_errors: list[str] = field(default_factory=list)  # the slow agent's "unexpected ..." log lines
 
     @property
     def fraction(self) -> float:
         return len(self.counted) / len(self.asked) if self.asked else float("nan")
 
 
-def _run_rounds(sf: SlowFleet, tmp_path: Path, follow_global: bool) -> Figures:
+def _run_rounds(sf: SlowFleet, tmp_path: Path, follow_global: bool, **rounds) -> Figures:
     f = sf.fleet
+    rounds_cfg = {**ROUNDS, **rounds}
     agent_tables = {"agent": {"follow_global": True}} if follow_global else {}
-    agg, obs = _start(sf, tmp_path, agent_tables)
+    agg, obs = _start(sf, tmp_path, agent_tables, **rounds)
     try:
         obs.wait(lambda: not agg.alive(), 280, "the aggregator to finish its rounds")
         assert agg.popen.returncode == 0, agg.text()[-3000:]
-        obs.wait(lambda: ROUNDS["rounds"] in obs.globals, 30, "the last global on the bus")
+        obs.wait(lambda: rounds_cfg["rounds"] in obs.globals, 30, "the last global on the bus")
         down = sf.down_bytes()
     finally:
         obs.close()
     h = history(f)
     anns = obs.last_announcements()
     # the aggregator asked whom the seeded selection says (all five online at every round)
-    cfg = RoundsSection(**ROUNDS)
+    cfg = RoundsSection(**rounds_cfg)
     for r in h:
         assert r["round"] in anns, f"round {r['round']}: no announcement seen"
         assert anns[r["round"]].asks(SLOW) == (SLOW in select_agents(AGENTS, cfg, r["round"])), r
@@ -231,9 +232,11 @@ def _run_rounds(sf: SlowFleet, tmp_path: Path, follow_global: bool) -> Figures:
     # how long after a round that asks it opened its answer arrives (download + train + upload)
     answer = sorted(obs.arrived[u.update_id] - anns[u.round].opened for u in ups
                     if u.update_id in obs.arrived and u.round in anns)
-    fig = Figures(len(h), asked, counted, upload, down, answer)
+    errors = [ln for ln in (f.tmp / f"{SLOW}.log").read_text(errors="replace").splitlines()
+              if "(internal)" in ln or " unexpected " in ln]
+    fig = Figures(len(h), asked, counted, upload, down, answer, errors)
     gsize = sf.weights_bytes
-    print(f"\nslow link {RATE}, follow_global={follow_global}: {len(h)} rounds, {len(aggregated(h))} aggregated; "
+    print(f"\nslow link {sf.ns.rate}, follow_global={follow_global}: {len(h)} rounds, {len(aggregated(h))} aggregated; "
           f"asked the slow agent in {len(asked)} (deadline >= 2x upload), counted in {len(counted)} "
           f"({fig.fraction:.0%}); its upload {min(upload):.1f}-{max(upload):.1f} s (median {up_s:.1f} s, "
           f"{len(ups)} updates sent); answered {min(answer):.1f}-{max(answer):.1f} s after the round opened "
@@ -243,19 +246,34 @@ def _run_rounds(sf: SlowFleet, tmp_path: Path, follow_global: bool) -> Figures:
     return fig
 
 
-def test_slow_agent_counted_in_the_rounds_that_ask_it(slow_fleet, tmp_path):
-    """Behind 1 Mbit/s with four fast peers, the slow agent is counted in >= 80 % of the rounds that ask it,
-    and its link carries about one global per round that asked it (not every intermediate global)."""
-    fig = _run_rounds(slow_fleet, tmp_path, follow_global=False)
-    gsize = slow_fleet.weights_bytes
-    assert len(fig.asked) >= 5, f"the design asks the slow agent in 6 rounds with a 60 s deadline: {fig}"
+def _assert_counted_and_one_global_per_round_asked(fig: Figures, gsize: int, min_asked: int) -> None:
+    assert len(fig.asked) >= min_asked, f"the design asks the slow agent in more rounds: {fig}"
     assert fig.fraction >= 0.8, f"slow agent counted in {fig.counted} of the rounds asking it {fig.asked}"
+    assert not fig.internal_errors, "the slow agent hit internal errors:\n" + "\n".join(fig.internal_errors)
     # downloads: the model artifact (25 KB), one global per round asked (+1: the global of the round it
     # answered last may still be sent to it before it unsubscribes), TCP/IP overhead (~4 %)
     globals_down = fig.down_bytes / gsize
     assert globals_down <= 1.15 * (len(fig.asked) + 1) + 0.2, \
         f"{globals_down:.1f} globals downloaded for {len(fig.asked)} rounds asked of {fig.rounds}"
     assert globals_down >= 0.9 * len(fig.counted), "the agent trained without downloading its base global?"
+
+
+def test_slow_agent_counted_in_the_rounds_that_ask_it(slow_fleet, tmp_path):
+    """Behind 1 Mbit/s with four fast peers, the slow agent is counted in >= 80 % of the rounds that ask it,
+    and its link carries about one global per round that asked it (not every intermediate global)."""
+    fig = _run_rounds(slow_fleet, tmp_path, follow_global=False)
+    _assert_counted_and_one_global_per_round_asked(fig, slow_fleet.weights_bytes, min_asked=5)
+
+
+@pytest.mark.slow
+def test_slower_link_a_global_longer_than_the_subscribe_timeout(slow_fleet, tmp_path):
+    """The same at 500 kbit/s, where one 800 KB global takes 13 s: longer than the agent's 10 s wait for a
+    SUBACK. The agent subscribes to the global's plain topic, then to its chunk filter; the broker sends
+    the retained global right after the first SUBACK, so the second SUBACK waits behind it. Grace and
+    deadline scaled to the link (about 3x the slow agent's train + upload time; deadline >= 2x upload)."""
+    slow_fleet.ns.shape("500kbit")
+    fig = _run_rounds(slow_fleet, tmp_path, follow_global=False, rounds=10, grace_s=40, deadline_s=120)
+    _assert_counted_and_one_global_per_round_asked(fig, slow_fleet.weights_bytes, min_asked=3)
 
 
 @pytest.mark.slow
@@ -322,7 +340,7 @@ def test_cut_mid_upload_loses_nothing_and_doubles_nothing(slow_fleet, tmp_path, 
         assert reconnects >= 1, slow_text[-3000:]
     print(f"\nkeepalive {keepalive} s: cut {cut_for:.0f} s after {sent_before_cut / 1e3:.0f} KB of a {nbytes / 1e3:.0f} KB update: the update "
           f"arrived {after:.1f} s after the restore ({len(slow1)} copies seen on the bus, 1 update id); "
-          f"round 1 rejections {h[0]['rejected']}; disconnect lines in the agent log: {reconnects}")
+          f"rejections by round {[r['rejected'] for r in h]}; disconnect lines in the agent log: {reconnects}")
 
 
 def test_figures_helper_parses_tc_counters():
