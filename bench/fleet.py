@@ -50,8 +50,8 @@ import paho.mqtt.client as mqtt
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # fleet: tests/fleet.py (this file is imported as bench_fleet by tests)
+sys.path.append(str(ROOT / "bench"))  # synth_agents
 
 import synth_agents as synth  # noqa: E402
 from fleet import Fleet  # noqa: E402  (tests/fleet.py: aggregator config + process spawning)
@@ -101,6 +101,7 @@ class RoundRecord:
     receipts_rejected: dict = field(default_factory=dict)
     global_ok: bool | None = None
     global_max_err: float = 0.0
+    control_global_err: float = 0.0  # the same check against the participants minus one
     global_tol: float = 0.0
     last_update_to_global_s: float | None = None
     first_update_to_global_s: float | None = None
@@ -114,9 +115,27 @@ class RoundRecord:
     uplink_bytes: int = 0
     global_bytes: int = 0
     round_s: float | None = None  # announcement seen -> global seen
+    no_receipt_ids: list = field(default_factory=list)  # the first 20
     no_receipt: int = 0  # with receipts: agents whose update got a PUBACK and never a receipt
     reconnect_s: float | None = None  # broker restart: until every agent's status is PUBACKed again
     seen_after_restart_s: float | None = None  # until the aggregator reports N online again
+
+
+def lost_count(acked: set[str], participants: list[str], rejected: int) -> int:
+    """Updates the broker PUBACKed that the aggregator neither accepted nor counted as rejected."""
+    return max(0, len(acked - set(participants)) - rejected)
+
+
+def global_error(got: list[np.ndarray], base: list[np.ndarray], mean: list[np.ndarray]) -> tuple[float, float]:
+    """(max |(got - base) - mean|, tolerance): FedAvg with server lr 1 moves base by the weighted mean delta.
+
+    Tolerance: relative 1e-5 of the mean delta (float32 accumulation) plus a few float32 ulps of the
+    weights (the published global is float32).
+    """
+    err = max(float(np.max(np.abs((x - x0) - m))) for x, x0, m in zip(got, base, mean))
+    scale = max(float(np.max(np.abs(m))) for m in mean)
+    gmax = max(float(np.max(np.abs(x))) for x in got)
+    return err, 1e-5 * scale + 4 * float(np.finfo(np.float32).eps) * gmax
 
 
 def parse_prom(text: str) -> dict[str, float]:
@@ -434,11 +453,12 @@ class Bench:
         for s in stats:
             acked_ids.update(s.get("acked_ids", {}).get(key, []))
         rec.acked_not_accepted = len(acked_ids - set(parts))
-        rec.lost = max(0, rec.acked_not_accepted - int(sum(rec.rejected.values())))
+        rec.lost = lost_count(acked_ids, parts, int(sum(rec.rejected.values())))
         rec.downlink_bytes = sum(x.get("bytes_in", 0) for x in rs)
         rec.uplink_bytes = sum(x.get("bytes_out", 0) for x in rs)
         if self.spec.receipts:  # PUBACKed by the broker, no receipt from the aggregator at the end of the round
             rec.no_receipt = max(0, rec.acked - rec.receipts_accepted - int(sum(rec.receipts_rejected.values())))
+            rec.no_receipt_ids = sorted(i for st in stats for i in st.get("no_receipt_ids", {}).get(key, []))[:20]
         # the global: aggregator's vs expected (fedavg, server lr 1) from the base round's global
         got = self.wait_global(run, r)
         base = self._base_global(run, r)
@@ -446,11 +466,11 @@ class Bench:
             t_glob, g = got
             b = synth.basis(self.spec.seed, self.weights())
             mean = synth.expected_mean_delta(self.spec.seed, r, parts, b)
-            err = max(float(np.max(np.abs((x - x0) - m))) for x, x0, m in zip(g["tensors"], base["tensors"], mean))
-            scale = max(float(np.max(np.abs(m))) for m in mean)
-            gmax = max(float(np.max(np.abs(x))) for x in g["tensors"])
-            rec.global_tol = 1e-5 * scale + 4 * float(np.finfo(np.float32).eps) * gmax
-            rec.global_max_err, rec.global_ok = err, err <= rec.global_tol
+            rec.global_max_err, rec.global_tol = global_error(g["tensors"], base["tensors"], mean)
+            rec.global_ok = rec.global_max_err <= rec.global_tol
+            if len(parts) > 1:  # positive control: one participant fewer must fail the same check
+                rec.control_global_err = global_error(g["tensors"], base["tensors"],
+                                                      synth.expected_mean_delta(self.spec.seed, r, parts[1:], b))[0]
             rec.global_bytes = g["bytes"]
             last = max((x.get("last_acked", 0.0) for x in rs), default=0.0)
             first = min((x.get("first_sent", 0.0) for x in rs if x.get("first_sent")), default=0.0)
@@ -521,6 +541,9 @@ class Bench:
             self.start_observer()
             self.start_aggregator()
             poller.start()
+            m = self.wait(lambda: self.prom().get("fedmq_connected_agents") is not None and self.prom(), 120,
+                          "the aggregator's /metrics")
+            out["online_before_agents"] = m["fedmq_connected_agents"]
             t0 = time.monotonic()
             self.start_generators()
             self.wait(lambda: self.statuses_acked() >= s.n, s.phase_timeout_s, f"{s.n} statuses PUBACKed")
@@ -654,7 +677,7 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 3000, 10000])
-    ap.add_argument("--modes", nargs="+", default=["plain", "chunked"], choices=["plain", "chunked"])
+    ap.add_argument("--modes", nargs="*", default=["plain", "chunked"], choices=["plain", "chunked"])
     ap.add_argument("--secure", type=int, nargs="*", default=[], help="also run these N with TLS + passwords + ACL")
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     ap.add_argument("--deadline", type=float, default=120.0)

@@ -81,8 +81,18 @@ def basis(seed: int, weights: list[tuple[str, list[int]]]) -> list[np.ndarray]:
 
 
 def known_delta(seed: int, agent: str, round_no: int, b: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
+    """c * basis, plus a spike of +1 at one element picked by (agent, round): every agent's share of
+    the mean is visible, so a global missing (or mixing up) one agent's update fails the check."""
     c, n = known_coef(seed, agent, round_no)
-    return [(np.float32(c) * x).astype(np.float32) for x in b], n
+    out = [(np.float32(c) * x).astype(np.float32) for x in b]
+    h = hashlib.sha256(f"spike/{seed}/{agent}/{round_no}".encode()).digest()
+    j = int.from_bytes(h[:8], "little") % max(1, sum(x.size for x in out))
+    for x in out:
+        if j < x.size:
+            x.reshape(-1)[j] += np.float32(1.0)
+            break
+        j -= x.size
+    return out, n
 
 
 def expected_mean_delta(seed: int, round_no: int, agents: list[str], b: list[np.ndarray]) -> list[np.ndarray]:
@@ -198,7 +208,8 @@ class Spec:
     ca_file: str | None = None  # TLS when set
     receipts: bool = False  # subscribe to agents/<id>/receipt and re-send until one arrives
     resend_s: float = 30.0  # docs: no receipt within resend_s (doubling up to 8x): re-send
-    presence_jitter_s: float = 5.0  # docs: republish the status within this after a live service online
+    presence_jitter_s: float = 5.0
+    rechunk_resends: bool = True  # False: re-send a chunked update's identical chunks (same blob_id)  # docs: republish the status within this after a live service online
     keepalive: int = 60
     connect_batch: int = 64  # connections started per loop turn (a storm in slices)
     backoff_max_s: float = 5.0
@@ -220,6 +231,8 @@ class Sent:
     last_send: float = 0.0
     attempts: int = 0  # sends since the last announcement (the resend timer doubles up to 8 x)
     due: float = 0.0  # upload window: monotonic time of the first send
+    whole: bytes = b""  # the encoded update (chunked or not)
+    chunk_data: int = 0  # chunk data size when chunked
 
 
 class Agent:
@@ -298,7 +311,7 @@ class Agent:
         topic = f"{self.gen.spec.base}/agents/{self.id}/status"
         payload = self.status("online")
         info = self.c.publish(topic, payload, qos=1, retain=True)
-        self.status_mid, self.status_acked = info.mid, False
+        self.status_mid = info.mid  # status_acked: PUBACKed once on this connection (on_disconnect resets it)
         self.gen.count_out(topic, len(payload))
         self.gen.stats["status_published"] += 1
 
@@ -398,11 +411,9 @@ class Agent:
                        update_id=uid, num_samples=n, tensors=tensors, metrics={"loss": 1.0}, created=time.time())
         topic = f"{g.spec.base}/agents/{self.id}/update"
         limit = (self.max_packet - PUBLISH_OVERHEAD - len(topic)) if self.max_packet else None
-        if limit is not None and len(payload) > limit:
-            payloads = chunk_payloads(payload, limit - CHUNK_OVERHEAD)
-        else:
-            payloads = [payload]
-        self.rounds[key] = Sent(uid, base, opened, payloads, n)
+        chunk_data = limit - CHUNK_OVERHEAD if limit is not None and len(payload) > limit else 0
+        payloads = chunk_payloads(payload, chunk_data) if chunk_data else [payload]
+        self.rounds[key] = Sent(uid, base, opened, payloads, n, whole=payload, chunk_data=chunk_data)
 
     def send(self, key: tuple[str, int], first: bool) -> None:
         s = self.rounds[key]
@@ -412,6 +423,11 @@ class Agent:
         topic = f"{g.spec.base}/agents/{self.id}/update"
         s.mids = set()
         s.acked = False
+        if not first and s.chunk_data and g.spec.rechunk_resends:
+            # the same update, cut again under a new blob_id: the aggregator ignores chunks of a blob it
+            # completed before (duplicate_delivery) without a receipt, so re-sent identical chunks of an
+            # update whose receipt was lost would never be answered (bench/RESULTS.md, "Fleet scale")
+            s.payloads = chunk_payloads(s.whole, s.chunk_data)
         for p in s.payloads:
             info = self.c.publish(topic, p, qos=1)
             s.mids.add(info.mid)
@@ -600,6 +616,13 @@ class Generator:
         s["connected"] = sum(a.connected for a in self.agents)
         s["status_acked"] = sum(a.status_acked for a in self.agents)
         s["acked_ids"] = self.acked_ids
+        waiting: dict[str, list[str]] = {}  # PUBACKed, no receipt yet (receipts on)
+        if self.spec.receipts:
+            for a in self.agents:
+                for key, x in a.rounds.items():
+                    if x.ever_acked and not x.counted:
+                        waiting.setdefault(f"{key[0]}/{key[1]}", []).append(a.id)
+        s["no_receipt_ids"] = waiting
         s["rss_kb"] = _vm_hwm_kb()
         s["cpu_s"] = sum(os.times()[:2])
         tmp = self.spec.stats_path + ".tmp"
