@@ -105,8 +105,13 @@ class TrainSection:
     mu: float = 0.0
     encoding: str = "raw"
     topk_fraction: float = 0.01
+    #: the downlink: "raw" (each global as a full keyframe only) or "f16"/"int8" (also a retained delta
+    #: from the previous global, which agents holding it fetch instead: about 2x / 4x fewer bytes)
+    downlink: str = "raw"
 
     def validate(self, section: str) -> None:
+        if self.downlink not in ("raw", "f16", "int8"):
+            raise ConfigError(f"{section}.downlink must be raw, f16 or int8")
         if self.encoding not in ENCODINGS:
             raise ConfigError(f"{section}.encoding must be one of {', '.join(ENCODINGS)}")
         if self.epochs < 1 or self.lr <= 0 or self.mu < 0:

@@ -141,6 +141,7 @@ class AggregatorService:
         self._eval = None
         self._done = False
         self._plots = None  # PlotWriter, made at the first closed round
+        self._delta = None  # the GlobalDelta of the last aggregated round ([train] downlink = f16/int8)
         self._republish = threading.Event()
         self._republish.set()  # the first connection publishes everything we own
         self._next_republish = 0.0
@@ -339,7 +340,7 @@ class AggregatorService:
         self.client.subscribe(SYS_DROPPED, qos=0)  # Mosquitto's drop counter (refused by other brokers: logged)
         # our own retained topics, to notice anyone else writing them (a leaked password, a bad ACL): the
         # agents refuse what we did not sign, and we put our state back (No Local: our own writes stay away)
-        self._guarded = (t.model(), t.global_(), t.round(), t.service())
+        self._guarded = (t.model(), t.global_(), t.round(), t.service(), t.delta())
         for topic in self._guarded:
             self.client.subscribe(topic, qos=1, no_local=True)
         self.foreign_writes = 0
@@ -488,6 +489,8 @@ class AggregatorService:
             t, to = self.topics, self.cfg.service.publish_timeout_s
             self.publisher.publish(t.service(), self._service_status("online"), retain=True, timeout=to)
             self.publisher.publish(t.model(), self.served.manifest(self.run_id), retain=True, timeout=to)
+            if self._delta is not None and self._delta.round == self.global_round:
+                self.publisher.publish(t.delta(), self._delta, retain=True, timeout=to)
             self.publisher.publish(t.global_(), GlobalModel(self.global_round, self.served.model_id,
                                                             self.global_weights, time.time(), run=self.run_id),
                                    retain=True, timeout=to)
@@ -512,7 +515,7 @@ class AggregatorService:
         """
         t = self.topics
         marker = f"{t.global_()}/chunk/scan-{uuid.uuid4().hex[:8]}"
-        filters = {f"{t.model()}/chunk/+": t.model(), f"{t.global_()}/chunk/+": t.global_()}
+        filters = {f"{s}/chunk/+": s for s in (t.model(), t.global_(), t.delta())}
         found: dict[str, int] = {}
         for f in filters:
             self.client.subscribe(f, qos=1)
@@ -525,7 +528,7 @@ class AggregatorService:
                 continue
             if m.topic == marker:
                 done = True
-            elif "/chunk/" in m.topic and m.topic.rsplit("/chunk/", 1)[0] in (t.model(), t.global_()):
+            elif "/chunk/" in m.topic and m.topic.rsplit("/chunk/", 1)[0] in filters.values():
                 stream, idx = m.topic.rsplit("/chunk/", 1)
                 if idx.isascii() and idx.isdigit() and m.payload:
                     found[stream] = max(found.get(stream, 0), int(idx) + 1)
@@ -632,7 +635,7 @@ class AggregatorService:
         tc = self.cfg.train
         lr = tc.lr * tc.lr_decay ** (self.next_round - 1)
         train = TrainConfig(tc.epochs, self.served.batch_size, lr, tc.mu, Compression(tc.encoding, tc.topk_fraction),
-                            seed=self.next_round, upload_window_s=rc.upload_window_s)
+                            seed=self.next_round, upload_window_s=rc.upload_window_s, downlink=tc.downlink)
         self.round_rejects = Counter()
         ann = self.controller.open(self.next_round, self.served.model_id, self.global_round, self.global_weights,
                                    list(self.online), train, now, run=self.run_id)
@@ -644,8 +647,16 @@ class AggregatorService:
         r, result = self.controller.close()
         if "weight_capped" in result.metrics:
             self.telemetry.weight_capped.inc(result.metrics["weight_capped"])
+        self._delta = None
         if result.weights is not None:
-            self.global_weights = result.weights
+            new = result.weights
+            if self.cfg.train.downlink != "raw" and set(new) == set(self.global_weights):
+                from fedmq.broker.contract.downlink import make_delta
+
+                prev = GlobalModel(self.global_round, self.served.model_id, self.global_weights, 0.0, self.run_id)
+                # the reconstruction every device computes IS the new global (no drift between them)
+                self._delta, new = make_delta(prev, new, r.ann.round, self.cfg.train.downlink, time.time())
+            self.global_weights = new
             self.global_round = r.ann.round
         metrics, values = self._record(r, result, now, result.outcome, result.reason)
         self.next_round = r.ann.round + 1
@@ -653,6 +664,8 @@ class AggregatorService:
         # round, and a metrics message exists only for a checkpointed (and published) round
         self._checkpoint()
         if result.weights is not None:
+            if self._delta is not None:
+                self._publish_retained(self.topics.delta(), self._delta)
             self._publish_global()
             #: (round, seconds from the quorum being reached to the new global model being published)
             self.quorum_to_publish = (r.ann.round, time.time() - (r.quorum_at or now))

@@ -236,16 +236,35 @@ class LocalModel:
         from fedmq.broker.contract.messages import Signed
 
         m = codec.decode(payload)
+        signed = isinstance(m, Signed)
         if isinstance(m, Signed):
             if self._trust is not None:
                 self._trust.verify("global", m.key_id, m.sig, m.body)
             m = codec.decode(m.body, expect=GlobalModel)
-        elif self._trust is not None:
-            raise GlobalRefused(f"{GLOBAL_FILE} in {self.cache_dir} is not signed, and this agent trusts only "
-                                "globals signed with the fleet's key")
         if not isinstance(m, GlobalModel):
             raise GlobalRefused(f"{GLOBAL_FILE} in {self.cache_dir} holds a {m.KIND} message, not a global")
+        if self._trust is not None and not signed:
+            self._proven_by_delta(m)  # reconstructed from a compressed delta: its signed delta proves it
         return m
+
+    def _proven_by_delta(self, g: GlobalModel) -> None:
+        """An unsigned global is accepted only with ``global.proof``: the fleet-signed delta that made it."""
+        from fedmq.broker.contract.downlink import weights_digest
+        from fedmq.broker.contract.messages import GlobalDelta, Signed
+
+        proof = self.cache_dir / "global.proof"
+        try:
+            env = codec.decode(proof.read_bytes())
+        except OSError:
+            raise GlobalRefused(f"{GLOBAL_FILE} in {self.cache_dir} is not signed, and this agent trusts only "
+                                "globals signed with the fleet's key") from None
+        if not isinstance(env, Signed):
+            raise GlobalRefused(f"{proof} is not signed")
+        self._trust.verify("delta", env.key_id, env.sig, env.body)  # type: ignore[union-attr]
+        d = codec.decode(env.body, expect=GlobalDelta)
+        if not isinstance(d, GlobalDelta) or (d.run, d.round, d.model_id) != (g.run, g.round, g.model_id) \
+                or weights_digest(g.tensors) != bytes(d.result_sha256):
+            raise GlobalRefused(f"{GLOBAL_FILE} in {self.cache_dir} is not the global its signed delta made")
 
     @staticmethod
     def _verify(payload: bytes, g: GlobalModel, trainer: TFLiteTrainer) -> None:

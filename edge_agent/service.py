@@ -40,6 +40,7 @@ import numpy as np
 from fedmq.broker import __version__
 from fedmq.broker.contract import codec
 from fedmq.broker.contract.messages import (
+    GlobalDelta,
     GlobalModel,
     ModelManifest,
     Receipt,
@@ -114,7 +115,9 @@ class AgentService:
         self._presence_due: float | None = None
         self._announced_at = 0.0  # ``opened`` of the announcement our last send answered
         self.run_state = self._load_run_state()  # {"run", "global_round", "round", "left": [...]}
-        self._global_subscribed = False
+        self._global_subscribed = "off"  # off | full (the keyframe) | delta (the compressed delta)
+        self._delta_failed = -1  # the base round for which the delta did not apply: fetch the keyframe
+        self.deltas_applied = 0
         self.service: ServiceStatus | None = None
         self.state = "online"
         self.rounds_trained = 0
@@ -233,6 +236,10 @@ class AgentService:
             self.outbox.drop_before(msg.run, msg.round + 1)  # rounds up to this one are closed
             if new and got.payload is not None:
                 atomic_write(self.cfg.cache_dir / "global.msgpack", got.payload)  # for LocalModel / predict
+                (self.cfg.cache_dir / "global.proof").unlink(missing_ok=True)  # the keyframe proves itself
+        elif ch is Channel.DELTA and isinstance(msg, GlobalDelta):
+            if not self._apply_delta(msg, got.payload, topic):
+                return
         elif ch is Channel.ROUND and isinstance(msg, RoundAnnouncement):
             if not self._same_run(msg.run, topic, "round", round_no=msg.round):
                 return
@@ -241,6 +248,36 @@ class AgentService:
         else:
             return
         self._maybe_work()
+
+    def _apply_delta(self, d: GlobalDelta, payload, topic: str) -> bool:
+        """Reconstruct the new global from ours and the compressed delta; else fall back to the keyframe."""
+        from fedmq.broker.contract.downlink import apply_delta
+        from fedmq.broker.errors import DecodeError
+
+        g, ann = self.global_msg, self.announcement
+        try:
+            if g is None:
+                raise DecodeError("no global to apply a delta to", reason="bad_delta")
+            if (g.run, g.round) == (d.run, d.round):
+                return False  # we have it already
+            new = apply_delta(g, d)
+        except DecodeError as e:
+            if ann is not None and d.round >= ann.base_round and g is not None and (g.run, g.model_id, g.round) == \
+                    (d.run, d.model_id, d.base_round):
+                self.receiver.reject(e.reason, str(e), topic)  # it should have applied: a real failure
+            self._delta_failed = ann.base_round if ann is not None else d.round
+            log.info("round %d: the delta does not apply to our global (%s); fetching the full global", d.round, e)
+            self._maybe_work()
+            return False
+        if self._global_misfit(new) or not self._same_run(new.run, topic, "global", global_round=new.round):
+            return False
+        self.global_msg = new
+        self.deltas_applied += 1
+        self.outbox.drop_before(new.run, new.round + 1)
+        atomic_write(self.cfg.cache_dir / "global.msgpack", codec.encode(new))  # for LocalModel / predict ...
+        if payload is not None:
+            atomic_write(self.cfg.cache_dir / "global.proof", payload)  # ... with the signed delta that proves it
+        return True
 
     # -- runs ------------------------------------------------------------------------------------------
     def _load_run_state(self) -> dict:
@@ -297,19 +334,22 @@ class AgentService:
                 self._save_run_state()
         return True
 
-    def _subscribe_global(self, on: bool) -> None:
-        """Subscribe to the global (plain topic first, then its chunks) only while it is needed."""
-        if on == self._global_subscribed:
+    def _subscribe_global(self, on: bool, delta: bool = False) -> None:
+        """Subscribe to the global only while it is needed: the full keyframe, or (``delta``) only the
+        compressed delta from the copy we hold (plain topic first, then its chunks)."""
+        want = "off" if not on else ("delta" if delta else "full")
+        if want == self._global_subscribed:
             return
         t = self.topics
-        filters = t.with_chunks(t.global_())
-        if on:
-            for f in filters:
-                self.client.subscribe(f, qos=1)
-        else:
-            for f in filters:
+        topics = {"full": t.global_(), "delta": t.delta()}
+        old = self._global_subscribed
+        if old in topics:
+            for f in t.with_chunks(topics[old]):
                 self.client.unsubscribe(f)
-        self._global_subscribed = on
+        if want in topics:
+            for f in t.with_chunks(topics[want]):
+                self.client.subscribe(f, qos=1)
+        self._global_subscribed = want
 
     def _load_cached_model(self) -> None:
         for p in sorted((self.cfg.cache_dir / "models").glob("*.tflite"), key=lambda p: p.stat().st_mtime)[-1:]:
@@ -395,7 +435,10 @@ class AgentService:
             return
         t, g = self.trainer, self.global_msg
         has_base = g is not None and g.run == ann.run and g.round == ann.base_round and g.model_id == ann.model_id
-        self._subscribe_global(self.cfg.agent.follow_global or not has_base)
+        by_delta = not has_base and not self.cfg.agent.follow_global and ann.config.downlink != "raw" \
+            and g is not None and g.run == ann.run and g.model_id == ann.model_id and g.round < ann.base_round \
+            and self._delta_failed != ann.base_round
+        self._subscribe_global(self.cfg.agent.follow_global or not has_base, delta=by_delta)
         if t is None or t.model_id != ann.model_id or not has_base or self.data_error or self._global_misfit(g):
             return  # wait for the matching model / global weights
         self._train(ann, g)

@@ -414,7 +414,7 @@ def test_every_reason_used_in_code_is_in_the_table():
     found = _reasons_in_code()
     assert {"bad_kind", "chunk_offset", "internal", "stale_base", "wrong_channel", "no_open_round"} <= set(found)
     error_classes = {"error", "bad_topic", "malformed", "encode", "chunk", "config", "mqtt", "connect", "auth",
-                     "too_large", "rejected", "sub_rejected", "timeout"}  # FedmqError class defaults
+                     "too_large", "rejected", "sub_rejected", "timeout", "model_refused"}  # FedmqError class defaults
     unknown = {r: where for r, where in found.items()
                if not is_known(r) and r not in IGNORED and r not in error_classes}
     assert not unknown, f"add these to fedmq.broker.contract.reasons.REASONS: {unknown}"

@@ -173,11 +173,14 @@ class TrainConfig:
     seed: int = 0
     #: agents spread their uploads uniformly over this many seconds after training (0 = at once)
     upload_window_s: float = 0.0
+    #: how the aggregator publishes each new global besides the full keyframe: "raw" (keyframe only),
+    #: or a ``global_delta`` from the previous global in "f16" / "int8" (agents holding it fetch only that)
+    downlink: str = "raw"
 
     def to_wire(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "mu": self.mu,
                 "encoding": self.compression.encoding, "topk_fraction": self.compression.topk_fraction,
-                "seed": self.seed, "upload_window_s": self.upload_window_s}
+                "seed": self.seed, "upload_window_s": self.upload_window_s, "downlink": self.downlink}
 
     @classmethod
     def from_wire(cls, m: Any, kind: str) -> "TrainConfig":
@@ -194,6 +197,7 @@ class TrainConfig:
             compression=Compression(enc, req_float(m, "topk_fraction", kind, 1e-9, 1.0)),
             seed=req_int(m, "seed", kind, 0, 2**32 - 1),
             upload_window_s=req_float(m, "upload_window_s", kind, 0.0, 86_400.0) if "upload_window_s" in m else 0.0,
+            downlink=_downlink(m, kind),
         )
 
 
@@ -288,6 +292,53 @@ class Sample:
         if not isinstance(m, Mapping):
             raise DecodeError(f"{kind}: 'sample' must be null or a map", reason="schema")
         return cls(req_int(m, "seed", kind, 0, 2**63 - 1), req_float(m, "fraction", kind, 0.0, 1.0))
+
+
+DOWNLINKS = ("raw", "f16", "int8")
+
+
+def _downlink(m: Mapping[str, Any], kind: str) -> str:
+    v = m.get("downlink", "raw")
+    if type(v) is not str or v not in DOWNLINKS:
+        raise DecodeError(f"{kind}: downlink must be one of {DOWNLINKS}", reason="schema")
+    return v
+
+
+@dataclass
+class GlobalDelta(Message):
+    """The global of ``round`` as a compressed delta from the global of ``base_round`` (topic ``delta``).
+
+    ``tensors`` (f16 or int8) decode to ``d``; the global is ``base + d`` in float32, elementwise (what
+    the aggregator itself uses as the global: the reconstruction is exact on every device).
+    ``result_sha256`` is fedmq.broker.contract.downlink.weights_digest of that global: a device checks
+    its reconstruction against it.
+    """
+
+    KIND: ClassVar[str] = "global_delta"
+    run: str
+    round: int
+    base_round: int
+    model_id: str
+    created: float
+    result_sha256: bytes | memoryview
+    tensors: dict[str, np.ndarray]
+    compression: Compression = field(default_factory=lambda: Compression("int8"))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"run": self.run, "round": self.round, "base_round": self.base_round, "model_id": self.model_id,
+                "created": self.created, "result_sha256": self.result_sha256,
+                "tensors": tensors_to_wire(self.tensors, self.compression)}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "GlobalDelta":
+        k = cls.KIND
+        m = _as_map(m, k)
+        rnd = req_int(m, "round", k, 1)
+        digest = req_bin(m, "result_sha256", k)
+        if digest.nbytes != 32:
+            raise DecodeError(f"{k}: result_sha256 must be 32 bytes", reason="schema")
+        return cls(req_run(m, k), rnd, req_int(m, "base_round", k, 0, rnd - 1), req_str(m, "model_id", k, HEX_ID_RE),
+                   req_float(m, "created", k), digest, tensors_from_wire(_get(m, "tensors", k), k, limits))
 
 
 @dataclass
@@ -602,5 +653,5 @@ class Signed(Message):
 
 KINDS: dict[str, type[Message]] = {
     c.KIND: c for c in (ModelManifest, GlobalModel, RoundAnnouncement, Update, Status, RoundMetrics, Chunk,
-                        ChunkSet, ServiceStatus, Receipt, Signed)
+                        ChunkSet, ServiceStatus, Receipt, Signed, GlobalDelta)
 }

@@ -43,6 +43,7 @@ REASONS: dict[str, str] = {
     "bad_model_id": "a model manifest whose model_id is not the SHA-256 of its artifact",
     "bad_model": "a model artifact the runtime cannot load",
     "bad_global": "global weights that do not match the model's weight names and shapes",
+    "bad_delta": "a global_delta that does not apply to the agent's global or whose reconstruction fails its digest",
     "stale_global": "a global (or round) of the followed run older than one this agent already had",
     # -- round control (fedmq.aggregator.rounds) -----------------------------------------------
     "no_open_round": "an update arrived while no round is open (re-sent when the round opens, it counts)",

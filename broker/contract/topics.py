@@ -7,6 +7,7 @@ Layout under ``<prefix>/<fleet>/`` (prefix defaults to ``fedmq``)::
     round                       retained  round announcement (aggregator)
     metrics                     -         per-round results (aggregator)
     service                     retained  the aggregator's own status + last will (aggregator)
+    delta                       retained  the latest global as a compressed delta from the previous one (aggregator)
     agents/<agent>/update       -         an agent's update (that agent only)
     agents/<agent>/status       retained  an agent's status + last will (that agent only)
     agents/<agent>/receipt      -         the aggregator's receipt for each update (read by that agent only)
@@ -49,14 +50,15 @@ class Channel(str, Enum):
     ROUND = "round"
     METRICS = "metrics"
     SERVICE = "service"
+    DELTA = "delta"
     UPDATE = "update"
     STATUS = "status"
     RECEIPT = "receipt"
 
 
-FLEET_CHANNELS = (Channel.MODEL, Channel.GLOBAL, Channel.ROUND, Channel.METRICS, Channel.SERVICE)
+FLEET_CHANNELS = (Channel.MODEL, Channel.GLOBAL, Channel.ROUND, Channel.METRICS, Channel.SERVICE, Channel.DELTA)
 #: retained channels whose large messages are chunked onto ``<topic>/chunk/<i>`` behind a pointer
-CHUNKED_RETAINED = (Channel.MODEL, Channel.GLOBAL)
+CHUNKED_RETAINED = (Channel.MODEL, Channel.GLOBAL, Channel.DELTA)
 AGENT_CHANNELS = (Channel.UPDATE, Channel.STATUS, Channel.RECEIPT)
 
 
@@ -100,6 +102,9 @@ class Topics:
 
     def service(self) -> str:
         return f"{self.base}/service"
+
+    def delta(self) -> str:
+        return f"{self.base}/delta"
 
     def update(self, agent: str) -> str:
         return f"{self.base}/agents/{check_name(agent)}/update"

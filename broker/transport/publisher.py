@@ -29,7 +29,7 @@ class Publisher:
         #: signs model, global, round and service messages (the channels agents verify)
         self.signer = signer
         self._signed = {topics.model(): "model", topics.global_(): "global", topics.round(): "round",
-                        topics.service(): "service"}
+                        topics.service(): "service", topics.delta(): "delta"}
         #: topic -> sha256 of what we last put on the plain retained topic (a foreign write differs)
         self.retained_digest: dict[str, bytes] = {}
         self._encoder = codec.Encoder()

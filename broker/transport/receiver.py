@@ -33,6 +33,7 @@ from fedmq.broker.contract.messages import (
     Chunk,
     ChunkSet,
     DecodeLimits,
+    GlobalDelta,
     GlobalModel,
     Message,
     ModelManifest,
@@ -54,10 +55,10 @@ log = logging.getLogger(__name__)
 CHANNEL_KINDS: dict[Channel, type[Message]] = {
     Channel.MODEL: ModelManifest, Channel.GLOBAL: GlobalModel, Channel.ROUND: RoundAnnouncement,
     Channel.METRICS: RoundMetrics, Channel.UPDATE: Update, Channel.STATUS: Status, Channel.SERVICE: ServiceStatus,
-    Channel.RECEIPT: Receipt,
+    Channel.RECEIPT: Receipt, Channel.DELTA: GlobalDelta,
 }
 #: the aggregator's retained channels, signed with the fleet's key when the receiver holds trusted keys
-SIGNED_CHANNELS = (Channel.MODEL, Channel.GLOBAL, Channel.ROUND, Channel.SERVICE)
+SIGNED_CHANNELS = (Channel.MODEL, Channel.GLOBAL, Channel.ROUND, Channel.SERVICE, Channel.DELTA)
 #: channels that are never retained: an empty payload there is an error, elsewhere a cleared retained message
 NON_RETAINED = (Channel.UPDATE, Channel.METRICS, Channel.RECEIPT)
 #: freed reassembly bytes above which ``tick`` asks the allocator to return memory to the OS
