@@ -113,6 +113,9 @@ def preflight(cfg) -> tuple[list[str], str]:
 
     def runtime() -> None:
         found.append(f"runtime {interpreter_class(cfg.agent.runtime or None)[1]}")
+        from .selftest import check_cached  # one training step of the cached model in a child process
+
+        found.append(check_cached(cfg))
 
     for check in (data, cache, runtime):
         try:
@@ -259,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         check_writable_dir(cfg.agent.cache_dir, "agent.cache_dir")  # exit 2, not a traceback and a restart loop
 
         limit_heap_growth()  # process-wide: model-size buffers go back to the OS when freed
+        from .selftest import enable as enable_selftest
+
+        enable_selftest(cfg.cache_dir)  # each artifact: one training step in a child before a runtime is used
         svc = AgentService(cfg)
         signal.signal(signal.SIGTERM, lambda *_: svc.stop())
         signal.signal(signal.SIGINT, lambda *_: svc.stop())

@@ -5,12 +5,16 @@ signatures, and trains: set the global weights, run E epochs over the local data
 shuffle, in batches of the artifact's fixed size. The last partial batch is padded with zeros
 and masked out of the loss (``mask``), so every example counts exactly once per epoch and no
 data is dropped. Returns the new weights, the sample count and the mean training loss.
+
+Under ``fedmq-agent run`` (``selftest.enable``), the runtime is first chosen by the self-test: one
+training step of the artifact in a child process per (artifact, runtime), see ``selftest``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -65,6 +69,11 @@ class TFLiteTrainer:
         if model_id is not None and digest != model_id:
             raise ArtifactError(f"artifact hash {digest[:16]}... does not match model id {model_id[:16]}...")
         self.model_id = digest
+        from . import selftest
+
+        if selftest.enabled_dir() is not None:  # fedmq-agent run: a runtime must first pass one training step
+            runtime = selftest.choose_runtime(artifact, runtime or os.environ.get("FEDMQ_TFLITE_RUNTIME") or None,
+                                              selftest.enabled_dir(), xnnpack=xnnpack).runtime
         self._artifact, self._runtime_name, self._num_threads, self._xnnpack = artifact, runtime, num_threads, xnnpack
         self._load()
         xin = self._train.get_input_details()["x"]
