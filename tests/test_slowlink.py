@@ -5,8 +5,8 @@ tests/netns.py), four run on the host; a real Mosquitto listens on the host end 
 model is the FedAvg 2NN (199,210 float32 weights: a global or an update is about 800 KB, about 6.4 s on
 the thin link), so a slow agent that downloaded every intermediate global could not keep up.
 
-* ``select = "fraction"`` asks two of the five agents per round (seeded): rounds that do not ask the slow
-  agent close in a second or two, so globals it will not train on keep coming. A round that asks it has
+* ``select = "fraction"`` (0.4, the seeded hash rule: 1-4 of the five agents per round): rounds that do
+  not ask the slow agent close in a second or two, so globals it will not train on keep coming. A round that asks it has
   quorum 1 and a grace of about 3x the slow agent's train + upload time, so the policy gives it the time
   it needs; what is measured is whether the agent uses it. Checked from the aggregator's history.jsonl and
   the round announcements seen on the bus: it is counted in >= 80 % of the rounds that ask it whose
@@ -55,8 +55,8 @@ MODEL = ModelSection(source="zoo:2nn", batch_size=16, verify_steps=5)
 SLOW = "agent-slow"
 FAST = [f"fast-{i}" for i in range(1, 5)]
 AGENTS = sorted([SLOW, *FAST])
-#: select = fraction, 2 of 5 asked; seed 4 asks the slow agent in 6 of 14 rounds ("..S....SS.SS.S"):
-#: runs of rounds without it (intermediate globals) and rounds asking it back to back
+#: select = fraction 0.4 (hash rule, 1-4 agents a round); seed 4 asks the slow agent in 6 of 14 rounds
+#: ("..S....SS.SS.S"): runs of rounds without it (intermediate globals), rounds asking it back to back
 ROUNDS = dict(rounds=14, select="fraction", fraction=0.4, seed=4, min_agents=5, quorum=1, deadline_s=60,
               grace_s=20, on_timeout="abandon")
 
