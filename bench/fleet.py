@@ -29,6 +29,7 @@ in the round (topic + payload of every PUBLISH; a real agent also downloads the 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -115,6 +116,8 @@ class RoundRecord:
     uplink_bytes: int = 0
     global_bytes: int = 0
     round_s: float | None = None  # announcement seen -> global seen
+    broker_dropped: int = 0  # fedmq_broker_dropped_messages ($SYS) growth over the scenario
+    timer_resent: int = 0  # re-sends because no receipt came within resend_s
     no_receipt_ids: list = field(default_factory=list)  # the first 20
     no_receipt: int = 0  # with receipts: agents whose update got a PUBACK and never a receipt
     reconnect_s: float | None = None  # broker restart: until every agent's status is PUBACKed again
@@ -129,13 +132,15 @@ def lost_count(acked: set[str], participants: list[str], rejected: int) -> int:
 def global_error(got: list[np.ndarray], base: list[np.ndarray], mean: list[np.ndarray]) -> tuple[float, float]:
     """(max |(got - base) - mean|, tolerance): FedAvg with server lr 1 moves base by the weighted mean delta.
 
-    Tolerance: relative 1e-5 of the mean delta (float32 accumulation) plus a few float32 ulps of the
-    weights (the published global is float32).
+    Tolerance: the project's (the streaming float32 WeightedMean agrees with np.average to rtol 1e-4,
+    aggregator/strategies/reducers.py) of the largest mean delta, plus a few float32 ulps of the weights
+    (the published global is float32). One agent's spike (synth_agents.SPIKE * n_i / sum n) is above it
+    for the heaviest agent up to a few hundred thousand agents.
     """
     err = max(float(np.max(np.abs((x - x0) - m))) for x, x0, m in zip(got, base, mean))
     scale = max(float(np.max(np.abs(m))) for m in mean)
     gmax = max(float(np.max(np.abs(x))) for x in got)
-    return err, 1e-5 * scale + 4 * float(np.finfo(np.float32).eps) * gmax
+    return err, 1e-4 * scale + 4 * float(np.finfo(np.float32).eps) * gmax
 
 
 def parse_prom(text: str) -> dict[str, float]:
@@ -246,6 +251,8 @@ class Bench:
         kw: dict[str, Any] = {"workdir": str(self.wd / "broker"), "max_packet_size": CHUNKED_PACKET if
                               self.spec.chunked else 0}
         (self.wd / "broker").mkdir(exist_ok=True)
+        if "fleet_size" in inspect.signature(LocalBroker).parameters:  # per-client limits as provision sizes them
+            kw["fleet_size"] = self.spec.n
         if self.spec.secure:
             from fedmq.broker.ops.provision import ProvisionSpec, provision
             t0 = time.monotonic()
@@ -468,9 +475,11 @@ class Bench:
             mean = synth.expected_mean_delta(self.spec.seed, r, parts, b)
             rec.global_max_err, rec.global_tol = global_error(g["tensors"], base["tensors"], mean)
             rec.global_ok = rec.global_max_err <= rec.global_tol
-            if len(parts) > 1:  # positive control: one participant fewer must fail the same check
+            if len(parts) > 1:  # positive control: one participant fewer (the heaviest) must fail the same check
+                heavy = max(parts, key=lambda a: synth.known_coef(self.spec.seed, a, r)[1])
+                fewer = [a for a in parts if a != heavy]
                 rec.control_global_err = global_error(g["tensors"], base["tensors"],
-                                                      synth.expected_mean_delta(self.spec.seed, r, parts[1:], b))[0]
+                                                      synth.expected_mean_delta(self.spec.seed, r, fewer, b))[0]
             rec.global_bytes = g["bytes"]
             last = max((x.get("last_acked", 0.0) for x in rs), default=0.0)
             first = min((x.get("first_sent", 0.0) for x in rs if x.get("first_sent")), default=0.0)
@@ -490,6 +499,9 @@ class Bench:
                     if t_b > t_a:
                         rec.intake_per_s = (a_end - a_start) / (t_b - t_a)
         # resources: peak RSS since the scenario began, CPU from the round's announcement to its global
+        drops = [s["broker_dropped"] for s in win if s["broker_dropped"] is not None]
+        rec.broker_dropped = int(max(drops) - min(drops)) if drops else 0
+        rec.timer_resent = sum(x.get("timer_resent", 0) for x in rs)
         rec.agg_peak_rss_mb = max((s["agg_rss"] for s in win), default=0) / 2**20
         rec.broker_peak_rss_mb = max((s["broker_rss"] for s in win), default=0) / 2**20
         with self.obs.lock:
@@ -533,6 +545,7 @@ class Bench:
     def run(self) -> dict:
         s = self.spec
         out: dict[str, Any] = {"n": s.n, "chunked": s.chunked, "secure": s.secure, "receipts": s.receipts,
+                               "upload_window_s": s.upload_window_s,
                                "records": [], "errors": []}
         poller = threading.Thread(target=self.poll, daemon=True)
         try:
@@ -651,14 +664,15 @@ def export_model(cache: Path) -> Path:
 
 
 COLS = ("scenario", "round", "outcome", "online_seen", "asked", "sent", "acked", "accepted", "rejected", "lost",
-        "no_receipt", "global_ok", "round_s", "last_update_to_global_s", "updates_per_s", "intake_per_s", "agg_peak_rss_mb", "agg_cpu_pct",
+        "no_receipt", "broker_dropped", "timer_resent", "global_ok", "round_s", "last_update_to_global_s", "updates_per_s", "intake_per_s", "agg_peak_rss_mb", "agg_cpu_pct",
         "broker_peak_rss_mb", "broker_cpu_pct", "downlink_bytes", "uplink_bytes", "error")
 
 
 def table(results: list[dict]) -> str:
     lines = ["| N | mode | " + " | ".join(COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
     for res in results:
-        mode = ("chunked" if res["chunked"] else "plain") + ("+TLS/ACL" if res["secure"] else "")
+        mode = ("chunked" if res["chunked"] else "plain") + ("+TLS/ACL" if res["secure"] else "") + \
+            (f" window {res['upload_window_s']:g}s" if res.get("upload_window_s") else "")
         for r in res["records"]:
             cells = []
             for c in COLS:
@@ -681,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--secure", type=int, nargs="*", default=[], help="also run these N with TLS + passwords + ACL")
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     ap.add_argument("--deadline", type=float, default=120.0)
+    ap.add_argument("--upload-window", type=float, default=0.0, help="[rounds] upload_window_s (0 = one burst)")
     ap.add_argument("--workdir", default="/tmp/fedmq-fleet-bench")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
@@ -693,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         d = wd / f"n{n}-{'chunked' if chunked else 'plain'}{'-secure' if secure else ''}-{uuid.uuid4().hex[:6]}"
         log.info("=== N=%d chunked=%s secure=%s (%s)", n, chunked, secure, d)
         res = Bench(BenchSpec(n, d, chunked=chunked, secure=secure, model_cache=cache, deadline_s=args.deadline,
-                              scenarios=tuple(args.scenarios))).run()
+                              scenarios=tuple(args.scenarios), upload_window_s=args.upload_window)).run()
         results.append(res)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1, default=str))

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 PUBLISH_OVERHEAD = 80  # docs/protocol.md, chunk: packet limit = payload limit + 80 + len(topic)
 CHUNK_OVERHEAD = 256  # chunk data <= payload limit - 256
 KEEP_ROUNDS = 12  # rounds kept in the stats file
+SPIKE = 10.0  # the per-(agent, round) spike of a known delta
 
 
 # -- the known deltas (shared with the harness, which computes the expected global) -------------
@@ -81,15 +82,16 @@ def basis(seed: int, weights: list[tuple[str, list[int]]]) -> list[np.ndarray]:
 
 
 def known_delta(seed: int, agent: str, round_no: int, b: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
-    """c * basis, plus a spike of +1 at one element picked by (agent, round): every agent's share of
-    the mean is visible, so a global missing (or mixing up) one agent's update fails the check."""
+    """c * basis, plus a spike of +SPIKE at one element picked by (agent, round): every agent's share of
+    the mean is visible (>= SPIKE * n_i / sum n), so a global missing (or mixing up) one agent's update
+    fails the check."""
     c, n = known_coef(seed, agent, round_no)
     out = [(np.float32(c) * x).astype(np.float32) for x in b]
     h = hashlib.sha256(f"spike/{seed}/{agent}/{round_no}".encode()).digest()
     j = int.from_bytes(h[:8], "little") % max(1, sum(x.size for x in out))
     for x in out:
         if j < x.size:
-            x.reshape(-1)[j] += np.float32(1.0)
+            x.reshape(-1)[j] += np.float32(SPIKE)
             break
         j -= x.size
     return out, n
