@@ -92,7 +92,8 @@ def test_export_cli_writes_a_verified_artifact(tmp_path, prox):
     assert t.prox is prox and t.batch_size == 8
 
 
-def test_export_cli_unknown_model_exits_1(tmp_path):
+def test_export_cli_unknown_model_exits_2(tmp_path):
+    """A model that cannot be served as given is a usage error (ModelRefused), as in run --check."""
     r = subprocess.run([str(BIN / "fedmq-aggregator"), "export", "--model", "zoo:nope", "--out", str(tmp_path / "m")],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "zoo" in r.stderr
+    assert r.returncode == 2 and "zoo" in r.stderr
