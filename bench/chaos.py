@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import re
 import signal
@@ -733,14 +734,16 @@ def main() -> int:
     load_or_export(ModelSection(source="zoo:sensor1d", batch_size=16, verify_steps=5), tmp / "model-cache")
     started = now()
     t = time.monotonic()
+    load0 = os.getloadavg()[1]
     rec, _ = run(cfg, tmp, tmp / "model-cache")
     wall = time.monotonic() - t
+    load = f"load average (5 min) {load0:.1f} at the start, {os.getloadavg()[1]:.1f} at the end"
     checks = check_all(rec)
     lines = [f"## Chaos (issue 13): {a.minutes:g} minutes of faults — {started}", "",
              f"Machine: {machine_line()}. `bench/chaos.py --minutes {a.minutes:g} --seed {a.seed} --agents {a.agents} "
              f"--mean-gap {a.mean_gap:g}` ({wall / 60:.1f} min wall) on {a.code or code_state()}: SIGKILL/SIGTERM at "
              "seeded random moments (aggregator, Mosquitto as shipped, agents), supervisor restarts, observer on "
-             "the bus.", "",
+             f"the bus; {load}.", "",
              *summary(rec, checks), ""]
     print("\n".join(lines))
     for text in rec.exit_logs[:5] + rec.log_excerpts[:5]:
