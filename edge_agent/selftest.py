@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,13 +101,24 @@ def child_main(artifact_path: str, runtime: str, out: str, xnnpack: bool | None)
     shapes = [tuple(int(d) for d in t._set.get_input_details()[n]["shape"]) for n in t.weight_names]
     x, y, w0 = _inputs(t.batch_size, t.x_shape, t.num_classes, shapes)
     r = t.fit(x, y, epochs=1, lr=LR, weights=w0)  # batch_size examples: exactly one step
+    # the verdict's numbers are computed here: the parent (the agent) reads scalars, not model-size arrays
     np.savez(out, loss=np.float64(r.loss), version=np.array(t.runtime), steps=np.int64(r.steps),
-             **{f"w0_{i}": w for i, w in enumerate(w0)}, **{f"w1_{i}": w for i, w in enumerate(r.weights)})
+             **_stats(w0, r.weights), **{f"w0_{i}": w for i, w in enumerate(w0)},
+             **{f"w1_{i}": w for i, w in enumerate(r.weights)})
     return 0
 
 
+def _stats(w0: list[np.ndarray], w1: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """||w1 - w0|| / ||w0||, and whether every trained weight is finite."""
+    finite = all(bool(np.all(np.isfinite(w))) for w in w1)
+    norm0 = float(np.sqrt(sum(float(np.sum(w.astype(np.float64) ** 2)) for w in w0)))
+    step = float(np.sqrt(sum(float(np.sum((b.astype(np.float64) - a) ** 2)) for a, b in zip(w0, w1)))) \
+        if finite else float("nan")
+    return {"finite": np.bool_(finite), "step": np.float64(step), "rel_step": np.float64(step / max(norm0, 1e-12))}
+
+
 def _run_child(artifact: Path, runtime: str, workdir: Path, timeout: float,
-               xnnpack: bool | None) -> tuple[SelfTest, dict[str, np.ndarray] | None]:
+               xnnpack: bool | None) -> tuple[SelfTest, Any]:
     out = workdir / f"{runtime}.npz"
     cmd = [sys.executable, "-m", "fedmq.edge_agent.selftest", "--artifact", str(artifact), "--runtime", runtime,
            "--out", str(out)]
@@ -131,26 +143,19 @@ def _run_child(artifact: Path, runtime: str, workdir: Path, timeout: float,
         last = (p.stderr.strip().splitlines() or ["no output"])[-1][:300]
         return SelfTest(runtime, "", False, f"failed a training step (exit {p.returncode}: {last})",
                         seconds=secs), None
-    with np.load(out) as z:
-        data = {k: z[k] for k in z.files}
-    return _judge(runtime, data, secs), data
+    z = np.load(out)  # lazy: the weights are read only to compare two runtimes
+    return _judge(runtime, {k: z[k] for k in ("loss", "version", "finite", "step", "rel_step")}, secs), z
 
 
-def _judge(runtime: str, d: dict[str, np.ndarray], seconds: float) -> SelfTest:
+def _judge(runtime: str, d, seconds: float) -> SelfTest:
     """Finite loss, finite weights that moved, by less than their own size (one SGD step)."""
     version = str(d["version"])
-    loss = float(d["loss"])
-    n = sum(1 for k in d if k.startswith("w0_"))
-    w0 = [d[f"w0_{i}"] for i in range(n)]
-    w1 = [d[f"w1_{i}"] for i in range(n)]
+    loss, rel = float(d["loss"]), float(d["rel_step"])
     if not np.isfinite(loss):
         return SelfTest(runtime, version, False, f"diverged: loss {loss} after one step", loss, 0.0, seconds)
-    if not all(np.all(np.isfinite(w)) for w in w1):
+    if not bool(d["finite"]):
         return SelfTest(runtime, version, False, "diverged: non-finite weights after one step", loss, 0.0, seconds)
-    norm0 = float(np.sqrt(sum(float(np.sum(w.astype(np.float64) ** 2)) for w in w0)))
-    step = float(np.sqrt(sum(float(np.sum((b.astype(np.float64) - a) ** 2)) for a, b in zip(w0, w1))))
-    rel = step / max(norm0, 1e-12)
-    if step == 0.0:
+    if float(d["step"]) == 0.0:
         return SelfTest(runtime, version, False, "did not train: the weights are unchanged after one step", loss,
                         rel, seconds)
     if rel > 1.0:
@@ -159,9 +164,9 @@ def _judge(runtime: str, d: dict[str, np.ndarray], seconds: float) -> SelfTest:
     return SelfTest(runtime, version, True, "", loss, rel, seconds)
 
 
-def _compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> str:
-    """"" when runtime b's step agrees with a's, else how far apart they are."""
-    n = sum(1 for k in a if k.startswith("w1_"))
+def _compare(a, b) -> str:
+    """"" when runtime b's step agrees with a's, else how far apart they are (npz files or dicts)."""
+    n = sum(1 for k in (a.files if hasattr(a, "files") else a) if k.startswith("w1_"))
     step = max(float(np.max(np.abs(a[f"w1_{i}"] - a[f"w0_{i}"]))) for i in range(n))
     diff = max(float(np.max(np.abs(a[f"w1_{i}"] - b[f"w1_{i}"]))) for i in range(n))
     return "" if diff <= ATOL + RTOL * step else f"max |difference| {diff:.3g} vs largest step {step:.3g}"
@@ -220,7 +225,7 @@ def choose_runtime(artifact: bytes, preferred: str | None = None, cache_dir: Pat
     with tempfile.TemporaryDirectory(prefix="fedmq-selftest-") as d:
         art = Path(d) / "model.tflite"
         art.write_bytes(artifact)
-        for i, rt in enumerate(order):
+        for rt in order:
             key = f"{sha}:{rt}:{_runtime_version(rt)}:{'xnnpack' if xnnpack is not False else 'builtin'}"
             if key in cache and (not compare or cache[key].get("agrees_with") or not cache[key].get("ok")):
                 res = SelfTest(**cache[key])
@@ -236,6 +241,10 @@ def choose_runtime(artifact: bytes, preferred: str | None = None, cache_dir: Pat
                         res.disagreement = _compare(data, odata)
                     else:
                         res.agrees_with = ""
+                    if odata is not None:
+                        odata.close()
+                if data is not None:
+                    data.close()
                 log.info("self-test of model %s with %s: %s (loss %.4f, step %.2g of the weights, %.1fs)%s",
                          sha[:12], res.version or rt, "ok" if res.ok else res.reason, res.loss, res.step_norm,
                          res.seconds, f"; {res.agrees_with} agrees" if res.agrees_with and not res.disagreement
