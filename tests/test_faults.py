@@ -54,13 +54,14 @@ FAST_ROUNDS = {"min_agents": 2, "grace_s": 2, "deadline_s": 30}
 @pytest.fixture
 def fleet(tmp_path, model_cache, request):
     """``make(**broker_table)`` -> a Fleet on a broker of this test's own (the project's default config:
-    persistence off), so the test may SIGKILL and restart it; everything is stopped at the end."""
+    persistence off, unless ``persistence=True``), so the test may SIGKILL and restart it; everything is
+    stopped at the end."""
     made: list[Fleet] = []
 
-    def make(**broker_table) -> Fleet:
+    def make(persistence: bool = False, **broker_table) -> Fleet:
         d = tmp_path / f"broker{len(made)}"
         d.mkdir()
-        b = LocalBroker(workdir=str(d)).start()
+        b = LocalBroker(workdir=str(d), persistence=persistence).start()
         f = Fleet(tmp_path, {"host": b.host, "port": b.port, "fleet": "f" + uuid.uuid4().hex[:8], **broker_table},
                   model_cache=model_cache)
         f.local_broker = b
@@ -481,3 +482,52 @@ def test_after_a_broker_sigkill_no_client_is_served_an_older_global(fleet, tmp_p
     finally:
         early.close()
         late.close()
+
+
+def test_with_persistence_on_a_restored_stale_global_is_served_but_never_trained_on(fleet, tmp_path):
+    """The documented fallback (docs/protocol.md, broker restarts): with persistence on, a crash restores
+    a snapshot, so a fresh client IS served an older global (the check of the test above catches it
+    here: its positive control on a real broker); agents that had a newer global never train on it."""
+    f = fleet(persistence=True)
+    t = Topics(f.broker["fleet"])
+    b = f.local_broker
+    agents = ["agent-0", "agent-1"]
+    shards = watch_shards(agents, tmp_path, per_agent=100)
+    obs = AllSeen(f, reconnect_min_s=0.05, reconnect_max_s=0.2)
+    late = Fresh(b.host, b.port, t)
+    try:
+        agg = f.start_aggregator(rounds={"rounds": 50, **FAST_ROUNDS})
+        procs = [f.start_agent(a, shards[a]) for a in agents]
+        wait_until(lambda: sum(r["outcome"] == "aggregated" for r in history(f)) >= 2, 120, what="two rounds")
+        b.stop()  # a clean stop: Mosquitto writes its snapshot (the global of about round 2)
+        b.start()
+        n = len(history(f))
+        wait_until(lambda: sum(r["outcome"] == "aggregated" for r in history(f)[n:]) >= 2, 90,
+                   what="two rounds after the clean restart")
+        b.kill()  # well within autosave_interval (60 s) of the snapshot: the restore is stale
+        t_kill = time.time()
+        h = history(f)
+        run = h[0]["run"]
+        last = int(max(r["global_round"] for r in h if r["ts"] < t_kill))
+        b.start()
+        late.connect_asap()
+        wait_until(lambda: late.pump() or late.globals, 30, what="the first global after the crash")
+        stale = late.globals[0]
+        assert stale.run == run and stale.round < last, (stale.round, last)  # served an older global
+        n = len(history(f))
+        wait_until(lambda: sum(r["outcome"] == "aggregated" for r in history(f)[n:]) >= 2, 90,
+                   what="two rounds after the crash")
+        obs.pump()
+        # nobody trained on it: no update after the crash is computed against a global older than ``last``,
+        # and the aggregator refused nothing as stale; every round since counts both agents
+        after = [r for r in history(f) if r["ts"] > t_kill]
+        assert after and all(r["outcome"] == "aggregated" and sorted(r["participants_list"]) == agents
+                             for r in after), after
+        assert not any(r["rejected"].get(k) for r in after for k in STALE_REASONS), [r["rejected"] for r in after]
+        ups = [u for u in obs.all_updates if u.created > t_kill]
+        assert ups and all(u.run == run and u.base_round >= last for u in ups), \
+            sorted((u.agent, u.round, u.base_round) for u in ups)
+        assert agg.alive() and all(p.alive() for p in procs)
+    finally:
+        late.close()
+        obs.close()

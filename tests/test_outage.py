@@ -175,6 +175,7 @@ def test_outage_longer_than_every_timeout(fleet, tmp_path, how):  # noqa: F811 -
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the suite's 300 s per test is shorter than the outage
 def test_ten_minute_outage(fleet, tmp_path):  # noqa: F811 - the fixture
     f = fleet(keepalive=KEEPALIVE_S)
     outage(f, tmp_path, 600.0, "sigkill")
