@@ -531,3 +531,58 @@ def test_with_persistence_on_a_restored_stale_global_is_served_but_never_trained
     finally:
         late.close()
         obs.close()
+
+
+# -- issue 13.1: refused for now, counted when re-sent in its round -------------------------------------
+def test_an_update_refused_for_now_counts_when_resent_in_its_round(fleet, tmp_path, model_cache):
+    """An update refused for a reason that can change (``future``: its round is not open yet) is accepted
+    when the same bytes (same update_id) are re-sent in its round; only a copy of an *accepted* update
+    is refused as ``duplicate``. The sender is a plain client posing as listed agent ``ghost``."""
+    f = fleet()
+    t = Topics(f.broker["fleet"])
+    served = served_model(model_cache)
+    shards = watch_shards(["agent-0"], tmp_path, per_agent=100)
+    obs = AllSeen(f, receipts_of=("ghost",))
+    p = Plain(f.broker["host"], f.broker["port"])
+
+    def update(rnd: int, run: str) -> bytes:
+        zeros = {n: np.zeros_like(w, dtype=np.float32) for n, w in served.initial_weights().items()}
+        return codec.encode(Update(rnd, "ghost", served.model_id, uuid.uuid4().hex, 50, zeros, {"loss": 1.0},
+                                   time.time(), base_round=rnd - 1, run=run))
+
+    def receipts(uid: str) -> list[Receipt]:
+        obs.pump()
+        return [r for r in obs.receipts if r.update_id == uid]
+
+    try:
+        agg = f.start_aggregator(rounds={"rounds": 2, "select": "list", "agents": ["agent-0", "ghost"], "quorum": 2,
+                                         "grace_s": 2, "deadline_s": 60})
+        obs.wait(lambda: any(r.round == 1 for r in obs.rounds), 60, "round 1 announced")
+        run = obs.rounds[-1].run
+        u2 = update(2, run)  # for round 2, while round 1 is open: "future"
+        uid2 = codec.decode(u2).update_id
+        p.publish(t.update("ghost"), u2)
+        wait_until(lambda: receipts(uid2), 20, what="the receipt of the early round-2 update")
+        (r,) = receipts(uid2)
+        assert (r.accepted, r.reason, r.retry) == (False, "future", True), r
+        u1 = update(1, run)
+        uid1 = codec.decode(u1).update_id
+        p.publish(t.update("ghost"), u1)
+        p.publish(t.update("ghost"), u1)  # a copy of an accepted update: refused as duplicate, counted once
+        wait_until(lambda: len(receipts(uid1)) == 2, 20, what="both receipts of the round-1 update")
+        assert [(r.accepted, r.reason) for r in receipts(uid1)] == [(True, ""), (True, "duplicate")]
+        f.start_agent("agent-0", shards["agent-0"])  # completes round 1; round 2 opens
+        obs.wait(lambda: any(r.round == 2 for r in obs.rounds), 60, "round 2 announced")
+        p.publish(t.update("ghost"), u2)  # the same bytes, now in their round
+        wait_until(lambda: not agg.alive(), 60, what="round 2 to close")
+        assert agg.popen.returncode == 0, agg.text()[-3000:]
+        h = history(f)
+        assert [(r["round"], r["outcome"], sorted(r["participants_list"])) for r in h] == \
+            [(1, "aggregated", ["agent-0", "ghost"]), (2, "aggregated", ["agent-0", "ghost"])], h
+        assert (h[0]["rejected"].get("future"), h[0]["rejected"].get("duplicate")) == (1, 1), h[0]["rejected"]
+        assert not h[1]["rejected"], h[1]["rejected"]
+        wait_until(lambda: len(receipts(uid2)) == 2, 20, what="the receipt of the re-sent update")
+        assert receipts(uid2)[1].accepted and receipts(uid2)[1].round == 2
+    finally:
+        p.close()
+        obs.close()
