@@ -514,19 +514,20 @@ class AggregatorService:
         complete. Other messages that arrive meanwhile are handled as usual.
         """
         t = self.topics
-        marker = f"{t.global_()}/chunk/scan-{uuid.uuid4().hex[:8]}"
+        # the marker goes to our own status topic (we read agents/+/status; agents never subscribe to it)
+        marker, nonce = t.status(self.cfg.service.id), f"scan-{uuid.uuid4().hex}".encode()
         filters = {f"{s}/chunk/+": s for s in (t.model(), t.global_(), t.delta())}
         found: dict[str, int] = {}
         for f in filters:
             self.client.subscribe(f, qos=1)
-        self.client.publish(marker, b"\x00", qos=1, retain=False, timeout=self.cfg.service.publish_timeout_s)
+        self.client.publish(marker, nonce, qos=1, retain=False, timeout=self.cfg.service.publish_timeout_s)
         end = time.monotonic() + timeout
         done = False
         while not done and time.monotonic() < end:
             m = self.client.get(timeout=0.1)
             if m is None:
                 continue
-            if m.topic == marker:
+            if m.topic == marker and m.payload == nonce:
                 done = True
             elif "/chunk/" in m.topic and m.topic.rsplit("/chunk/", 1)[0] in filters.values():
                 stream, idx = m.topic.rsplit("/chunk/", 1)
@@ -647,7 +648,28 @@ class AggregatorService:
         r, result = self.controller.close()
         if "weight_capped" in result.metrics:
             self.telemetry.weight_capped.inc(result.metrics["weight_capped"])
+        # the state before the round: put back if recording or checkpointing fails, so that nothing of an
+        # uncheckpointed round is ever published (the global round never moves past the checkpoint)
+        before = (self.global_weights, self.global_round, self.next_round, len(self.history), self._delta)
         self._delta = None
+        try:
+            self._apply_round(r, result, now)
+        except BaseException:
+            self.global_weights, self.global_round, self.next_round, n, self._delta = before
+            del self.history[n:]
+            raise
+        if result.weights is not None:
+            if self._delta is not None:
+                self._publish_retained(self.topics.delta(), self._delta)
+            self._publish_global()
+            #: (round, seconds from the quorum being reached to the new global model being published)
+            self.quorum_to_publish = (r.ann.round, time.time() - (r.quorum_at or now))
+        self._publish_metrics(self._last_metrics)
+        self._submit_plots()
+        self._check_done(self._last_values)
+
+    def _apply_round(self, r, result, now: float) -> None:
+        """Take the round's result as the new state, record it and checkpoint it (nothing is published here)."""
         if result.weights is not None:
             new = result.weights
             if self.cfg.train.downlink != "raw" and set(new) == set(self.global_weights):
@@ -658,20 +680,11 @@ class AggregatorService:
                 self._delta, new = make_delta(prev, new, r.ann.round, self.cfg.train.downlink, time.time())
             self.global_weights = new
             self.global_round = r.ann.round
-        metrics, values = self._record(r, result, now, result.outcome, result.reason)
+        self._last_metrics, self._last_values = self._record(r, result, now, result.outcome, result.reason)
         self.next_round = r.ann.round + 1
         # aggregate -> checkpoint -> global -> metrics: a crash after the checkpoint never re-applies the
         # round, and a metrics message exists only for a checkpointed (and published) round
         self._checkpoint()
-        if result.weights is not None:
-            if self._delta is not None:
-                self._publish_retained(self.topics.delta(), self._delta)
-            self._publish_global()
-            #: (round, seconds from the quorum being reached to the new global model being published)
-            self.quorum_to_publish = (r.ann.round, time.time() - (r.quorum_at or now))
-        self._publish_metrics(metrics)
-        self._submit_plots()
-        self._check_done(values)
 
     def _submit_plots(self) -> None:
         if not self.cfg.service.plots:

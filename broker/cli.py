@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
                     "(e.g. /mosquitto/config in Docker); default: OUT/broker")
     pr.add_argument("--max-packet-size", type=int, default=2_000_000, help="broker max_packet_size in bytes")
     pr.add_argument("--mutual-tls", action="store_true", help="require client certificates (CN = username)")
+    pr.add_argument("--max-queued-messages", type=int, default=0,
+                    help="Mosquitto per-client queue (default: sized for the aggregator of this fleet, max(10000, "
+                         "50 x devices))")
+    pr.add_argument("--max-inflight-messages", type=int, default=0,
+                    help="Mosquitto per-client in-flight window (default: max(100, min(1000, devices / 10)))")
     pr.add_argument("--persistence", action="store_true",
                     help="turn Mosquitto persistence on (off by default: a crashed broker would restore a "
                          "snapshot up to autosave_interval old and serve a stale global; docs/protocol.md)")
@@ -71,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     rn.add_argument("--host", default="127.0.0.1")
     rn.add_argument("--secure", type=Path, help="a provision output directory: TLS + passwords + ACL")
     rn.add_argument("--max-packet-size", type=int, default=0)
+    rn.add_argument("--fleet-size", type=int, default=0,
+                    help="size the per-client queue and in-flight window for a fleet of this many devices")
+    rn.add_argument("--max-queued-messages", type=int, default=0, help="override the per-client queue")
+    rn.add_argument("--max-inflight-messages", type=int, default=0, help="override the per-client in-flight window")
     return p
 
 
@@ -88,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                 check_name(a)
             res = provision(ProvisionSpec(args.fleet, agents, args.out, args.host, args.port, args.prefix,
                                           broker_root=args.broker_root, max_packet_size=args.max_packet_size,
-                                          mutual_tls=args.mutual_tls, persistence=args.persistence))
+                                          mutual_tls=args.mutual_tls, persistence=args.persistence,
+                                          max_queued_messages=args.max_queued_messages,
+                                          max_inflight_messages=args.max_inflight_messages))
             print(f"provisioned fleet {args.fleet!r}: {len(agents)} agents + aggregator in {res.out_dir}")
             print(f"  broker:     {res.broker_dir}/mosquitto.conf (with passwd, acl, certs)")
             print(f"  aggregator: {res.out_dir}/aggregator/aggregator.toml")
@@ -105,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             secure = SecureFiles(str(b / "passwd"), str(b / "acl"), str(b / "ca.crt"), str(b / "server.crt"),
                                  str(b / "server.key"))
         broker = LocalBroker(secure, args.port, host=args.host, max_packet_size=args.max_packet_size,
-                             persistence=False)
+                             persistence=False, fleet_size=args.fleet_size,
+                             max_queued_messages=args.max_queued_messages,
+                             max_inflight_messages=args.max_inflight_messages)
         if broker.embedded and not args.secure:
             require("amqtt.broker", "embedded", "without a mosquitto binary, fedmq-broker run")
         stop = threading.Event()

@@ -348,7 +348,7 @@ class AgentService:
                 self.client.unsubscribe(f)
         if want in topics:
             for f in t.with_chunks(topics[want]):
-                self.client.subscribe(f, qos=1)
+                self.client.subscribe(f, qos=1, wait=False)  # never block the loop behind a big retained global
         self._global_subscribed = want
 
     def _load_cached_model(self) -> None:
@@ -420,7 +420,7 @@ class AgentService:
         stored = self.outbox.get(okey)
         if stored is not None:  # finished earlier: re-send into a re-announced round (the aggregator restarted)
             self._subscribe_global(self.cfg.agent.follow_global)
-            if key in self.sent or (self.pending is not None and self.pending[0][0] == ann.round) \
+            if key in self.sent or (self.pending is not None and self.pending[0] == key) \
                     or (self.scheduled is not None and self.scheduled[1][0] == ann.round):
                 return  # delivered for this announcement, or still being handed over (paho re-sends)
             if okey in self.delivered and self.inflight is not None and self.inflight[0] == okey \
@@ -553,7 +553,11 @@ class AgentService:
         if self.pending is None:
             return
         key, infos = self.pending
-        if not all(i.is_published() for i in infos):
+        try:
+            done = all(i.is_published() for i in infos)
+        except (RuntimeError, ValueError):  # paho raises while disconnected; the packets stay queued in it
+            return
+        if not done:
             return
         self.pending = None
         self.sent.add(key)

@@ -520,8 +520,9 @@ lr = 0.05
         wait_until(lambda: any(sorted(r["participants_list"]) == ["agent-001", "agent-002", "agent-004"]
                                for r in history(f)[done:]), 120, what="a round with the new device")
         h = history(f)
-        assert all(r["outcome"] == "aggregated" for r in h), [r["outcome"] for r in h]
         after = h[done + 1:]  # from the first round opened after the reload
+        # the round in flight at the revoke asked agent-003 (quorum = all asked) and may end at its deadline
+        assert all(r["outcome"] == "aggregated" for r in h[:done] + after), [r["outcome"] for r in h]
         assert after and all("agent-003" not in r["participants_list"] for r in after)
         assert agg.alive() and agents["agent-001"].alive() and agents["agent-002"].alive()
     finally:

@@ -70,8 +70,14 @@ class LocalBroker:
 
     def __init__(self, secure: SecureFiles | None = None, port: int | None = None, *,
                  max_packet_size: int = 0, persistence: bool = False, workdir: str | None = None,
-                 host: str = "127.0.0.1", allow_embedded: bool = True, force_embedded: bool = False) -> None:
+                 host: str = "127.0.0.1", allow_embedded: bool = True, force_embedded: bool = False,
+                 fleet_size: int = 0, max_queued_messages: int = 0, max_inflight_messages: int = 0) -> None:
+        from fedmq.broker.ops.mosquitto_conf import inflight_messages_for, queued_messages_for
+
         self.secure = secure
+        #: per-client limits sized for the aggregator of a fleet of ``fleet_size`` devices (or given)
+        self.max_queued_messages = max_queued_messages or queued_messages_for(fleet_size)
+        self.max_inflight_messages = max_inflight_messages or inflight_messages_for(fleet_size)
         self.host = host
         self.port = port or free_port(host)
         self.max_packet_size = max_packet_size
@@ -99,10 +105,14 @@ class LocalBroker:
             s = self.secure
             listener = Listener(self.port, self.host, s.ca_file, s.cert_file, s.key_file)
             conf = BrokerConf([listener], s.password_file, s.acl_file, str(data), self.persistence,
-                              max_packet_size=self.max_packet_size, log_file=str(self.log_path))
+                              max_packet_size=self.max_packet_size, log_file=str(self.log_path),
+                              max_queued_messages=self.max_queued_messages,
+                              max_inflight_messages=self.max_inflight_messages)
         else:
             conf = BrokerConf([Listener(self.port, self.host)], data_dir=str(data), persistence=self.persistence,
-                              max_packet_size=self.max_packet_size, log_file=str(self.log_path))
+                              max_packet_size=self.max_packet_size, log_file=str(self.log_path),
+                              max_queued_messages=self.max_queued_messages,
+                              max_inflight_messages=self.max_inflight_messages)
         if os.geteuid() == 0:  # mosquitto drops root to user "mosquitto", who cannot read our temp files
             conf.extra.append("user root")
         return conf.render()

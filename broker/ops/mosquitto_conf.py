@@ -40,6 +40,19 @@ class Listener:
         return "\n".join(lines)
 
 
+def queued_messages_for(n_agents: int) -> int:
+    """Mosquitto's per-client queue, sized for the aggregator: it holds a round of every agent's traffic
+    (statuses, chunked updates)."""
+    return max(10_000, 50 * n_agents)
+
+
+def inflight_messages_for(n_agents: int) -> int:
+    """Mosquitto's per-client in-flight window (QoS 1 sent, not yet acknowledged), sized for the aggregator:
+    a window of 100 drains about 100 x (1 / round trip) messages/s; a large fleet needs more so that the
+    aggregator's intake, not the window, bounds it. Devices receive little, so the window never fills for them."""
+    return max(100, min(1000, n_agents // 10))
+
+
 @dataclass
 class BrokerConf:
     listeners: list[Listener]

@@ -27,7 +27,13 @@ from pathlib import Path
 
 from fedmq.broker.contract.topics import Topics, check_name
 from fedmq.broker.ops import certs
-from fedmq.broker.ops.mosquitto_conf import BrokerConf, Listener, render_acl
+from fedmq.broker.ops.mosquitto_conf import (  # noqa: F401 - the sizing rules are re-exported
+    BrokerConf,
+    Listener,
+    inflight_messages_for,
+    queued_messages_for,
+    render_acl,
+)
 
 PBKDF2_ITERATIONS = 101  # Mosquitto 2.0's default for $7$ hashes
 
@@ -37,12 +43,6 @@ def hash_password(password: str, salt: bytes | None = None, iterations: int = PB
     salt = salt if salt is not None else os.urandom(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def queued_messages_for(n_agents: int) -> int:
-    """Mosquitto's per-client queue, sized for the aggregator: it holds a round of every agent's traffic
-    (statuses, chunked updates)."""
-    return max(10_000, 50 * n_agents)
 
 
 SIGNING_PUB = "signing.pub"  # the fleet's public model-signing key (agents' [agent] trusted_keys)
@@ -82,6 +82,8 @@ class ProvisionSpec:
     #: Mosquitto persistence: off by default (a crashed broker would restore a stale global; see
     #: docs/protocol.md "Broker restarts")
     persistence: bool = False
+    max_queued_messages: int = 0  # 0 = queued_messages_for(len(agents))
+    max_inflight_messages: int = 0  # 0 = inflight_messages_for(len(agents))
 
 
 @dataclass
@@ -126,7 +128,9 @@ def provision(spec: ProvisionSpec) -> Provisioned:
                   require_certificate=spec.mutual_tls, crlfile=f"{root}/crl.pem" if spec.mutual_tls else None)],
         password_file=f"{root}/passwd", acl_file=f"{root}/acl", data_dir="/var/lib/mosquitto"
         if spec.broker_root is None else "/mosquitto/data", max_packet_size=spec.max_packet_size,
-        max_queued_messages=queued_messages_for(len(spec.agents)), persistence=spec.persistence,
+        max_queued_messages=spec.max_queued_messages or queued_messages_for(len(spec.agents)),
+        max_inflight_messages=spec.max_inflight_messages or inflight_messages_for(len(spec.agents)),
+        persistence=spec.persistence,
     )
     _write(bdir / "mosquitto.conf", conf.render())
     from fedmq.broker.contract import signing

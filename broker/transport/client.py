@@ -419,7 +419,8 @@ class MqttClient:
             return {"options": SubscribeOptions(qos=qos, noLocal=no_local)}
         return {"qos": qos}  # 3.1.1 has no No Local: the caller sees its own messages too
 
-    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0, no_local: bool = False) -> int:
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0, no_local: bool = False,
+                  wait: bool = True) -> int:
         """Subscribe (remembered for reconnects); return the granted QoS or raise SubscribeRejected.
 
         ``no_local`` (MQTT 5): the broker does not send us back what we publish on it ourselves.
@@ -433,6 +434,10 @@ class MqttClient:
             return qos  # the connection just went: re-made on reconnect
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             raise MqttError(f"subscribe to {topic} failed: {mqtt.error_string(rc)}")
+        if not wait:  # the SUBACK is checked (and a refusal logged) by the network thread
+            with self._lock:
+                self._resub[mid] = topic
+            return qos
         rcs = self._wait(mid, _Waiter(), timeout, f"subscribe to {topic}")
         code = rcs[0]
         if code.is_failure:
