@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')
 TFLITE_VENV := .tflite-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help venv tflite-venv mosquitto datasets demo lint test bench clean
+.PHONY: help venv tflite-venv mosquitto chromium datasets demo lint test bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -36,6 +36,10 @@ mosquitto:  ## install Mosquitto (apt-get) when the binary is missing
 	  echo "installing mosquitto with apt-get"; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto mosquitto-clients; }
 
+chromium:  ## install Debian's Chromium (apt-get) for tests/test_dashboard.py when it is missing
+	@[ -x /usr/bin/chromium ] || { echo "installing chromium with apt-get"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
 datasets:  ## Debian's Fashion-MNIST (for the paper experiments; the watch data comes with the venv)
 	@[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || { \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
@@ -55,7 +59,7 @@ lint: venv  ## static checks: ruff (pyflakes, import order) and mypy on the cont
 	@mkdir -p $(MYPY_TREE)/fedmq && ln -sfn $(CURDIR)/broker $(MYPY_TREE)/fedmq/broker
 	cd $(MYPY_TREE) && $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml -p fedmq.broker
 
-test: lint venv tflite-venv mosquitto  ## static checks, then the whole test suite (fault and security tests included)
+test: lint venv tflite-venv mosquitto chromium  ## static checks, then the whole test suite (fault and security tests included)
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest -m "not slow" tests
 
 bench: venv mosquitto  ## benchmarks (a separate .bench-venv holds the Flower reference)

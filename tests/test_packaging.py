@@ -82,6 +82,9 @@ def test_license_templates_and_py_typed_are_inside(names, dist_info, wheel):
     assert "License-Expression: Apache-2.0" in meta and "Apache License" in (ROOT / "LICENSE").read_text()
     for t in (ROOT / "broker" / "ops" / "templates").iterdir():
         assert f"fedmq/broker/ops/templates/{t.name}" in names
+    for t in (ROOT / "aggregator" / "dashboard").iterdir():  # the aggregator's static dashboard page
+        assert f"fedmq/aggregator/dashboard/{t.name}" in names
+    assert "fedmq/aggregator/dashboard/index.html" in names
     for target in FOLDERS.values():
         assert f"{target}/py.typed" in names
     assert "fedmq/edge_agent/data/fedmq-agent.service" in names  # fedmq-agent install-service writes it
