@@ -173,6 +173,8 @@
     text("service-id", svc.id);
     text("service-run", svc.run);
     text("service-model", svc.model_id);
+    $("service-run").title = String(svc.run ?? "");
+    $("service-model").title = String(svc.model_id ?? "");
     text("service-version", svc.version);
     text("global-round", fmtInt(svc.global_round));
     $("global-round").dataset.value = String(num(svc.global_round) ?? "");
@@ -182,13 +184,15 @@
     badge("service-connected", svc.connected ? "connected" : "not connected", svc.connected ? "ok" : "bad");
     document.title = "fedmq · " + (svc.id || "aggregator") + " · round " + fmtInt(svc.global_round);
 
-    renderRound(s.round);
+    renderRound(s.round, svc.next_round);
     renderCards(s.fleet || {});
     renderRejections(s.rejected_total);
     const rounds = Array.isArray(s.rounds) ? s.rounds : [];
     const last = rounds.length ? rounds[rounds.length - 1] : null;
-    const key = rounds.length + ":" + (last ? last.round + ":" + last.ts : "") + ":" + chartWidth();
-    if (key !== state.chartKey) {  // the charts redraw only when a round closed (or the page resized)
+    // the charts redraw only when a round closed, the last row changed (its bytes sent may come later)
+    // or the page resized
+    const key = rounds.length + ":" + JSON.stringify(last) + ":" + chartWidth();
+    if (key !== state.chartKey) {
       state.chartKey = key;
       renderCharts(rounds);
       renderRoundsTable(rounds);
@@ -196,12 +200,13 @@
     text("last-update", fmtTime(now));
   }
 
-  function renderRound(r) {
+  function renderRound(r, next) {
     const body = $("round-body");
     const idle = $("round-idle");
     if (!r || typeof r !== "object") {
       body.hidden = true;
       idle.hidden = false;
+      text("round-idle", "No round open." + (num(next) !== null ? " Next: round " + fmtInt(next) + "." : ""));
       text("round-number", "");
       $("round-progress").dataset.round = "";
       return;
