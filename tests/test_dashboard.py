@@ -140,6 +140,11 @@ def test_dashboard_in_chromium_follows_a_running_fleet(fleet, tmp_path):
                 expect(table).to_have_attribute("data-state", "online", timeout=UI_TIMEOUT_MS)
                 expect(rows).to_have_count(len(AGENTS) - 1)
                 seen = list(problems)  # before the browser closes (closing aborts the page's open fetches)
+                # positive control: the listeners do catch a console error and a missing file
+                page.evaluate("() => { console.error('probe'); return fetch('/static/no-such-file.js'); }")
+                wait_until(lambda: "console.error: probe" in problems and any(
+                    x.startswith("HTTP 404:") and x.endswith("/static/no-such-file.js") for x in problems), 10,
+                    what="the probe's console error and 404 to be caught")
             finally:
                 try:
                     page.screenshot(path=str(ARTIFACTS / "dashboard-last.png"), full_page=True)

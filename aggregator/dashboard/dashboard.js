@@ -6,7 +6,7 @@
 (function () {
   const STATUS_MS = 1000;
   const FLEET_MS = 2000;
-  const FETCH_TIMEOUT_MS = 5000;
+  const FETCH_TIMEOUT_MS = 10000;  // a busy aggregator (2 cores, TensorFlow) may answer slowly
   const SVG = "http://www.w3.org/2000/svg";
   const COLORS = { accuracy: "#1f6feb", eval_loss: "#d1242f", train_loss: "#bf8700",
                    received: "#1a7f37", sent: "#8250df" };
