@@ -33,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
                         "recorded in the history)")
     r.add_argument("--check", action="store_true",
                    help="validate what run needs (config, state_dir, model source, eval data) and exit; 2 = a problem")
+    st = sub.add_parser("status", help="the fleet table and the round in progress (text or JSON)",
+                        description="Ask the running aggregator (its [service] http_port) for the fleet table; "
+                                    "with no service answering, show what the last one left in its state_dir.")
+    st.add_argument("--config", required=True, help="aggregator TOML file")
+    st.add_argument("--json", action="store_true", help="print {source, status, fleet} as JSON")
+    st.add_argument("--state", choices=("online", "offline", "idle", "training", "error", "excluded"),
+                    help="only devices in this state")
+    st.add_argument("--filter", default="", metavar="TEXT", help="only devices whose id contains TEXT")
+    st.add_argument("--limit", type=int, default=100_000, help="at most this many devices")
     sm = sub.add_parser("simulate", help="run a whole fleet on this machine (broker, aggregator, N agents)",
                         description="Simulate a fleet with real processes, a real broker and TFLite training.")
     from .simulate import add_arguments
@@ -200,6 +209,36 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 with the table; 1 when neither a service nor a state dir has one; 2 on a config error."""
+    import json
+    from pathlib import Path
+
+    from .config import load_config
+    from .status_view import fetch, format_text, from_state_dir
+
+    cfg = load_config(args.config)
+    port = cfg.service.http_port or cfg.service.prometheus_port
+    doc = None
+    why = "[service] http_port is 0"
+    if port:
+        try:
+            doc = fetch(cfg.service.http_addr or cfg.service.prometheus_addr, port, args.state or "", args.filter,
+                        args.limit)
+        except (OSError, ValueError) as e:
+            why = f"no service answers on port {port} ({e})"
+    if doc is None:
+        doc = from_state_dir(Path(cfg.service.state_dir), args.state or "", args.filter, args.limit)
+        if doc is None:
+            print(f"fedmq-aggregator status: {why}, and {cfg.service.state_dir} holds no fleet.json yet",
+                  file=sys.stderr)
+            return EXIT_FAIL
+        if not args.json:
+            print(f"({why}: showing the state the last service left)")
+    print(json.dumps(doc, indent=2) if args.json else format_text(doc))
+    return EXIT_OK
+
+
 def cmd_strategies(args: argparse.Namespace) -> int:
     from .strategies import PRESETS, build_strategy
 
@@ -222,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return {"strategies": cmd_strategies, "export": cmd_export, "run": cmd_run,
-                "simulate": cmd_simulate}[args.cmd](args)
+                "simulate": cmd_simulate, "status": cmd_status}[args.cmd](args)
     except ConfigError as e:
         print(f"fedmq-aggregator: config error: {e}", file=sys.stderr)
         return EXIT_USAGE

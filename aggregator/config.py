@@ -19,8 +19,11 @@ from .strategies.registry import KEYS as STRATEGY_KEYS
 class ServiceSection:
     id: str = "aggregator"
     state_dir: str = "./fedmq-state"
-    prometheus_port: int = 0  # 0 disables the /metrics endpoint
-    prometheus_addr: str = "127.0.0.1"
+    #: HTTP port of the dashboard, /api/status, /api/fleet and /metrics; 0 = off
+    http_port: int = 0
+    http_addr: str = "127.0.0.1"
+    prometheus_port: int = 0  # the older name of http_port (used when http_port is 0)
+    prometheus_addr: str = "127.0.0.1"  # the older name of http_addr
     export_final: bool = True  # write final .keras + inference .tflite when the run ends
     plots: bool = True  # redraw state_dir/plots/*.png after every round (background thread; needs matplotlib)
     #: the fleet's Ed25519 model-signing key (PEM; `fedmq-broker provision` writes aggregator/signing.key):
@@ -31,8 +34,9 @@ class ServiceSection:
     def validate(self, section: str) -> None:
         if not NAME_RE.match(self.id):
             raise ConfigError(f"{section}.id = {self.id!r}: use [a-z0-9-] (it is the MQTT username and client id)")
-        if not (0 <= self.prometheus_port < 65536):
-            raise ConfigError(f"{section}.prometheus_port must be 0 (off) or a TCP port")
+        for key in ("http_port", "prometheus_port"):
+            if not (0 <= getattr(self, key) < 65536):
+                raise ConfigError(f"{section}.{key} must be 0 (off) or a TCP port")
         if not self.publish_timeout_s > 0:
             raise ConfigError(f"{section}.publish_timeout_s must be > 0 seconds")
 
@@ -72,10 +76,13 @@ class RoundsSection:
     seed: int = 0
     upload_window_s: float = 0.0  # agents spread their uploads over this many seconds (0 = at once)
     participants_listed: int = 1000  # ids listed in a metrics message / history row (all go to participants.jsonl)
+    exclude_after: int = 3  # rounds in a row with only refused updates before a device is no longer asked; 0 = never
+    exclude_s: float = 3600.0  # an excluded device is asked again after this long (probation); 0 = until it restarts
 
     def validate(self, section: str) -> None:
-        if self.upload_window_s < 0 or self.participants_listed < 0:
-            raise ConfigError(f"{section}.upload_window_s and participants_listed must be >= 0")
+        if self.upload_window_s < 0 or self.participants_listed < 0 or self.exclude_after < 0 or self.exclude_s < 0:
+            raise ConfigError(f"{section}.upload_window_s, participants_listed, exclude_after and exclude_s must "
+                              "be >= 0")
         if self.select not in ("all", "fraction", "list"):
             raise ConfigError(f"{section}.select must be all, fraction or list")
         if self.select == "list" and not self.agents:

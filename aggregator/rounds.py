@@ -75,8 +75,11 @@ class RoundController:
         self.rejected: Counter[str] = Counter()
 
     def open(self, round_no: int, model_id: str, base_round: int, global_weights: dict, online: list[str],
-             train: TrainConfig, now: float, run: str = "") -> RoundAnnouncement:
-        asked = select_agents(online, self.cfg, round_no)
+             train: TrainConfig, now: float, run: str = "", excluded: list[str] | None = None) -> RoundAnnouncement:
+        """Open a round over ``online`` agents; ``excluded`` (online but not to be asked) are named in the
+        announcement so that they know it (under select = all / fraction, the rule alone would ask them)."""
+        skip = set(excluded or ())
+        asked = select_agents([a for a in online if a not in skip], self.cfg, round_no)
         q = quorum_for(len(asked), self.cfg)
         sample, listed = None, None
         if self.cfg.select == "list":
@@ -86,8 +89,12 @@ class RoundController:
                 sample = Sample(self.cfg.seed, self.cfg.fraction)  # O(1) size, whatever the fleet
             else:
                 listed = asked  # the fallback pick of one agent
+        if listed is not None:
+            shown = None
+        else:  # only those the rule would have asked (bounded by the excluded devices, not the fleet)
+            shown = sorted(a for a in skip if sample is None or sampled(sample.seed, round_no, a, sample.fraction))
         ann = RoundAnnouncement(round_no, model_id, base_round, now, now + self.cfg.deadline_s, train,
-                                listed, q, run=run, sample=sample)
+                                listed, q, run=run, sample=sample, excluded=shown or None)
         self.current = OpenRound(ann, asked, q, started=now, asked_set=frozenset(asked))
         self.strategy.begin_round(global_weights, round_no)
         log.info("round %d open: %d agents asked, quorum %d, deadline in %.0fs", round_no, len(asked), q,

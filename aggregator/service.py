@@ -44,6 +44,7 @@ from fedmq.broker.transport.publisher import Publisher
 from fedmq.broker.transport.receiver import Receiver
 
 from .config import AggregatorConfig
+from .fleet import FleetTable
 from .limits import AgentLimiter, agent_of
 from .model_store import ServedModel, export_final, load_or_export
 from .ratelog import BoundedLog
@@ -131,6 +132,12 @@ class AggregatorService:
         self._next_tick = 0.0
         self._next_summary = 0.0
         self.online: dict[str, Status] = {}
+        #: every known device, for the operator (status CLI, /api/fleet, dashboard) and for exclusion
+        self.fleet = FleetTable(cfg.rounds.exclude_after)
+        self.http = None  # StatusServer when [service] http_port is set
+        self.started = time.time()
+        self._bytes_sent: dict[int, int] = {}  # round -> bytes of its global/delta publishes (dashboard)
+        self._next_fleet_save = 0.0
         self.served: ServedModel | None = served  # None: export (or load from the cache) at start
         self.history: list[dict] = []
         self.global_weights: dict[str, np.ndarray] = {}
@@ -329,8 +336,15 @@ class AggregatorService:
             from fedmq.edge_agent.trainer import TFLiteTrainer
 
             self._evaluator = TFLiteTrainer(self.served.artifact, self.served.model_id)
-        if self.cfg.service.prometheus_port:
-            self.telemetry.serve(self.cfg.service.prometheus_port, self.cfg.service.prometheus_addr)
+        self.fleet.load(self.fleet_path)
+        port = self.cfg.service.http_port or self.cfg.service.prometheus_port
+        if port:
+            from .http_api import StatusServer
+
+            self.http = StatusServer(self.telemetry.registry, self.status_doc, self.fleet.snapshot,
+                                     lambda: not self.stop_event.is_set() and not self._done)
+            self.http_port = self.http.start(port if port > 0 else 0,
+                                             self.cfg.service.http_addr or self.cfg.service.prometheus_addr)
         t = self.topics
         if self._admits:  # our own client: a last will that marks this run's service offline
             self.client.set_will(Will(t.service(), codec.encode(self._service_status("offline"))))
@@ -419,6 +433,9 @@ class AggregatorService:
         self.client.close()
         if self._plots is not None:
             self._plots.close()
+        self._save_fleet()
+        if self.http is not None:
+            self.http.close()
 
     # -- the protocol step -----------------------------------------------------------------------------
     def step(self, timeout: float = 0.05) -> None:
@@ -448,6 +465,7 @@ class AggregatorService:
                 self._publish_retained(self.topics.round(), ann)
             else:
                 r = c.abandon()
+                self._fleet_close(r)
                 metrics, values = self._record(r, None, now, "abandoned",
                                                f"{len(r.received)}/{r.quorum} updates by the deadline")
                 self.next_round = r.ann.round + 1
@@ -479,6 +497,71 @@ class AggregatorService:
             self._internal("expiring incomplete blobs", e)
         self.bounded_log.tick()
         self.telemetry.inbox_dropped.set(getattr(self.client, "dropped", 0))
+        self.fleet.readmit_expired(time.time(), self.cfg.rounds.exclude_s)
+        counts = self.fleet.counts()
+        self.telemetry.devices_known.set(counts["known"])
+        self.telemetry.devices_excluded.set(counts["excluded"])
+        if mono >= self._next_fleet_save:
+            self._next_fleet_save = mono + 30.0
+            self._save_fleet()
+
+    def _fleet_close(self, r) -> None:
+        try:
+            self.fleet.on_close(r.ann.round, r.asked, list(r.received))
+        except Exception as e:  # noqa: BLE001 - the operator's table never stops a round
+            self._internal("updating the fleet table", e)
+
+    @property
+    def fleet_path(self) -> Path:
+        return self.state_dir / "fleet.json"
+
+    def _save_fleet(self) -> None:
+        """fleet.json in the state dir: what `fedmq-aggregator status` shows when no service answers."""
+        try:
+            self.fleet.save(self.fleet_path, {"service": self.status_doc()["service"]})
+        except Exception as e:  # noqa: BLE001 - a full disk must not stop the rounds
+            log.warning("could not write %s: %s", self.fleet_path, e)
+
+    def status_doc(self, rounds: int = 500) -> dict:
+        """The service, the open round, fleet counts and the last closed rounds (served as /api/status).
+
+        Called from the HTTP threads: it only reads (dict copies are atomic under the GIL)."""
+        now = time.time()
+        c = self.controller.current
+        if self._done:
+            state = "done"
+        else:
+            state = "online" if self.client.connected else "connecting"
+        doc: dict = {"ts": now, "service": {
+            "id": self.cfg.service.id, "run": self.run_id, "model_id": self.served.model_id if self.served else "",
+            "state": state, "connected": bool(self.client.connected), "version": __version__,
+            "global_round": self.global_round, "next_round": self.next_round, "started": self.started,
+            "fleet": self.topics.fleet}}
+        if c is not None:
+            rej = dict(self.round_rejects)
+            doc["round"] = {"round": c.ann.round, "asked": len(c.asked), "quorum": c.quorum,
+                            "received": len(c.received), "rejected": int(sum(rej.values())),
+                            "rejected_by_reason": rej, "opened": c.started, "deadline": c.ann.deadline,
+                            "seconds_left": max(0.0, c.ann.deadline - now), "quorum_reached": c.quorum_at is not None}
+        else:
+            doc["round"] = None
+        doc["fleet"] = self.fleet.counts()
+        total: Counter[str] = Counter()
+        for metric in self.telemetry.rejected.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    total[sample.labels["reason"]] += int(sample.value)
+        doc["rejected_total"] = dict(total)
+        rows = []
+        keep = ("round", "outcome", "ts", "duration_s", "eval_accuracy", "eval_loss", "train_loss")
+        for h in self.history[-rounds:]:
+            row = {k: h[k] for k in keep if k in h and (not isinstance(h[k], float) or np.isfinite(h[k]))}
+            row.update(participants=int(h.get("participants", 0)), asked=int(h.get("asked", 0)),
+                       bytes_received=int(h.get("bytes_received", 0)),
+                       bytes_sent=int(self._bytes_sent.get(h["round"], 0)), rejected=h.get("rejected", {}))
+            rows.append(row)
+        doc["rounds"] = rows
+        return doc
 
     def _republish_state(self) -> None:
         """Publish every retained message we own (first connection, reconnects, after a failed publish)."""
@@ -611,6 +694,8 @@ class AggregatorService:
         msg = got.message
         if got.topic.channel is Channel.STATUS and isinstance(msg, Status):
             self._known.add(msg.agent)
+            self.fleet.on_status(msg.agent, msg.state, msg.runtime, msg.interpreter, msg.version, msg.num_samples,
+                                 msg.error, time.time(), retained)
             if msg.state == "offline":
                 self.online.pop(msg.agent, None)
             else:
@@ -618,6 +703,7 @@ class AggregatorService:
             self.telemetry.agents.set(len(self.online))
         elif got.topic.channel is Channel.UPDATE and isinstance(msg, Update):
             reason = self.controller.on_update(msg, got.nbytes, time.time())
+            self.fleet.on_update(msg.agent, reason, time.time())
             if reason is None:
                 self.telemetry.accepted.inc()
                 self.telemetry.bytes_in.inc(got.nbytes)
@@ -631,7 +717,8 @@ class AggregatorService:
         rc = self.cfg.rounds
         if not self.client.connected or self._republish.is_set():
             return  # nobody could hear the announcement; the retained state goes out first
-        if rc.select != "list" and len(self.online) < rc.min_agents:
+        excluded = [a for a in self.online if self.fleet.is_excluded(a)]
+        if rc.select != "list" and len(self.online) - len(excluded) < rc.min_agents:
             return
         tc = self.cfg.train
         lr = tc.lr * tc.lr_decay ** (self.next_round - 1)
@@ -639,13 +726,16 @@ class AggregatorService:
                             seed=self.next_round, upload_window_s=rc.upload_window_s, downlink=tc.downlink)
         self.round_rejects = Counter()
         ann = self.controller.open(self.next_round, self.served.model_id, self.global_round, self.global_weights,
-                                   list(self.online), train, now, run=self.run_id)
+                                   list(self.online), train, now, run=self.run_id, excluded=excluded)
+        if self.controller.current is not None:
+            self.fleet.on_open(self.controller.current.asked)
         self.telemetry.round.set(self.next_round)
         self._size_reassembly(len(self.controller.current.asked) if self.controller.current else 0)
         self._publish_retained(self.topics.round(), ann)
 
     def _close_round(self, now: float) -> None:
         r, result = self.controller.close()
+        self._fleet_close(r)
         if "weight_capped" in result.metrics:
             self.telemetry.weight_capped.inc(result.metrics["weight_capped"])
         # the state before the round: put back if recording or checkpointing fails, so that nothing of an
@@ -659,9 +749,14 @@ class AggregatorService:
             del self.history[n:]
             raise
         if result.weights is not None:
+            b0 = self.publisher.bytes_out
             if self._delta is not None:
                 self._publish_retained(self.topics.delta(), self._delta)
             self._publish_global()
+            self._bytes_sent[r.ann.round] = self.publisher.bytes_out - b0
+            self.telemetry.bytes_out.inc(self.publisher.bytes_out - b0)
+            if len(self._bytes_sent) > 1000:
+                del self._bytes_sent[min(self._bytes_sent)]
             #: (round, seconds from the quorum being reached to the new global model being published)
             self.quorum_to_publish = (r.ann.round, time.time() - (r.quorum_at or now))
         self._publish_metrics(self._last_metrics)

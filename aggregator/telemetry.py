@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Telemetry:
@@ -21,7 +21,9 @@ class Telemetry:
         self.inbox_dropped = Gauge("fedmq_inbox_dropped", "Messages dropped because the inbox was full", registry=r)
         self.broker_dropped = Gauge("fedmq_broker_dropped_messages",
                                     "Messages the broker dropped (full client queues; $SYS, Mosquitto)", registry=r)
-
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+        self.bytes_out = Counter("fedmq_global_bytes", "Bytes of published global models and deltas", registry=r)
+        self.devices_known = Gauge("fedmq_devices_known", "Devices in the fleet table", registry=r)
+        self.devices_excluded = Gauge("fedmq_devices_excluded",
+                                      "Devices not asked: refused updates N rounds in a row or a reported error",
+                                      registry=r)
 

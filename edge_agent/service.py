@@ -121,17 +121,26 @@ class AgentService:
         self.service: ServiceStatus | None = None
         self.state = "online"
         self.rounds_trained = 0
-        self.data_error: str | None = None
+        self.data_error: str | None = None  # our data does not fit the model (reported in our status)
+        self.model_error: str | None = None  # the model artifact was refused by every runtime
+        self._told_excluded = 0  # the last round whose announcement named us excluded (logged once)
 
     # -- status --------------------------------------------------------------------------------------
     def _on_connected(self, reconnect: bool) -> None:
         self._reannounce.set()  # republish our status from the protocol thread
 
     def _status(self, state: str) -> None:
+        """Publish our retained status; while we cannot train (data or model refused) it is "error" with why,
+        so that the aggregator stops asking us until a later status says we are ready again."""
+        error = self.data_error or self.model_error or ""
+        if error and state in ("online", "idle"):
+            state = "error"
+        elif not error and state == "error":
+            state = "idle"
         self.state = state
         runtime = self.trainer.runtime if self.trainer else ""
         msg = Status(self.id, state, time.time(), runtime=f"python {platform.python_version()}",
-                     interpreter=runtime, num_samples=int(len(self.y)), version=VERSION)
+                     interpreter=runtime, num_samples=int(len(self.y)), version=VERSION, error=error[:500])
         try:  # not waited for: paho sends it (again after a reconnect); the loop never blocks on it
             self.client.publish(self.topics.status(self.id), codec.encode(msg), qos=1, retain=True, wait=False)
         except FedmqError as e:
@@ -390,16 +399,21 @@ class AgentService:
         except ArtifactError as e:
             log.error("model %s refused: %s", m.model_id[:12], e)
             self.receiver.reject("bad_model", str(e), self.topics.model())
+            self.model_error = f"model {m.model_id[:12]} refused: {e}"
+            self._status(self.state)
             return
         except Exception as e:  # a runtime may fail on a hostile flatbuffer in ways it does not type
             self.receiver.internal_error(e, self.topics.model(), "loading a received model artifact")
             return
+        self.model_error = None
         try:
             check_data(self.x[:1], self.y[:1], trainer.x_shape, trainer.num_classes)
             self.data_error = None
         except DataError as e:
-            self.data_error = str(e)
+            self.data_error = f"data does not fit model {m.model_id[:12]}: {e}"
             log.error("local data does not fit model %s: %s", m.model_id[:12], e)
+        if self.client.connected:
+            self._status(self.state)  # "error" with why, or ready again
         path = self.cfg.cache_dir / "models" / f"{m.model_id}.tflite"
         atomic_write(path, m.artifact)
         for old in path.parent.glob("*.tflite"):
@@ -412,6 +426,11 @@ class AgentService:
 
     def _maybe_work(self) -> None:
         ann = self.announcement
+        if ann is not None and ann.excluded and self.id in ann.excluded and self._told_excluded != ann.round:
+            self._told_excluded = ann.round
+            log.warning("round %d: the aggregator does not ask this device (excluded: its updates were refused "
+                        "several rounds in a row, or it reported an error; `fedmq-aggregator status` says why). "
+                        "Restarting the agent after a fix makes it eligible again", ann.round)
         if ann is None or not ann.asks(self.id) or time.time() > ann.deadline:
             self._subscribe_global(self.cfg.agent.follow_global)
             return

@@ -1,6 +1,5 @@
 """Agent-side pieces without a broker: local data sources, outbox, error feedback, telemetry endpoint."""
 
-import urllib.request
 
 import numpy as np
 import pytest
@@ -96,19 +95,3 @@ def test_topk_error_feedback_loses_nothing_over_rounds(tmp_path):
     residual = ef.load(["w"], [(1000,)])["w"]
     np.testing.assert_allclose(sent_total + residual, true_total, atol=1e-4)
     assert apply_error_feedback(delta, Compression("int8"), ef) is delta  # only top-k keeps a residual
-
-
-def test_prometheus_endpoint_serves_the_metrics():
-    from fedmq.aggregator.telemetry import Telemetry
-    from fedmq.broker.ops.launcher import free_port
-
-    t = Telemetry()
-    port = free_port()
-    t.serve(port)
-    t.rejected.labels("non_finite").inc(3)
-    t.rounds.labels("aggregated").inc()
-    t.agents.set(7)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert 'fedmq_updates_rejected_total{reason="non_finite"} 3.0' in body
-    assert 'fedmq_rounds_total{outcome="aggregated"} 1.0' in body
-    assert "fedmq_connected_agents 7.0" in body

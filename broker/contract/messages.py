@@ -24,7 +24,7 @@ from fedmq.broker.errors import DecodeError
 SCHEMA_VERSION = 1
 HEX_ID_RE = re.compile(r"[0-9a-f]{8,64}\Z")  # ASCII only; \Z: no trailing newline
 ARTIFACT_FORMAT = "tflite-trainable-v1"  # the one name of the model artifact format
-STATES = ("online", "idle", "training", "offline")
+STATES = ("online", "idle", "training", "error", "offline")  # error: cannot train (``error`` says why)
 SERVICE_STATES = ("online", "offline", "done")  # the aggregator's own status (``done``: the run ended)
 
 
@@ -85,6 +85,16 @@ def req_str(m: Mapping[str, Any], key: str, kind: str, pattern: re.Pattern[str] 
     if type(v) is not str or len(v) > max_len or (pattern is not None and not pattern.match(v)):
         raise DecodeError(f"{kind}: field {key!r} has an invalid value {v!r:.60}", reason="schema")
     return v
+
+
+MAX_ERROR_LEN = 500  # a status's ``error`` text
+
+
+def opt_str(m: Mapping[str, Any], key: str, kind: str, max_len: int = 256) -> str:
+    """An optional string field: "" when absent; present, it must be a string of at most max_len."""
+    if key not in m:
+        return ""
+    return req_str(m, key, kind, max_len=max_len)
 
 
 def req_bin(m: Mapping[str, Any], key: str, kind: str) -> memoryview:
@@ -357,12 +367,18 @@ class RoundAnnouncement(Message):
     quorum: int = 1
     run: str = ""  # required on the wire
     sample: Sample | None = None  # the hash rule of select = "fraction" (optional on the wire)
+    #: agents the rule would ask that the aggregator excluded (refused updates, a reported error);
+    #: optional on the wire, only with ``agents`` = null
+    excluded: list[str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"run": self.run, "round": self.round, "model_id": self.model_id, "base_round": self.base_round,
-                "opened": self.opened, "deadline": self.deadline, "config": self.config.to_wire(),
-                "agents": self.agents, "quorum": self.quorum,
-                "sample": None if self.sample is None else self.sample.to_wire()}
+        d = {"run": self.run, "round": self.round, "model_id": self.model_id, "base_round": self.base_round,
+             "opened": self.opened, "deadline": self.deadline, "config": self.config.to_wire(),
+             "agents": self.agents, "quorum": self.quorum,
+             "sample": None if self.sample is None else self.sample.to_wire()}
+        if self.excluded:
+            d["excluded"] = self.excluded
+        return d
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "RoundAnnouncement":
@@ -374,15 +390,21 @@ class RoundAnnouncement(Message):
                 type(a) is str and NAME_RE.match(a) for a in agents
             ):
                 raise DecodeError(f"{k}: 'agents' must be null or a list of agent ids", reason="schema")
+        excluded = m.get("excluded")
+        if excluded is not None and (type(excluded) is not list or len(excluded) > limits.max_agents or not all(
+                type(a) is str and NAME_RE.match(a) for a in excluded)):
+            raise DecodeError(f"{k}: 'excluded' must be absent, null or a list of agent ids", reason="schema")
         return cls(req_int(m, "round", k, 1), req_str(m, "model_id", k, HEX_ID_RE),
                    req_int(m, "base_round", k), req_float(m, "opened", k), req_float(m, "deadline", k),
                    TrainConfig.from_wire(_get(m, "config", k), k), agents,
                    req_int(m, "quorum", k, 1, limits.max_agents), req_run(m, k),
-                   None if m.get("sample") is None else Sample.from_wire(m["sample"], k))
+                   None if m.get("sample") is None else Sample.from_wire(m["sample"], k), excluded or None)
 
     def asks(self, agent: str) -> bool:
         if self.agents is not None:
             return agent in self.agents
+        if self.excluded and agent in self.excluded:
+            return False
         if self.sample is not None:
             return sampled(self.sample.seed, self.round, agent, self.sample.fraction)
         return True
@@ -451,10 +473,14 @@ class Status(Message):
     interpreter: str = ""
     num_samples: int = 0
     version: str = ""
+    error: str = ""  # why the agent cannot train (state "error"): its data does not fit, the model is refused
 
     def to_wire(self) -> dict[str, Any]:
-        return {"agent": self.agent, "state": self.state, "ts": self.ts, "runtime": self.runtime,
-                "interpreter": self.interpreter, "num_samples": self.num_samples, "version": self.version}
+        d = {"agent": self.agent, "state": self.state, "ts": self.ts, "runtime": self.runtime,
+             "interpreter": self.interpreter, "num_samples": self.num_samples, "version": self.version}
+        if self.error:
+            d["error"] = self.error
+        return d
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any], limits: DecodeLimits) -> "Status":
@@ -465,7 +491,8 @@ class Status(Message):
             raise DecodeError(f"{k}: state must be one of {STATES}", reason="schema")
         return cls(req_str(m, "agent", k, NAME_RE), state, req_float(m, "ts", k),
                    req_str(m, "runtime", k), req_str(m, "interpreter", k),
-                   req_int(m, "num_samples", k, 0, 2**40), req_str(m, "version", k, max_len=64))
+                   req_int(m, "num_samples", k, 0, 2**40), req_str(m, "version", k, max_len=64),
+                   opt_str(m, "error", k, max_len=MAX_ERROR_LEN))
 
 
 @dataclass
