@@ -171,6 +171,7 @@
     const now = num(s.ts) || Date.now() / 1000;
     const svc = s.service || {};
     text("service-id", svc.id);
+    text("service-fleet", svc.fleet);
     text("service-run", svc.run);
     text("service-model", svc.model_id);
     $("service-run").title = String(svc.run ?? "");
