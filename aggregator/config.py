@@ -21,7 +21,7 @@ class ServiceSection:
     state_dir: str = "./fedmq-state"
     #: HTTP port of the dashboard, /api/status, /api/fleet and /metrics; 0 = off
     http_port: int = 0
-    http_addr: str = "127.0.0.1"
+    http_addr: str = ""  # "" = prometheus_addr (127.0.0.1 unless set)
     prometheus_port: int = 0  # the older name of http_port (used when http_port is 0)
     prometheus_addr: str = "127.0.0.1"  # the older name of http_addr
     export_final: bool = True  # write final .keras + inference .tflite when the run ends

@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -115,7 +116,7 @@ class StatusServer:
                             self._send(400, b"limit must be an integer", "text/plain", head)
                             return
                         doc = filter_devices(server.devices(), state, qs.get("q", [""])[0][:128], limit)
-                        self._json(doc, head)
+                        self._json({"ts": time.time(), **doc}, head)
                     elif path == "/healthz":
                         ok = server.alive()
                         self._send(200 if ok else 503, b"ok\n" if ok else b"stopped\n", "text/plain", head)
