@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -188,11 +187,10 @@ class FleetTable:
 
     # -- persistence (so `fedmq-aggregator status` can read it with no service running) --------
     def save(self, path: Path, extra: dict | None = None) -> None:
+        from fedmq.broker.storage import atomic_write
+
         doc = {"ts": time.time(), **(extra or {}), "devices": self.snapshot()}
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(doc, separators=(",", ":")).encode())
 
     def load(self, path: Path) -> None:
         """Restore counters of a previous process (states are not restored: statuses re-arrive)."""

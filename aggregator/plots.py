@@ -65,10 +65,14 @@ def write_plots(history: list[dict], out_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)  # a reader never sees a half-written file
-    return path
+    """Rendered in memory, then replaced atomically: a reader never sees a half-written file."""
+    import io
+
+    from fedmq.broker.storage import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    return atomic_write(path, buf.getbuffer())
 
 
 class PlotWriter:

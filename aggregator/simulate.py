@@ -8,7 +8,7 @@ it started is stopped on exit, Ctrl-C or failure.
 
 Run directory: ``config.json`` (the settings), ``data/`` (agent shards, eval set), ``configs/``
 (TOML per process), ``logs/``, ``state/`` (checkpoint, ``history.jsonl``/``history.csv``,
-``final/model.keras`` and ``final/model.tflite``), ``plots/`` (accuracy and loss, bytes per round),
+``final/model.keras`` and ``final/model.tflite``), ``plots/`` (accuracy and loss, bytes and participants per round),
 ``summary.json``.
 
 Your own data (``--data``, docs/datasets.md): ``.npz`` files with ``x`` (examples) and ``y`` (integer
@@ -305,38 +305,10 @@ class Simulation:
         return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
     def plots(self, hist: list[dict]) -> list[Path]:
-        import matplotlib
+        """The same plots `run` draws into its state dir (aggregator.plots), into run_dir/plots."""
+        from .plots import write_plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [h for h in hist if h["outcome"] == "aggregated"]
-        if not rows:
-            return []
-        r = [h["round"] for h in rows]
-        from matplotlib.ticker import MaxNLocator
-
-        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-        for a in ax:
-            a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax[0].plot(r, [h.get("eval_accuracy", np.nan) for h in rows], marker="o")
-        ax[0].set(xlabel="round", ylabel="held-out accuracy", title="accuracy per round")
-        ax[1].plot(r, [h.get("train_loss", np.nan) for h in rows], marker="o", label="train (agents)")
-        ax[1].plot(r, [h.get("eval_loss", np.nan) for h in rows], marker="s", label="held-out")
-        ax[1].set(xlabel="round", ylabel="loss", title="loss per round")
-        ax[1].legend()
-        fig.tight_layout()
-        p1 = self.run_dir / "plots" / "accuracy_loss.png"
-        fig.savefig(p1, dpi=110)
-        plt.close(fig)
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.bar(r, [h.get("bytes_received", 0) / 1e6 for h in rows])
-        ax.set(xlabel="round", ylabel="MB received (updates)", title="bytes per round")
-        fig.tight_layout()
-        p2 = self.run_dir / "plots" / "bytes.png"
-        fig.savefig(p2, dpi=110)
-        plt.close(fig)
-        return [p1, p2]
+        return write_plots(hist, self.run_dir / "plots")
 
     def centralized_baseline(self) -> float:
         """The same model and optimizer trained on the union of the agents' data (TFLite trainer)."""

@@ -400,7 +400,8 @@ class AgentService:
             log.error("model %s refused: %s", m.model_id[:12], e)
             self.receiver.reject("bad_model", str(e), self.topics.model())
             self.model_error = f"model {m.model_id[:12]} refused: {e}"
-            self._status(self.state)
+            if self.client.connected:  # else sent with the status at the next connect
+                self._status(self.state)
             return
         except Exception as e:  # a runtime may fail on a hostile flatbuffer in ways it does not type
             self.receiver.internal_error(e, self.topics.model(), "loading a received model artifact")

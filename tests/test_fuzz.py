@@ -24,7 +24,17 @@ from hypothesis import strategies as st
 from fedmq.broker.contract import codec
 from fedmq.broker.contract.chunking import PART_OVERHEAD, Reassembler, ReassemblyLimits, split
 from fedmq.broker.contract.codec import DECODE_AMPLIFICATION, DECODE_OVERHEAD
-from fedmq.broker.contract.messages import KINDS, Chunk, DecodeLimits, Message
+from fedmq.broker.contract.messages import (
+    KINDS,
+    Chunk,
+    ChunkSet,
+    DecodeLimits,
+    GlobalDelta,
+    Message,
+    Receipt,
+    ServiceStatus,
+    Signed,
+)
 from fedmq.broker.contract.reasons import IGNORED, REASONS
 from fedmq.broker.contract.topics import ParsedTopic, Topics
 from fedmq.broker.errors import ChunkError, DecodeError, TopicError
@@ -77,6 +87,15 @@ VALID: dict[str, dict[str, Any]] = {
     "chunk": {"blob_id": "aa" * 8, "index": 0, "total": 2, "offset": 0, "size": 10, "sha256": b"\0" * 32,
               "data": b"x" * 5},
 }
+# the kinds added later: their own encoder's output (the base a fuzzed map starts from)
+VALID.update({
+    "chunked": ChunkSet("ab" * 8, 2, 100, b"\0" * 32).to_wire(),
+    "receipt": Receipt("cd" * 8, 3, "a", "cd" * 16, False, "future", True).to_wire(),
+    "service": ServiceStatus("aggregator", "online", 1.0, "cd" * 8, MID, 2, 3, "1").to_wire(),
+    "global_delta": GlobalDelta("cd" * 8, 2, 1, MID, 0.0, b"\0" * 32,
+                                {"w": np.ones(4, np.float32)}).to_wire(),
+    "signed": Signed("k" * 16, b"\0" * 64, b"body").to_wire(),
+})
 TENSOR_FIELDS = ("name", "enc", "dtype", "shape", "data", "scale", "idx")
 
 

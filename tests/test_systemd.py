@@ -188,8 +188,14 @@ TRAIN_AND_INFER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def artifact(model_cache) -> Path:
-    (path,) = model_cache.glob("*/model.tflite")
+def artifact(model_cache, tmp_path_factory) -> Path:
+    """The session's sensor1d artifact (the cache may hold others: aggregators of other tests write there)."""
+    from fedmq.aggregator.config import ModelSection
+    from fedmq.aggregator.model_store import load_or_export
+
+    served = load_or_export(ModelSection(source="zoo:sensor1d", batch_size=16, verify_steps=5), model_cache)
+    path = tmp_path_factory.mktemp("systemd-artifact") / "model.tflite"
+    path.write_bytes(served.artifact)
     return path
 
 
