@@ -185,8 +185,10 @@ def _run(tmp_path, model_cache, broker, poisoners: bool) -> list[dict]:
         if poisoners:
             bad = [Poisoner(f.broker, topics, "evil-huge", "huge"), Poisoner(f.broker, topics, "evil-samples", "samples")]
         shards = watch_shards(HONEST, d, per_agent=200)
+        # exclude_after = 0: the guards must hold in every round a poisoner reaches (exclusion of devices
+        # refused round after round is tests/test_fleet_status.py)
         agg = f.start_aggregator(rounds={"rounds": 10, "min_agents": 3 + len(bad), "quorum": 3, "grace_s": 1,
-                                         "deadline_s": 60},
+                                         "deadline_s": 60, "exclude_after": 0},
                                  eval={"dataset": "watch", "groups": [9, 10], "max_examples": 2000})
         for a in HONEST:
             f.start_agent(a, shards[a])
