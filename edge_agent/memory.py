@@ -31,3 +31,22 @@ def limit_heap_growth(threshold: int = 128 * 1024) -> bool:
         return False
     log.debug("glibc mmap/trim thresholds fixed at %d bytes: %s", threshold, ok)
     return ok
+
+
+def trim_heap() -> None:
+    """Give free heap memory back to the OS (glibc ``malloc_trim(0)``): after a round, the buffers it
+    freed below the mmap threshold (many small ones add up) leave the process's RSS. No-op off glibc."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name) if name else False
+            if _libc and not hasattr(_libc, "malloc_trim"):
+                _libc = False
+        except OSError:
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None

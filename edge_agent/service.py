@@ -59,6 +59,7 @@ from fedmq.broker.transport.receiver import Receiver
 from .compress import ErrorFeedback, apply_error_feedback
 from .config import AgentConfig
 from .data import load_local, split_eval
+from .memory import trim_heap
 from .outbox import Outbox, OutboxKey
 from .trainer import ArtifactError, DataError, TFLiteTrainer, check_data
 
@@ -464,10 +465,32 @@ class AgentService:
         self._train(ann, g)
 
     def _train(self, ann: RoundAnnouncement, g: GlobalModel) -> None:
+        cfg = ann.config
+        self._status("training")
+        payload, steps, seconds, loss = self._train_and_encode(ann, g)  # its model-size temporaries are gone
+        self.outbox.put(OutboxKey(ann.run, ann.model_id, ann.round, ann.base_round), payload)  # on disk first
+        self.rounds_trained += 1
+        window = cfg.upload_window_s
+        delay = window * (zlib.crc32(f"{self.id}/{ann.round}".encode()) / 2**32) if window > 0 else 0.0
+        log.info("round %d: trained %d steps in %.1fs, loss %.4f; sending %d bytes%s", ann.round, steps, seconds,
+                 loss, len(payload), f" in {delay:.1f}s (upload window)" if delay else "")
+        self._announced_at = ann.opened
+        if self.cfg.agent.low_memory:
+            self.trainer.release()  # idle between rounds without the interpreter's model-size buffers
+        if delay > 0:
+            self.scheduled = (time.monotonic() + delay, (ann.round, ann.opened), payload)
+        else:
+            self._send((ann.round, ann.opened), payload)
+        del payload
+        trim_heap()  # what the round freed goes back to the OS (a device's RSS is its idle size again)
+        self._status("idle")
+
+    def _train_and_encode(self, ann: RoundAnnouncement, g: GlobalModel) -> tuple[bytes, int, float, float]:
+        """Train on the global, return the encoded update (and steps, seconds, loss). The trained
+        weights, the delta and the message object die here, before the upload's own buffers exist."""
         t = self.trainer
         names = t.weight_names
         base = [np.asarray(g.tensors[n], dtype=np.float32) for n in names]
-        self._status("training")
         cfg = ann.config
         r = t.fit(self.x, self.y, epochs=cfg.epochs, lr=cfg.lr, mu=cfg.mu, seed=cfg.seed * 1000 + zlib.crc32(self.id.encode()) % 1000,
                   weights=base)
@@ -478,27 +501,15 @@ class AgentService:
         # in place: the trained weights become the delta (no second model-size copy on the device)
         delta = {n: np.subtract(w, b, out=w) if w.dtype == np.float32 and w.flags.writeable
                  else (w - b).astype(np.float32) for n, w, b in zip(names, r.weights, base)}
+        del base
+        r.weights = []
         if self.cfg.agent.attack:  # robustness experiments: a Byzantine agent
             factor = -1.0 if self.cfg.agent.attack == "sign_flip" else 100.0
             delta = {n: np.multiply(d, np.float32(factor), out=d) for n, d in delta.items()}
         delta = apply_error_feedback(delta, cfg.compression, self.ef)
         upd = Update(ann.round, self.id, ann.model_id, uuid.uuid4().hex, r.num_samples, delta, metrics, time.time(),
                      cfg.compression, base_round=ann.base_round, run=ann.run)
-        payload = codec.encode(upd)
-        self.outbox.put(OutboxKey(ann.run, ann.model_id, ann.round, ann.base_round), payload)  # on disk first
-        self.rounds_trained += 1
-        window = cfg.upload_window_s
-        delay = window * (zlib.crc32(f"{self.id}/{ann.round}".encode()) / 2**32) if window > 0 else 0.0
-        log.info("round %d: trained %d steps in %.1fs, loss %.4f; sending %d bytes%s", ann.round, r.steps, r.seconds,
-                 r.loss, len(payload), f" in {delay:.1f}s (upload window)" if delay else "")
-        self._announced_at = ann.opened
-        if delay > 0:
-            self.scheduled = (time.monotonic() + delay, (ann.round, ann.opened), payload)
-        else:
-            self._send((ann.round, ann.opened), payload)
-        if self.cfg.agent.low_memory:
-            t.release()  # idle between rounds without the interpreter's model-size buffers
-        self._status("idle")
+        return codec.encode(upd), r.steps, r.seconds, r.loss
 
     def _send(self, key: tuple[int, float], payload: bytes) -> None:
         """Hand an update to paho without waiting; it stays in the outbox until its round closes.

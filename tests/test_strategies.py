@@ -462,3 +462,18 @@ def test_partitions_are_disjoint_and_shaped_as_documented():
     assert [set(groups[p].tolist()) for p in nat] == [{1}, {2}, {3}]
     with pytest.raises(ValueError, match="--agents 3"):
         partition(y, 5, "natural", groups=groups)
+
+
+def test_robust_reducers_hold_what_memory_mb_allows_and_count_the_rest():
+    """max_updates = 0: the cap is derived from the model size (K x P x 4 bytes <= memory_mb; Krum adds K^2)."""
+    g = {"w": np.zeros(65_536, np.float32)}  # 256 KiB per held update
+    for reducer, expect in (("median", 4), ("trimmed_mean", 4), ("krum", 3)):
+        s = build_strategy({"name": "hybrid", "weights": ["samples"], "reducer": reducer, "memory_mb": 1, "f": 0})
+        s.begin_round(g, 1)
+        reasons = [s.add(ClientUpdate(f"a{i}", 10, {"w": np.full(65_536, float(i), np.float32)})) for i in range(6)]
+        # Krum: 3 x 256 KiB + 3^2 x 16 B <= 1 MiB < 4 x 256 KiB
+        assert reasons == [None] * expect + ["too_many"] * (6 - expect), (reducer, reasons)
+    s = build_strategy({"name": "hybrid", "weights": ["samples"], "reducer": "median", "memory_mb": 1,
+                        "max_updates": 6})
+    s.begin_round(g, 1)  # an explicit max_updates wins over the derived cap (the control)
+    assert all(s.add(ClientUpdate(f"a{i}", 10, {"w": np.ones(65_536, np.float32)})) is None for i in range(6))

@@ -57,7 +57,7 @@ ReducerFactory = Callable[[Sequence[np.ndarray]], object]
 class Strategy:
     def __init__(self, name: str, weighting: Weighting, reducer: ReducerFactory,
                  server: ServerOptimizer, clipper: Clipper | None = None, noise: GaussianNoise | None = None,
-                 max_updates: int = 10_000, guard: Guard | None = None) -> None:
+                 max_updates: int = 0, guard: Guard | None = None) -> None:
         self.name = name
         self.guard = guard
         self.rejects = BoundedLog(log)
@@ -135,7 +135,8 @@ class Strategy:
         except WeightRejected as e:
             return self._reject(u, e.reason, str(e))
         if getattr(self._reducer, "full", lambda: False)():
-            return self._reject(u, "too_many", f"{self.max_updates} updates held already")
+            held = getattr(self._reducer, "max_updates", self.max_updates)
+            return self._reject(u, "too_many", f"{held} updates held already ([strategy] max_updates / memory_mb)")
         delta = [u.delta[n] for n in self._names]
         scale, known = 1.0, None
         if self.clipper is not None or self.guard is not None:  # the norm is needed before folding

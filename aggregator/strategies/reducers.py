@@ -276,9 +276,12 @@ class _Holding:
 
     streaming = False
 
-    def __init__(self, template: Sequence[np.ndarray], max_updates: int) -> None:
+    def __init__(self, template: Sequence[np.ndarray], max_updates: int = 0, memory_mb: int = 2048) -> None:
         self._shapes = [t.shape for t in template]
-        self.max_updates = max_updates
+        #: 0: as many updates as ``memory_mb`` holds for this model (each held update is one model of
+        #: float32; the per-tensor stack at the end is transient); an update beyond it is ``too_many``
+        model_bytes = max(1, sum(int(np.prod(t.shape)) * 4 for t in template))
+        self.max_updates = max_updates or max(1, (memory_mb << 20) // model_bytes)
         self.items: list[tuple[Sequence[np.ndarray], float, float]] = []
         self.total_weight = 0.0
 
@@ -318,8 +321,9 @@ class TrimmedMean(_Holding):
 
     name = "trimmed_mean"
 
-    def __init__(self, template: Sequence[np.ndarray], max_updates: int, beta: float = 0.1) -> None:
-        super().__init__(template, max_updates)
+    def __init__(self, template: Sequence[np.ndarray], max_updates: int = 0, beta: float = 0.1,
+                 memory_mb: int = 2048) -> None:
+        super().__init__(template, max_updates, memory_mb)
         self.beta = beta
 
     def result(self) -> list[np.ndarray] | None:
@@ -347,8 +351,12 @@ class Krum(_Holding):
 
     name = "krum"
 
-    def __init__(self, template: Sequence[np.ndarray], max_updates: int, f: int = 1, m: int = 1) -> None:
-        super().__init__(template, max_updates)
+    def __init__(self, template: Sequence[np.ndarray], max_updates: int = 0, f: int = 1, m: int = 1,
+                 memory_mb: int = 2048) -> None:
+        super().__init__(template, max_updates, memory_mb)
+        if not max_updates:  # K held updates (K x P x 4 B) plus the K x K float64 Gram and distance matrices
+            p4, budget = sum(int(np.prod(sh)) for sh in self._shapes) * 4, memory_mb << 20
+            self.max_updates = max(1, int((-p4 + (p4 * p4 + 4 * 16 * budget) ** 0.5) / (2 * 16)))
         self.f, self.m = f, m
         self.selected: list[int] = []
         self.scores: np.ndarray | None = None

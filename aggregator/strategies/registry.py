@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hybrid": {"weights": ["samples", "quality"], "doc": "compose weights, clip, reducer, noise, server freely"},
 }
 KEYS = {"name", "weights", "quality", "clip", "reducer", "beta", "f", "m", "noise", "server", "max_updates",
-        "lanes", "guard"}
+        "memory_mb", "lanes", "guard"}
 GUARD_KEYS = {"off", "norm_k", "norm_warmup", "norm_window", "max_norm", "max_samples", "samples_k"}
 REDUCERS = ("mean", "median", "trimmed_mean", "krum", "multikrum")
 
@@ -116,7 +116,9 @@ def build_strategy(table: Mapping[str, Any] | None = None, section: str = "strat
         raise ConfigError(f"{section}.quality.metric must be a metric name such as \"val_accuracy\"")
     weighting = Weighting(tuple(f for f in factors if f != "uniform"), Quality(**q))
 
-    max_updates = _num(cfg, "max_updates", section, 1, 10**6, 10_000, integer=True)
+    # robust reducers hold every update (K x model): 0 = as many as memory_mb holds for this model
+    max_updates = _num(cfg, "max_updates", section, 0, 10**7, 0, integer=True)
+    memory_mb = _num(cfg, "memory_mb", section, 1, 10**7, 2048, integer=True)
     reducer = cfg.get("reducer", "mean")
     if reducer not in REDUCERS:
         raise ConfigError(f"{section}.reducer = {reducer!r}: use one of {', '.join(REDUCERS)}")
@@ -124,14 +126,14 @@ def build_strategy(table: Mapping[str, Any] | None = None, section: str = "strat
     if reducer == "mean":
         make = partial(WeightedMean, lanes=lanes or None)
     elif reducer == "median":
-        make = partial(CoordinateMedian, max_updates=max_updates)
+        make = partial(CoordinateMedian, max_updates=max_updates, memory_mb=memory_mb)
     elif reducer == "trimmed_mean":
         beta = _num(cfg, "beta", section, 0.0, 0.499, 0.1)
-        make = partial(TrimmedMean, max_updates=max_updates, beta=beta)
+        make = partial(TrimmedMean, max_updates=max_updates, beta=beta, memory_mb=memory_mb)
     else:
         f = _num(cfg, "f", section, 0, 10**5, 1, integer=True)
         m = 1 if reducer == "krum" else _num(cfg, "m", section, 1, 10**5, 3, integer=True)
-        make = partial(Krum, max_updates=max_updates, f=f, m=m)
+        make = partial(Krum, max_updates=max_updates, f=f, m=m, memory_mb=memory_mb)
 
     clipper = None
     c = _sub(cfg.get("clip"), "clip", {"bound", "adaptive", "quantile", "lr"}, section)
