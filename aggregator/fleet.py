@@ -22,10 +22,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: rejections that say nothing about the device's update itself (timing, copies, limits): they never
-#: count towards exclusion
-NOT_THE_DEVICES_FAULT = frozenset({"no_open_round", "future", "late", "stale", "duplicate", "rate_limited",
-                                   "wrong_run", "not_asked", "too_many", "internal"})
+#: rejections that say the device's update itself is wrong (content, not timing): only these count
+#: towards exclusion. Timing and delivery (late, future, stale, stale_base after a restart, no_open_round,
+#: duplicate, wrong_run, not_asked), limits (rate_limited, too_many) and our own bugs (internal) never do.
+DEVICE_FAULTS = frozenset({"wrong_model", "bad_tensors", "non_finite", "norm_outlier", "bad_weight", "zero_weight",
+                           "missing_quality", "bad_quality"})
 REPORTED_ERROR = "reported error"
 MAX_REASONS = 64  # distinct reason labels kept per device (labels come from fedmq.broker.contract.reasons)
 
@@ -130,7 +131,7 @@ class FleetTable:
             if len(d.rejections) > MAX_REASONS:
                 del d.rejections[min(d.rejections, key=d.rejections.__getitem__)]
             d.last_rejection = reason
-            if reason not in NOT_THE_DEVICES_FAULT:
+            if reason in DEVICE_FAULTS:
                 d._refused = True
 
     def on_open(self, asked: list[str]) -> None:

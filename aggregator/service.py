@@ -718,8 +718,8 @@ class AggregatorService:
         if not self.client.connected or self._republish.is_set():
             return  # nobody could hear the announcement; the retained state goes out first
         excluded = [a for a in self.online if self.fleet.is_excluded(a)]
-        # min_agents counts presence (as documented); excluded devices are online but never asked
-        if rc.select != "list" and (len(self.online) < rc.min_agents or len(excluded) >= len(self.online)):
+        # min_agents counts the devices that can be asked: excluded ones are online but never asked
+        if rc.select != "list" and (len(self.online) - len(excluded) < rc.min_agents or len(excluded) >= len(self.online)):
             return
         tc = self.cfg.train
         lr = tc.lr * tc.lr_decay ** (self.next_round - 1)

@@ -44,7 +44,8 @@ def test_table_excludes_after_refused_rounds_and_readmits_on_reconnect():
     t.on_status("d", "idle", "", "", "", 10, "", 1.0)
     for rnd in (1, 2):
         t.on_open(["d"])
-        t.on_update("d", "late", 2.0)  # not the device's fault: never counts
+        t.on_update("d", "late", 2.0)  # timing, not the device's update: never counts
+        t.on_update("d", "stale_base", 2.0)
         assert t.on_close(rnd, ["d"], []) == []
     for rnd in (3, 4):
         t.on_open(["d"])
@@ -62,7 +63,7 @@ def test_table_excludes_after_refused_rounds_and_readmits_on_reconnect():
     t.on_status("d", "idle", "", "", "", 10, "", 7.0)  # the error is gone: ready
     assert not t.is_excluded("d")
     row = filter_devices(t.snapshot(), "", "d")["devices"][0]
-    assert row["rejections"] == {"late": 2, "wrong_model": 2} and row["rounds_asked"] == 4
+    assert row["rejections"] == {"late": 2, "stale_base": 2, "wrong_model": 2} and row["rounds_asked"] == 4
 
 
 def test_probation_readmits_after_exclude_s():
