@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 #: rejections that say the device's update itself is wrong (content, not timing): only these count
 #: towards exclusion. Timing and delivery (late, future, stale, stale_base after a restart, no_open_round,
 #: duplicate, wrong_run, not_asked), limits (rate_limited, too_many) and our own bugs (internal) never do.
-DEVICE_FAULTS = frozenset({"wrong_model", "bad_tensors", "non_finite", "norm_outlier", "bad_weight", "zero_weight",
+#: ``norm_outlier`` is not one: it is a statistical judgement (k x the median norm) that an honest device
+#: with unusual data can get several rounds in a row (seen in the chaos run); the guard still refuses it.
+DEVICE_FAULTS = frozenset({"wrong_model", "bad_tensors", "non_finite", "bad_weight", "zero_weight",
                            "missing_quality", "bad_quality"})
 REPORTED_ERROR = "reported error"
 MAX_REASONS = 64  # distinct reason labels kept per device (labels come from fedmq.broker.contract.reasons)
