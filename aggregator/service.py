@@ -429,7 +429,11 @@ class AggregatorService:
             log.info("stopping mid-round %d: its updates will be re-sent by the agents' outboxes after a restart",
                      self.controller.current.ann.round)
         if self.client.connected and self.publisher is not None:  # a clean stop sends no will: say it ourselves
-            self._publish_service("done" if self._done else "offline")
+            try:  # briefly: a broker that stopped answering must not hold up a SIGTERM (systemd, supervisors)
+                self.publisher.publish(self.topics.service(), self._service_status("done" if self._done else "offline"),
+                                       retain=True, timeout=min(3.0, self.cfg.service.publish_timeout_s))
+            except Exception as e:  # noqa: BLE001 - stopping anyway
+                log.warning("could not publish our offline status before stopping: %s", e)
         self.client.close()
         if self._plots is not None:
             self._plots.close()
