@@ -73,14 +73,22 @@ class FleetTable:
     def __init__(self, exclude_after: int = 3) -> None:
         self.exclude_after = exclude_after  # 0: never exclude for refused updates
         self.devices: dict[str, Device] = {}
+        self.excluded: set[str] = set()  # ids of excluded devices: per-tick and per-round work is O(excluded)
         self.lock = threading.Lock()
-        self.excluded_total = 0
 
     def _get(self, agent: str, now: float) -> Device:
         d = self.devices.get(agent)
         if d is None:
             d = self.devices[agent] = Device(agent, first_seen=now)
         return d
+
+    def _exclude(self, d: Device, why: str, now: float) -> None:
+        d.excluded, d.excluded_at = why, now
+        self.excluded.add(d.agent)
+
+    def _readmit(self, d: Device, streak: int = 0) -> None:
+        d.excluded, d.refused_streak = "", streak
+        self.excluded.discard(d.agent)
 
     # -- the protocol thread ------------------------------------------------------------------
     def on_status(self, agent: str, state: str, runtime: str, interpreter: str, version: str, num_samples: int,
@@ -96,18 +104,16 @@ class FleetTable:
             if error:
                 d.last_error = error
                 if d.excluded != REPORTED_ERROR:
-                    self.excluded_total += 1
                     log.warning("device %s reports an error and is no longer asked until it reports ready: %s",
                                 agent, error[:200])
-                d.excluded, d.excluded_at = REPORTED_ERROR, now
+                self._exclude(d, REPORTED_ERROR, now)
                 return
             if not d.excluded or retained or state not in ("online", "idle"):
                 return
             # ready again: an error it reported is gone, or (refused updates) it restarted or reconnected
             if d.excluded == REPORTED_ERROR or was == "offline":
                 log.info("device %s reports ready again (was excluded: %s)", agent, d.excluded)
-                d.excluded = ""
-                d.refused_streak = 0
+                self._readmit(d)
 
     def readmit_expired(self, now: float, after_s: float) -> None:
         """Probation: a device excluded for refused updates is asked again after ``after_s`` (0 = never);
@@ -115,10 +121,10 @@ class FleetTable:
         if after_s <= 0:
             return
         with self.lock:
-            for d in self.devices.values():
-                if d.excluded and d.excluded != REPORTED_ERROR and now - d.excluded_at >= after_s:
-                    d.excluded = ""
-                    d.refused_streak = max(0, self.exclude_after - 1)
+            for a in list(self.excluded):
+                d = self.devices[a]
+                if d.excluded != REPORTED_ERROR and now - d.excluded_at >= after_s:
+                    self._readmit(d, max(0, self.exclude_after - 1))
                     log.info("device %s: exclusion over after %.0fs (probation: one more refused round excludes "
                              "it again)", d.agent, after_s)
 
@@ -160,9 +166,8 @@ class FleetTable:
                 elif d._refused:
                     d.refused_streak += 1
                     if self.exclude_after and d.refused_streak >= self.exclude_after and not d.excluded:
-                        d.excluded = f"updates refused {d.refused_streak} rounds in a row (last: {d.last_rejection})"
-                        d.excluded_at = time.time()
-                        self.excluded_total += 1
+                        self._exclude(d, f"updates refused {d.refused_streak} rounds in a row (last: "
+                                      f"{d.last_rejection})", time.time())
                         newly.append(a)
                 d._refused = d._accepted = False
         for a in newly:
@@ -171,8 +176,7 @@ class FleetTable:
         return newly
 
     def is_excluded(self, agent: str) -> bool:
-        d = self.devices.get(agent)
-        return d is not None and bool(d.excluded)
+        return agent in self.excluded
 
     # -- readers (any thread) -------------------------------------------------------------------
     def snapshot(self) -> list[dict]:
@@ -219,4 +223,6 @@ class FleetTable:
                                             if isinstance(v, int)})
                 if isinstance(r.get("excluded_at"), (int, float)):
                     d.excluded_at = float(r["excluded_at"])
+                if d.excluded:
+                    self.excluded.add(d.agent)
                 d.state = "unknown"  # until its status arrives again (a replayed retained status is no restart)

@@ -502,9 +502,8 @@ class AggregatorService:
         self.bounded_log.tick()
         self.telemetry.inbox_dropped.set(getattr(self.client, "dropped", 0))
         self.fleet.readmit_expired(time.time(), self.cfg.rounds.exclude_s)
-        counts = self.fleet.counts()
-        self.telemetry.devices_known.set(counts["known"])
-        self.telemetry.devices_excluded.set(counts["excluded"])
+        self.telemetry.devices_known.set(len(self.fleet.devices))  # O(1): no pass over the table each second
+        self.telemetry.devices_excluded.set(len(self.fleet.excluded))
         if mono >= self._next_fleet_save:
             self._next_fleet_save = mono + 30.0
             self._save_fleet()
@@ -522,9 +521,16 @@ class AggregatorService:
     def _save_fleet(self) -> None:
         """fleet.json in the state dir: what `fedmq-aggregator status` shows when no service answers."""
         try:
-            self.fleet.save(self.fleet_path, {"service": self.status_doc()["service"]})
+            self.fleet.save(self.fleet_path, {"service": self._service_doc()})
         except Exception as e:  # noqa: BLE001 - a full disk must not stop the rounds
             log.warning("could not write %s: %s", self.fleet_path, e)
+
+    def _service_doc(self) -> dict:
+        state = "done" if self._done else ("online" if self.client.connected else "connecting")
+        return {"id": self.cfg.service.id, "run": self.run_id, "model_id": self.served.model_id if self.served else "",
+                "state": state, "connected": bool(self.client.connected), "version": __version__,
+                "global_round": self.global_round, "next_round": self.next_round, "started": self.started,
+                "fleet": self.topics.fleet}
 
     def status_doc(self, rounds: int = 500) -> dict:
         """The service, the open round, fleet counts and the last closed rounds (served as /api/status).
@@ -532,15 +538,7 @@ class AggregatorService:
         Called from the HTTP threads: it only reads (dict copies are atomic under the GIL)."""
         now = time.time()
         c = self.controller.current
-        if self._done:
-            state = "done"
-        else:
-            state = "online" if self.client.connected else "connecting"
-        doc: dict = {"ts": now, "service": {
-            "id": self.cfg.service.id, "run": self.run_id, "model_id": self.served.model_id if self.served else "",
-            "state": state, "connected": bool(self.client.connected), "version": __version__,
-            "global_round": self.global_round, "next_round": self.next_round, "started": self.started,
-            "fleet": self.topics.fleet}}
+        doc: dict = {"ts": now, "service": self._service_doc()}
         if c is not None:
             rej = dict(self.round_rejects)
             doc["round"] = {"round": c.ann.round, "asked": len(c.asked), "quorum": c.quorum,
@@ -721,7 +719,7 @@ class AggregatorService:
         rc = self.cfg.rounds
         if not self.client.connected or self._republish.is_set():
             return  # nobody could hear the announcement; the retained state goes out first
-        excluded = [a for a in self.online if self.fleet.is_excluded(a)]
+        excluded = [a for a in self.fleet.excluded if a in self.online]  # O(excluded), not O(fleet)
         # min_agents counts the devices that can be asked: excluded ones are online but never asked
         if rc.select != "list" and (len(self.online) - len(excluded) < rc.min_agents or len(excluded) >= len(self.online)):
             return
