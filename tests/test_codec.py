@@ -24,7 +24,7 @@ from fedmq.broker.contract.messages import (
     TrainConfig,
     Update,
 )
-from fedmq.broker.contract.msgview import ReadLimits, unpack
+from fedmq.broker.contract.msgview import FAST_MAX_BYTES, ReadLimits, read_payload, unpack
 from fedmq.broker.contract.tensors import RAW_DTYPES, Compression, decode_tensor, encode_tensor, topk_count
 from fedmq.broker.errors import DecodeError, EncodeError
 
@@ -52,13 +52,24 @@ def test_raw_round_trip_bit_identical(data):
 
 
 def test_decoded_raw_tensors_are_zero_copy_views():
-    arr = np.arange(1000, dtype=np.float32)
+    """Above FAST_MAX_BYTES (where a copy costs memory) raw tensors are views of the payload."""
+    arr = np.arange(FAST_MAX_BYTES // 4 + 1000, dtype=np.float32)
     payload = codec.encode(GlobalModel(1, MID, {"w": arr}, 0.0, run=RUN))
+    assert len(payload) > FAST_MAX_BYTES
     out = codec.decode(payload)
     w = out.tensors["w"]
     assert not w.flags.owndata and not w.flags.writeable
     base = np.frombuffer(payload, dtype=np.uint8)
     assert np.shares_memory(w, base)
+    assert np.array_equal(w, arr)
+
+
+def test_small_payloads_decode_read_only_and_equal():
+    """Below FAST_MAX_BYTES msgpack's C unpacker decodes (bins are copies): same values, still read-only."""
+    arr = np.arange(1000, dtype=np.float32)
+    payload = codec.encode(GlobalModel(1, MID, {"w": arr}, 0.0, run=RUN))
+    w = codec.decode(payload).tensors["w"]
+    assert not w.flags.writeable and np.array_equal(w, arr)
 
 
 def test_big_endian_and_non_contiguous_inputs_are_normalised():
@@ -212,6 +223,58 @@ def test_reader_agrees_with_msgpack(obj, single_float):
     except OverflowError:  # a double beyond float32 range with use_single_float
         assume(False)
     assert _plain(unpack(data, ReadLimits(max_depth=64))) == msgpack.unpackb(data, strict_map_key=False)
+
+
+def _outcome(fn, data, lim):
+    """What a decoder makes of ``data``: ("ok", plain value) or ("error", reason)."""
+    try:
+        return "ok", _plain(fn(data, lim))
+    except DecodeError as e:
+        return "error", e.reason
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_like, st.booleans(), st.data())
+def test_fast_path_agrees_with_the_reader(obj, single_float, data):
+    """The two decoders (msgpack's C unpacker with hooks, the zero-copy reader) are one function:
+    same value for every valid payload, and for its truncations and single-byte corruptions the
+    same verdict (accepted with the same value, or rejected)."""
+    try:
+        payload = msgpack.packb(obj, use_bin_type=True, use_single_float=single_float)
+    except OverflowError:
+        assume(False)
+    lim = ReadLimits(max_depth=data.draw(st.integers(1, 12)), max_containers=data.draw(st.integers(1, 64)),
+                     max_str=data.draw(st.integers(0, 64)), max_container=data.draw(st.integers(0, 64)))
+    variants = [payload, payload[:data.draw(st.integers(0, len(payload)))]]
+    i = data.draw(st.integers(0, len(payload) - 1))
+    variants.append(payload[:i] + bytes([data.draw(st.integers(0, 255))]) + payload[i + 1:])
+    for v in variants:
+        fast, slow = _outcome(read_payload, v, lim), _outcome(unpack, v, lim)
+        assert (fast[0], fast[1] if fast[0] == "ok" else None) == (slow[0], slow[1] if slow[0] == "ok" else None)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"\x82\xa1a\x01\xa1a\x02", "malformed"),  # duplicate key
+    (b"\x81\xc3\x01", "malformed"),  # bool key
+    (b"\x81\xc4\x01a\x01", "malformed"),  # bin key
+    (b"\x81\x91\x01\x01", "malformed"),  # array key
+    (b"\x91\xd6\xff\x00\x00\x00\x01", "malformed"),  # a timestamp (ext -1) inside
+    (b"\xd6\xff\x00\x00\x00\x01", "malformed"),  # a timestamp alone
+    (b"\xd4\x01\x00", "malformed"),  # another ext
+    (b"\x91" * 9 + b"\x90", "malformed"),  # nesting 10 > 8
+    (b"\x91" * 3000 + b"\x90", "malformed"),  # deeper than msgpack's own stack
+    (b"\xdc\x10\x00" + b"\x90" * 4096, "too_large"),  # 4097 containers
+    (b"\xda\x20\x00" + b"a" * 8192, "too_large"),  # a string over max_str
+    (b"\xa2\xff\xfe", "malformed"),  # invalid UTF-8
+    (b"\x92\x01", "truncated"),
+    (b"\xc6\xff\xff\xff\xffab", "truncated"),  # a bin declaring 4 GB
+    (b"\x01\x02", "malformed"),  # trailing bytes
+    (b"\xc1", "malformed"),  # the never-used type byte
+])
+def test_both_decoders_reject_hostile_payloads_alike(payload, reason):
+    lim = ReadLimits(max_str=4096)
+    assert _outcome(read_payload, payload, lim) == ("error", reason)
+    assert _outcome(unpack, payload, lim) == ("error", reason)
 
 
 @settings(max_examples=300, deadline=None)

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 from fedmq.broker.contract.messages import KINDS, SCHEMA_VERSION, DecodeLimits, Message
-from fedmq.broker.contract.msgview import ReadLimits, unpack
+from fedmq.broker.contract.msgview import ReadLimits, read_payload
 from fedmq.broker.errors import DecodeError, EncodeError
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -80,7 +80,7 @@ def _walk(payload: bytes | bytearray | memoryview, limits: DecodeLimits) -> Any:
         raise DecodeError(f"payload of {n} bytes exceeds the limit {limits.max_payload_bytes}", reason="too_large")
     if n == 0:
         raise DecodeError("empty payload", reason="malformed")
-    return unpack(payload, ReadLimits(limits.max_depth, limits.max_container, limits.max_str, limits.max_containers))
+    return read_payload(payload, ReadLimits(limits.max_depth, limits.max_container, limits.max_str, limits.max_containers))
 
 
 def _check_envelope(m: Any) -> str:
