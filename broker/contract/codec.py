@@ -2,14 +2,15 @@
 
 ``encode`` returns ``bytes``; ``Encoder.encode`` returns a view into a reused buffer (no fresh
 40 MB allocation per message) that stays valid until its next call. ``decode`` checks the size
-first, walks the payload with the zero-copy reader (fedmq.broker.contract.msgview) and validates the schema;
+first, decodes it under the reader's limits (fedmq.broker.contract.msgview: msgpack's C unpacker up to
+``FAST_MAX_BYTES``, the zero-copy reader above) and validates the schema;
 every failure is a DecodeError whose ``reason`` is a short label for counters.
 
 Memory: ``decode`` never allocates from a declared size before checking it against the bytes
 present. Its peak allocation is at most ``DECODE_AMPLIFICATION * len(payload) + DECODE_OVERHEAD``
 bytes plus, for ``topk`` tensors, the dense result (4 bytes per declared element; at most
 ``max_topk_expansion`` elements per sent entry and ``max_elements`` per message). ``raw`` tensors
-are zero-copy views. tests/test_fuzz.py checks this bound with tracemalloc.
+are read-only (zero-copy views of payloads above ``FAST_MAX_BYTES``). tests/test_fuzz.py checks this bound with tracemalloc.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ and no copy. It implements the msgpack spec's types except ``ext`` (fedmq never 
 rejected), and enforces limits while walking: nesting depth, container and string lengths, and
 that every declared length fits in the bytes actually present (a hostile header can never make
 it allocate). It is cross-checked against ``msgpack.unpackb`` in the tests.
+
+``read_payload`` is what the codec calls: payloads up to ``FAST_MAX_BYTES`` go through msgpack's C
+unpacker with the same limits (``unpack_fast``, several times faster on small updates), larger ones
+through this reader.
 """
 
 from __future__ import annotations
