@@ -15,10 +15,16 @@
 #      with the host's LiteRT step from the same weights and batch.
 # (The emulated python cannot start the self-test's own child: without binfmt_misc an aarch64 execve
 # fails, so the parent side of the self-test runs on the host.)
+# /proc/cpuinfo: qemu-user before 8.2 (bookworm has 7.2) shows the guest the host's x86 /proc/cpuinfo,
+# and ai-edge-litert's CPU detection (cpuinfo) then segfaults while creating the interpreter, before any
+# training: an emulator artifact. So the script puts a Raspberry Pi 4 /proc/cpuinfo (Cortex-A72) into
+# the root, which qemu -L serves in place of the host's (a qemu that emulates it, e.g. 10.0, ignores it).
 #
 # Usage: sudo bench/qemu_arm64.sh [WORKDIR]   (default /tmp/fedmq-qemu; reused when it exists)
-# Env: MODELS="mlp sensor1d" (zoo names), PYTHON=.venv/bin/python (host, with TensorFlow).
-# Takes ~5 min the first time (downloads ~150 MB), then ~1 min per model.
+# Env: MODELS="mlp sensor1d" (zoo names), PYTHON=.venv/bin/python (host, with TensorFlow),
+#      QEMU=qemu-aarch64-static (or another qemu-aarch64 binary), QEMU_CPU=cortex-a72 (the Pi 4's core;
+#      also max, cortex-a76 (Pi 5), cortex-a53 (Pi 3 / Zero 2) ...).
+# Takes ~3 min the first time on 2 x86 cores (apt, ~150 MB of wheels), then ~15 s per small model.
 set -euo pipefail
 ROOT_DIR="$(cd "$(dirname "$0")/.." && pwd)"
 W="${1:-/tmp/fedmq-qemu}"
@@ -35,16 +41,31 @@ if [ ! -x root/usr/bin/python3.11 ]; then
   /usr/sbin/debootstrap --foreign --arch=arm64 --variant=minbase --include=python3,libpython3.11 bookworm root "$MIRROR"
   for d in root/var/cache/apt/archives/*.deb; do dpkg-deb -x "$d" root; done  # --foreign unpacks only the base
 fi
-PY_ARM=(qemu-aarch64-static -L "$W/root" "$W/root/usr/bin/python3.11")
+# a Raspberry Pi 4's /proc/cpuinfo in place of the host's (see the top): qemu -L prefers the root's file
+mkdir -p root/proc
+cpu="BogoMIPS	: 108.00
+Features	: fp asimd evtstrm crc32 cpuid
+CPU implementer	: 0x41
+CPU architecture: 8
+CPU variant	: 0x0
+CPU part	: 0xd08
+CPU revision	: 3
+"
+printf 'processor\t: 0\n%s\nprocessor\t: 1\n%s\nHardware\t: BCM2835\nRevision\t: c03111\nModel\t\t: %s\n' \
+  "$cpu" "$cpu" "Raspberry Pi 4 Model B Rev 1.1" > root/proc/cpuinfo
+export QEMU_CPU="${QEMU_CPU:-cortex-a72}"
+PY_ARM=("${QEMU:-qemu-aarch64-static}" -L "$W/root" "$W/root/usr/bin/python3.11")
+echo "host:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) x $(nproc); $("${PY_ARM[0]}" --version | head -1); QEMU_CPU=$QEMU_CPU"
 "${PY_ARM[@]}" -c 'import platform, sys; print("emulated:", platform.machine(), sys.version.split()[0])'
 
 PLAT=(--platform manylinux2014_aarch64)
 for v in $(seq 17 36); do PLAT+=(--platform "manylinux_2_${v}_aarch64"); done  # bookworm: glibc 2.36
-declare -A PKGS=([litert]="ai-edge-litert==${LITERT_VERSION:-2.3.0} numpy" [tflite]="tflite-runtime==${TFLITE_VERSION:-2.14.0} numpy<2")
+declare -A VER=([litert]="${LITERT_VERSION:-2.3.0}" [tflite]="${TFLITE_VERSION:-2.14.0}")  # one site dir per version
+declare -A PKGS=([litert]="ai-edge-litert==${VER[litert]} numpy" [tflite]="tflite-runtime==${VER[tflite]} numpy<2")
 for site in litert tflite; do
-  if [ ! -d "site-$site" ]; then
+  if [ ! -d "site-$site-${VER[$site]}" ]; then
     # shellcheck disable=SC2086
-    "$PY_HOST" -m pip install -q --target "site-$site" "${PLAT[@]}" --python-version 3.11 --only-binary=:all: \
+    "$PY_HOST" -m pip install -q --no-warn-conflicts --target "site-$site-${VER[$site]}" "${PLAT[@]}" --python-version 3.11 --only-binary=:all: \
       ${PKGS[$site]} msgpack paho-mqtt cryptography
   fi
 done
@@ -62,23 +83,29 @@ EOF
 )
 done
 
+echo "| model | runtime | XNNPACK | self-test | loss | step vs the host's LiteRT |"
+echo "|---|---|---|---|---|---|"
 for m in $MODELS; do
   for rt in litert:ai_edge_litert tflite:tflite_runtime; do
     site=${rt%%:*}; name=${rt#*:}
     for x in --xnnpack --no-xnnpack; do
       o="out/$m-$site$x.npz"; rm -f "$o"
       set +e
-      PYTHONPATH="$W/src:$W/site-$site" timeout 600 "${PY_ARM[@]}" -m fedmq.edge_agent.selftest \
+      PYTHONFAULTHANDLER=1 PYTHONPATH="$W/src:$W/site-$site-${VER[$site]}" timeout 600 "${PY_ARM[@]}" -m fedmq.edge_agent.selftest \
         --artifact "models/$m.tflite" --runtime "$name" --out "$o" $x >"out/$m-$site$x.log" 2>&1
       rc=$?
       set -e
-      (cd "$ROOT_DIR" && "$PY_HOST" - "$W/models/$m.tflite" "$W/$o" "$rc" "$m" "$name" "$x" <<'EOF' 2>/dev/null
-import signal, sys
+      (cd "$ROOT_DIR" && "$PY_HOST" - "$W/models/$m.tflite" "$W/$o" "$rc" "$m" "$name" "$x" "$W/out/$m-$site$x.log" \
+        <<'EOF' 2>/dev/null
+import re, signal, sys
 import numpy as np
 from fedmq.edge_agent import selftest
-art, out, rc, model, rt, x = sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:]
+art, out, rc, model, rt, x, logf = sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:]
 if rc != 0:  # the shell reports a signal as 128 + n; qemu re-raises the guest's signal on itself
-    what = f"crashed in a training step ({signal.Signals(rc - 128).name})" if rc > 128 else f"exit {rc}"
+    # where: the innermost Python frame of the child's faulthandler traceback (PYTHONFAULTHANDLER=1)
+    frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', open(logf, errors="replace").read())
+    at = f" at {frames[0][0].rsplit('/', 1)[-1]}:{frames[0][1]} {frames[0][2]}" if frames else ""
+    what = f"crashed ({signal.Signals(rc - 128).name}){at}" if rc > 128 else f"exit {rc}"
     print(f"| {model} | {rt} | {x[2:]} | FAIL: {what} | — | — |")
     sys.exit()
 d = np.load(out)
