@@ -248,7 +248,7 @@ def unpack_fast(buf: bytes | bytearray | memoryview, limits: ReadLimits | None =
     try:
         obj = msgpack.unpackb(buf, raw=False, strict_map_key=False, use_list=True, ext_hook=_ext, timestamp=0,
                               list_hook=on_list, object_pairs_hook=on_pairs, max_str_len=lim.max_str,
-                              max_bin_len=len(buf), max_array_len=lim.max_container,
+                              max_bin_len=memoryview(buf).nbytes, max_array_len=lim.max_container,
                               max_map_len=min(lim.max_container // 2, _FAST_MAX_MAP))
     except DecodeError:
         raise
