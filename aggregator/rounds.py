@@ -72,6 +72,9 @@ class RoundController:
         self.cfg = cfg
         self.current: OpenRound | None = None
         self.closed_rounds: set[int] = set()
+        #: the last aggregated round: a re-sent copy of an update it counted (its receipt was lost, e.g.
+        #: in a broker restart) is told "duplicate, accepted" instead of "no_open_round" / "late"
+        self.last_closed: OpenRound | None = None
         self.rejected: Counter[str] = Counter()
 
     def open(self, round_no: int, model_id: str, base_round: int, global_weights: dict, online: list[str],
@@ -109,6 +112,8 @@ class RoundController:
     def on_update(self, u: Update, nbytes: int, now: float) -> str | None:
         """Consider one decoded update; return None if it counts, else the rejection reason."""
         r = self.current
+        if self._counted_before(u):
+            return self._reject("duplicate", u)
         if r is None:
             return self._reject("no_open_round", u)
         ann = r.ann
@@ -139,6 +144,18 @@ class RoundController:
             r.quorum_at = now
             log.info("round %d: quorum %d reached", ann.round, r.quorum)
         return None
+
+    def _counted_before(self, u: Update) -> bool:
+        lc = self.last_closed
+        return (lc is not None and u.round == lc.ann.round and u.run == lc.ann.run
+                and lc.received.get(u.agent) == u.update_id)
+
+    def holds(self, u: Update) -> bool:
+        """Whether this very update (same update_id) counts in the open round or counted in the last one."""
+        r = self.current
+        if r is not None and r.ann.round == u.round and r.received.get(u.agent) == u.update_id:
+            return True
+        return self._counted_before(u)
 
     def poll(self, now: float) -> str:
         """'open', 'close' (aggregate now) or 'timeout' (deadline passed without quorum)."""
@@ -178,6 +195,7 @@ class RoundController:
         if len(self.closed_rounds) > 1000:
             self.closed_rounds.discard(min(self.closed_rounds))
         self.current = None
+        self.last_closed = r
         return r, result
 
     def abandon(self) -> OpenRound:

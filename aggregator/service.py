@@ -646,9 +646,7 @@ class AggregatorService:
 
     def _receipt(self, u: Update, reason: str | None) -> None:
         """Tell the agent whether we hold its update (never blocks: paho sends it, again after a reconnect)."""
-        r = self.controller.current
-        accepted = reason is None or (reason == "duplicate" and r is not None and r.ann.round == u.round
-                                      and r.received.get(u.agent) == u.update_id)
+        accepted = reason is None or (reason == "duplicate" and self.controller.holds(u))
         msg = Receipt(u.run if u.run else self.run_id, u.round, u.agent, u.update_id, accepted, reason or "",
                       reason in RETRY_REASONS)
         try:

@@ -139,3 +139,19 @@ def test_fraction_selection_is_a_hash_rule_every_agent_evaluates():
     c2 = RoundController(build_strategy({"name": "fedavg"}), lone)
     ann2 = c2.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0, run=RUN)
     assert len(c2.current.asked) == 1 and ann2.agents == c2.current.asked and ann2.asks(ann2.agents[0])
+
+
+def test_a_copy_of_an_update_the_last_round_counted_is_told_it_counted():
+    """Issue 14.1: a receipt lost (a broker restart) and the round closed meanwhile: the agent's re-send
+    learns its update counted (duplicate, held), in the gap and in the next round; another update does not."""
+    c, _ = controller(quorum=2)
+    c.open(1, MID, 0, G, ["a", "b"], TrainConfig(), now=0.0, run=RUN)
+    ua, ub = upd("a"), upd("b")
+    assert c.on_update(ua, 100, 1.0) is None and c.on_update(ub, 100, 1.0) is None
+    c.close()
+    assert c.on_update(ua, 100, 2.0) == "duplicate" and c.holds(ua)  # between rounds
+    other = upd("a", uid="0123456789abcdef")  # a different update for the same round never counted
+    assert c.on_update(other, 100, 2.0) == "no_open_round" and not c.holds(other)  # control
+    c.open(2, MID, 1, G, ["a", "b"], TrainConfig(), now=3.0, run=RUN)
+    assert c.on_update(ub, 100, 3.5) == "duplicate" and c.holds(ub)  # while the next round is open
+    assert c.on_update(other, 100, 3.5) == "late" and not c.holds(other)
