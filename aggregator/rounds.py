@@ -112,8 +112,9 @@ class RoundController:
     def on_update(self, u: Update, nbytes: int, now: float) -> str | None:
         """Consider one decoded update; return None if it counts, else the rejection reason."""
         r = self.current
-        if self._counted_before(u):
-            return self._reject("duplicate", u)
+        if r is None or u.round != r.ann.round:
+            if self._counted_before(u):  # a copy of what the last round counted (its receipt was lost)
+                return self._reject("duplicate", u)
         if r is None:
             return self._reject("no_open_round", u)
         ann = r.ann

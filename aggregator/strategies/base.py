@@ -83,8 +83,7 @@ class Strategy:
         else:
             self._reducer = self.make_reducer(template)
         self._rejected: Counter[str] = Counter()
-        self._agents: list[str] = []  # in arrival order (the round's participants)
-        self._agent_set: set[str] = set()  # the same ids: the duplicate check is O(1), not a list scan
+        self._agents: dict[str, None] = {}  # the round's participants in arrival order; O(1) duplicate check
         self._weights: list[float] = []
         self._norms: list[float] = []
         self._loss_num = 0.0
@@ -121,7 +120,7 @@ class Strategy:
         """Fold one update in; return None if accepted, else the rejection reason."""
         if self._global is None:
             raise RuntimeError("begin_round() first")
-        if u.agent in self._agent_set:
+        if u.agent in self._agents:
             return self._reject(u, "duplicate", "second update in this round")
         bad = self.check(u)
         if bad:
@@ -159,8 +158,7 @@ class Strategy:
                      u.num_samples, samples)
         if self.guard is not None:
             self.guard.accepted(math.sqrt(sq), samples)
-        self._agents.append(u.agent)
-        self._agent_set.add(u.agent)
+        self._agents[u.agent] = None
         self._weights.append(w)
         self._norms.append(math.sqrt(sq))
         loss = u.metrics.get("loss")
