@@ -225,10 +225,22 @@ def test_reader_agrees_with_msgpack(obj, single_float):
     assert _plain(unpack(data, ReadLimits(max_depth=64))) == msgpack.unpackb(data, strict_map_key=False)
 
 
+def _canon(o):
+    """A value as a comparable tree: types kept (True is not 1) and floats by their bits (NaN == NaN)."""
+    o = _plain(o)
+    if isinstance(o, list):
+        return ("list", tuple(_canon(x) for x in o))
+    if isinstance(o, dict):
+        return ("dict", tuple((_canon(k), _canon(v)) for k, v in o.items()))
+    if isinstance(o, float):
+        return ("float", struct.pack("<d", o))
+    return (type(o).__name__, o)
+
+
 def _outcome(fn, data, lim):
-    """What a decoder makes of ``data``: ("ok", plain value) or ("error", reason)."""
+    """What a decoder makes of ``data``: ("ok", canonical value) or ("error", reason)."""
     try:
-        return "ok", _plain(fn(data, lim))
+        return "ok", _canon(fn(data, lim))
     except DecodeError as e:
         return "error", e.reason
 
@@ -251,6 +263,19 @@ def test_fast_path_agrees_with_the_reader(obj, single_float, data):
     for v in variants:
         fast, slow = _outcome(read_payload, v, lim), _outcome(unpack, v, lim)
         assert (fast[0], fast[1] if fast[0] == "ok" else None) == (slow[0], slow[1] if slow[0] == "ok" else None)
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x91\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00",  # [NaN] as a double (CI found it by corrupting [inf])
+    b"\x91\xcb\xff\xf0\x00\x00\x00\x00\x00\x01",  # a signalling NaN with a payload
+    b"\x91\xca\x7f\xc0\x00\x00",  # NaN as a float32
+    b"\x81\xa1a\xcb\x7f\xf0\x00\x00\x00\x00\x00\x00",  # {"a": inf}
+])
+def test_both_decoders_read_nan_and_inf_alike(payload):
+    """NaN != NaN, so the comparison is by bits: both decoders give the same double."""
+    fast, slow = _outcome(read_payload, payload, ReadLimits()), _outcome(unpack, payload, ReadLimits())
+    assert fast[0] == "ok" and fast == slow
+    assert _canon(msgpack.unpackb(payload)) == fast[1]
 
 
 @pytest.mark.parametrize("payload, reason", [
