@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .runtime import load_interpreter
+from .signature import Signature
 
 log = logging.getLogger(__name__)
 SIGNATURES = ("train", "evaluate", "infer", "get_weights", "set_weights")
@@ -93,11 +94,11 @@ class TFLiteTrainer:
         missing = [s for s in SIGNATURES if s not in sigs]
         if missing:
             raise ArtifactError(f"artifact lacks signature(s) {missing}: export it with fedmq-aggregator export")
-        self._train = self.interp.get_signature_runner("train")
-        self._eval = self.interp.get_signature_runner("evaluate")
-        self._infer = self.interp.get_signature_runner("infer")
-        self._get = self.interp.get_signature_runner("get_weights")
-        self._set = self.interp.get_signature_runner("set_weights")
+        # Signature: resize an input only when its shape changes (LiteRT on aarch64 crashes resizing
+        # the 0-d lr input; see signature.py)
+        run = lambda key: Signature(self.interp.get_signature_runner(key))  # noqa: E731
+        self._train, self._eval, self._infer = run("train"), run("evaluate"), run("infer")
+        self._get, self._set = run("get_weights"), run("set_weights")
 
     def release(self) -> None:
         """Drop the interpreter and its buffers (weights, training temporaries): the process gives

@@ -1,7 +1,7 @@
 """The runtime self-test (issue 15.4): one training step of a real artifact in a child process.
 
 A deliberately broken runtime is made only here: a ``sitecustomize`` on the children's PYTHONPATH
-patches ai-edge-litert's signature runner so that the ``train`` signature kills the process with
+patches ai-edge-litert's signature runners so that the ``train`` signature kills the process with
 SIGSEGV (what LiteRT 2.3.0 did under aarch64 emulation) or returns a NaN loss. The fallback runtime
 in this environment is TensorFlow's tf.lite (tflite-runtime lives in the separate .tflite-venv).
 """
@@ -27,16 +27,27 @@ BROKEN = r'''
 import os, signal
 import numpy as np
 import ai_edge_litert.interpreter as m
-_call = m.SignatureRunner.__call__
-def __call__(self, **kw):
-    if self._signature_key == "train":
+
+class _Broken:
+    """The train runner's interpreter wrapper, with a step that crashes or returns NaN: whatever
+    calls it (the runner's own __call__ or the agent's Signature) gets the broken step."""
+    def __init__(self, w):
+        self._w = w
+    def __getattr__(self, name):
+        return getattr(self._w, name)
+    def Invoke(self, sub):
         if "{mode}" == "segv":
             os.kill(os.getpid(), signal.SIGSEGV)
-        out = _call(self, **kw)
-        out["loss"] = np.float32("nan")
-        return out
-    return _call(self, **kw)
-m.SignatureRunner.__call__ = __call__
+        return self._w.Invoke(sub)
+    def GetTensor(self, index, sub):
+        return np.full_like(self._w.GetTensor(index, sub), np.nan)
+
+_init = m.SignatureRunner.__init__
+def __init__(self, *a, **kw):
+    _init(self, *a, **kw)
+    if self._signature_key == "train":
+        self._interpreter_wrapper = _Broken(self._interpreter_wrapper)
+m.SignatureRunner.__init__ = __init__
 '''
 
 
