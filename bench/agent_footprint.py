@@ -128,7 +128,7 @@ def _merge_toml(path: Path, port: int, tables: dict) -> None:
 
 
 def run_process(name: str, mode: str, work: Path, model_cache: Path, examples: int, batch_size: int,
-                rounds: int = 2, timeout: float = 240) -> ProcessRun:
+                rounds: int = 2, timeout: float = 240, agent_python: str = sys.executable) -> ProcessRun:
     """A provisioned Mosquitto (TLS + passwords + ACL), an aggregator process and one ``fedmq-agent run``
     process training ``name`` for ``rounds`` rounds; the agent's RSS is sampled every 10 ms and each
     sample is put in the phase the agent is in (its log lines and cache_dir/global.msgpack mark them)."""
@@ -166,7 +166,7 @@ def run_process(name: str, mode: str, work: Path, model_cache: Path, examples: i
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         agent_log = work / "agent.log"
         # the agent first, alone: its idle phase is measured before any model exists on the broker
-        agent = subprocess.Popen([sys.executable, *AGENT_CMD, "run", "--config", str(a_cfg)],
+        agent = subprocess.Popen([agent_python, *AGENT_CMD, "run", "--config", str(a_cfg)],
                                  stdout=open(agent_log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
         procs.append(agent)
         phase_mb = dict.fromkeys(PHASES, 0.0)
@@ -224,7 +224,14 @@ def run_process(name: str, mode: str, work: Path, model_cache: Path, examples: i
         lb.cleanup()
 
 
-def process_table(batch_size: int) -> None:
+def agent_runtime(agent_python: str) -> str:
+    """The runtime the agent's interpreter would load first ("ai_edge_litert 2.3.0")."""
+    code = "from fedmq.edge_agent.runtime import interpreter_class as c; print(c()[1])"
+    return subprocess.run([agent_python, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=str(ROOT)).stdout.strip()
+
+
+def process_table(batch_size: int, models: list[str], agent_pythons: list[str]) -> None:
     """The whole ``fedmq-agent run`` process through two rounds on a provisioned broker."""
     from fedmq.aggregator.config import ModelSection
     from fedmq.aggregator.model_store import load_or_export
@@ -234,18 +241,20 @@ def process_table(batch_size: int) -> None:
           "`fedmq-broker provision` (TLS, passwords, ACL), with a real aggregator process, through 2 rounds "
           f"(batch {batch_size}, 1 epoch; CNN 600 and MLP 300 local examples, 10% held out). RSS sampled every "
           "10 ms; per phase the largest sample; peak = VmHWM of the process at the end.\n")
-    print("| model | mode | " + " | ".join(PHASES) + " | peak (VmHWM) MB | target MB |")
-    print("|---|---|" + "---:|" * (len(PHASES) + 2))
+    print("| model | runtime | mode | " + " | ".join(PHASES) + " | peak (VmHWM) MB | target MB |")
+    print("|---|---|---|" + "---:|" * (len(PHASES) + 2))
+    runtimes = {py: agent_runtime(py) for py in agent_pythons}
     with tempfile.TemporaryDirectory() as d:
-        models = Path(d) / "models"
-        models.mkdir()
-        for name in ("mlp", "cnn"):
-            load_or_export(ModelSection(source=f"zoo:{name}", batch_size=batch_size, verify_steps=0), models)
-            for mode in ("default", "low_memory"):
-                r = run_process(name, mode, Path(d) / f"{name}-{mode}", models, 600 if name == "cnn" else 300,
-                                batch_size)
-                print(f"| {name} | {mode} | " + " | ".join(f"{r.phase_mb[p]:.1f}" for p in PHASES)
-                      + f" | {r.hwm_mb:.1f} | {PROCESS_TARGETS[(name, mode)]} |", flush=True)
+        cache = Path(d) / "models"
+        cache.mkdir()
+        for name in models:
+            load_or_export(ModelSection(source=f"zoo:{name}", batch_size=batch_size, verify_steps=0), cache)
+            for py in agent_pythons:
+                for mode in ("default", "low_memory"):
+                    r = run_process(name, mode, Path(d) / f"{name}-{mode}-{len(os.listdir(d))}", cache,
+                                    600 if name == "cnn" else 300, batch_size, agent_python=py)
+                    print(f"| {name} | {runtimes[py]} | {mode} | " + " | ".join(f"{r.phase_mb[p]:.1f}" for p in PHASES)
+                          + f" | {r.hwm_mb:.1f} | {PROCESS_TARGETS[(name, mode)]} |", flush=True)
     print()
 
 
@@ -258,9 +267,13 @@ def main() -> int:
     ap.add_argument("--agent-venv", type=Path, help="a venv with only fedmq[agent] installed")
     ap.add_argument("--batch-size", type=int, default=10, help="the FedAvg paper's B = 10")
     ap.add_argument("--only", choices=("trainer", "process"), help="one of the two tables (default both)")
+    ap.add_argument("--models", default="mlp,cnn", help="process table: zoo models, comma-separated (default mlp,cnn)")
+    ap.add_argument("--agent-python", action="append", metavar="PYTHON",
+                    help="process table: the agent's interpreter, repeatable (default this one; e.g. "
+                         ".tflite-venv/bin/python for tflite-runtime)")
     args = ap.parse_args()
     if args.only != "trainer":
-        process_table(args.batch_size)
+        process_table(args.batch_size, args.models.split(","), args.agent_python or [sys.executable])
     if args.only == "process":
         return 0
     import numpy as np

@@ -257,9 +257,12 @@ def test_flood_costs_the_flooder_not_the_fleet(fleet4, tmp_path):
     assert 1 <= rej <= sent + 100  # what reached it was counted (Mosquitto may drop part of a flood)
     assert "rate_limited" in metrics_text(port)
     assert f"agent {HOSTILE} quarantined" in agg.text()
-    # the ratio depends on the host's CPU (0.36-0.49 on a slow 2-core host, 2026-12-02, with the flooder, the
-    # broker, 4 agents and the aggregator sharing the cores): 0.25 still fails a flood that stalls the fleet
-    assert attack_rate >= 0.25 * clean_rate, figures
+    # The fleet goes on under the flood: rounds are aggregated during it and none is abandoned (each round
+    # has a 20 s deadline and the attack lasts 30 s, so a flood that stalls intake abandons one). Counts, not
+    # a rate ratio: the ratio depends on the host's CPU (0.36-0.49 measured on a slow 2-core host with the
+    # flooder, the broker, 4 agents and the aggregator sharing the cores). The figures are printed above.
+    abandoned = [r["round"] for r in history(f) if r["outcome"] != "aggregated" and start <= r["ts"] <= end + 20]
+    assert during >= 2 and not abandoned, figures
     assert log_growth < 1_000_000, figures
     assert rss_after < rss_before * 1.5 + 20, figures
     assert all(sorted(r["participants_list"]) == HONEST for r in history(f) if r["outcome"] == "aggregated")
