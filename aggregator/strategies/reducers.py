@@ -56,6 +56,9 @@ def sum_squares(arrays: Sequence[np.ndarray], block: int = 1 << 20) -> float:
     with np.errstate(over="ignore", invalid="ignore"):  # overflow/NaN show in the result
         for a in arrays:
             f = a.reshape(-1)
+            if f.size <= block:  # most tensors: one dot, no slicing (per-update cost on small models)
+                total += float(np.dot(f, f))
+                continue
             for s in range(0, f.size, block):
                 b = f[s : s + block]
                 total += float(np.dot(b, b))
