@@ -167,7 +167,8 @@ def _shape(obj: Any, name: str, max_elements: int) -> tuple[tuple[int, ...], int
         if d > max_elements:
             raise DecodeError(f"tensor {name!r}: dimension {d} exceeds the limit {max_elements}", reason="too_large")
         size *= d
-        span *= max(d, 1)
+        if d > 1:
+            span *= d
         if span > max_elements:
             raise DecodeError(
                 f"tensor {name!r}: declared {span}+ elements exceed the limit {max_elements}", reason="too_large"
@@ -207,7 +208,16 @@ def decode_tensor(m: Mapping[str, Any], max_elements: int, max_topk_expansion: i
     if type(dname) is not str or dname not in RAW_DTYPES:
         raise DecodeError(f"tensor {name!r}: dtype {dname!r:.40} not allowed", reason="bad_dtype")
     shape, size = _shape(m.get("shape"), name, max_elements)
-    data = _bin(m.get("data"), "data", name)
+    data = m.get("data")
+    if enc == "raw" and type(data) is bytes:  # the common case (the C decoder's bins), without a memoryview
+        dt = RAW_DTYPES[dname]
+        if len(data) != size * dt.itemsize:
+            raise DecodeError(
+                f"tensor {name!r}: shape {list(shape)} x {dname} needs {size * dt.itemsize} bytes, got {len(data)}",
+                reason="bad_shape",
+            )
+        return name, np.frombuffer(data, dtype=dt).reshape(shape)
+    data = _bin(data, "data", name)
     if enc == "raw":
         dt = RAW_DTYPES[dname]
         if data.nbytes != size * dt.itemsize:

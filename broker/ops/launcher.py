@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,7 +33,31 @@ def find_mosquitto() -> str | None:
     return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now, below the kernel's ephemeral range when it can be.
+
+    A port from the ephemeral range (what binding port 0 gives) can be taken by any outgoing
+    connection before its user binds it: with thousands of synthetic agents connecting, the
+    aggregator's HTTP port was (bench/fleet.py, 10,000 agents: "Address already in use").
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
+    if low > 20000:
+        for _ in range(64):
+            port = rng.randrange(20000, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
