@@ -80,6 +80,24 @@ class BenchSpec:
     model_cache: Path | None = None
     scenarios: tuple[str, ...] = SCENARIOS
     upload_window_s: float = 0.0
+    #: give the aggregator one core of its own (the others: broker, generators, this process), so that
+    #: its intake is measured, not its share of a machine the load generators saturate
+    pin: bool = False
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """CPU affinity of every thread of ``pid`` (threads it starts later inherit it)."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), cpus)
+    except (OSError, ValueError):
+        pass  # it exited
+
+
+def pin_sets() -> tuple[set[int], set[int]]:
+    """(the aggregator's core, everyone else's): the last core alone, the rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return {cpus[-1]}, set(cpus[:-1]) or {cpus[-1]}
 
 
 @dataclass
@@ -267,6 +285,11 @@ class Bench:
         else:
             self.broker = LocalBroker(**kw)
         self.broker.start(timeout=60)
+        self._pin_others(self.broker.proc.pid)
+
+    def _pin_others(self, pid: int) -> None:
+        if self.spec.pin:
+            pin(pid, pin_sets()[1])
 
     def broker_table(self) -> dict:
         t = {"host": "localhost" if self.spec.secure else "127.0.0.1", "port": self.broker.port,
@@ -282,6 +305,8 @@ class Bench:
         if s.upload_window_s:
             rounds["upload_window_s"] = s.upload_window_s
         self.agg = self.fleet.start_aggregator(service={"prometheus_port": self.prom_port}, rounds=rounds)
+        if s.pin:
+            pin(self.agg.popen.pid, pin_sets()[0])
 
     def start_generators(self) -> None:
         s = self.spec
@@ -302,6 +327,7 @@ class Bench:
             self.gens.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "synth_agents.py"), "--spec",
                                                str(p)], stdout=logf, stderr=subprocess.STDOUT,
                                               start_new_session=True))
+            self._pin_others(self.gens[-1].pid)
             self.gen_stats_paths.append(stats)
 
     def start_observer(self) -> None:
@@ -602,6 +628,7 @@ class Bench:
                     self.broker.kill()
                     t_k, t_kill = time.monotonic(), time.time()
                     self.broker.start(timeout=60)
+                    self._pin_others(self.broker.proc.pid)
                     self.wait(lambda: sum(x.get("status_acked", 0) for x in self.fresh_stats(t_kill)) >= s.n,
                               s.phase_timeout_s, "every agent's status again")
                     extra["reconnect_s"] = time.monotonic() - t_k
@@ -698,17 +725,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upload-window", type=float, default=0.0, help="[rounds] upload_window_s (0 = one burst)")
     ap.add_argument("--workdir", default="/tmp/fedmq-fleet-bench")
     ap.add_argument("--json", default="")
+    ap.add_argument("--pin", action="store_true", help="the aggregator on a core of its own (the last one); the broker, "
+                    "the generators and this process on the others (intake capacity rather than a share of the machine)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     wd = Path(args.workdir)
     cache = export_model(wd / "model-cache")
+    if args.pin:
+        os.sched_setaffinity(0, pin_sets()[1])
     runs = [(n, m == "chunked", False) for n in args.n for m in args.modes] + [(n, False, True) for n in args.secure]
     results = []
     for n, chunked, secure in runs:
         d = wd / f"n{n}-{'chunked' if chunked else 'plain'}{'-secure' if secure else ''}-{uuid.uuid4().hex[:6]}"
         log.info("=== N=%d chunked=%s secure=%s (%s)", n, chunked, secure, d)
         res = Bench(BenchSpec(n, d, chunked=chunked, secure=secure, model_cache=cache, deadline_s=args.deadline,
-                              scenarios=tuple(args.scenarios), upload_window_s=args.upload_window)).run()
+                              scenarios=tuple(args.scenarios), upload_window_s=args.upload_window,
+                              pin=args.pin)).run()
         results.append(res)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1, default=str))
