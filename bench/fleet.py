@@ -29,6 +29,7 @@ in the round (topic + payload of every PUBLISH; a real agent also downloads the 
 from __future__ import annotations
 
 import argparse
+import http.client
 import inspect
 import json
 import logging
@@ -62,6 +63,10 @@ from fedmq.broker.ops.launcher import LocalBroker, SecureFiles, free_port  # noq
 log = logging.getLogger(__name__)
 
 SCENARIOS = ("first", "aggregator_restart", "broker_restart")
+#: not in the default run: ``drain`` stops the aggregator (SIGSTOP) as the next round is announced, lets
+#: every agent's update reach the broker (PUBACKed: queued there for the aggregator), then resumes it:
+#: its intake is then the rate it takes a ready backlog in, whatever the load generators can produce
+EXTRA_SCENARIOS = ("drain",)
 CHUNKED_PACKET = 4096  # broker max_packet_size in the chunked mode: every update (~13 KB) is ~4 chunks
 
 
@@ -140,6 +145,7 @@ class RoundRecord:
     no_receipt: int = 0  # with receipts: agents whose update got a PUBACK and never a receipt
     reconnect_s: float | None = None  # broker restart: until every agent's status is PUBACKed again
     seen_after_restart_s: float | None = None  # until the aggregator reports N online again
+    stopped_s: float | None = None  # drain: how long the aggregator was stopped while the backlog formed
 
 
 def lost_count(acked: set[str], participants: list[str], rejected: int) -> int:
@@ -349,7 +355,7 @@ class Bench:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.prom_port}/metrics", timeout=2) as r:
                 return parse_prom(r.read().decode())
-        except OSError:
+        except (OSError, http.client.HTTPException, ValueError):  # e.g. IncompleteRead: killed mid-response
             return {}
 
     def _proc_sample(self, pid: int | None) -> tuple[float, float]:
@@ -365,18 +371,25 @@ class Bench:
 
     def poll(self) -> None:
         while not self._stop.is_set():
-            agg_pid = self.agg.popen.pid if getattr(self, "agg", None) and self.agg.alive() else None
-            bp = self.broker.proc.pid if self.broker.proc is not None and self.broker.proc.poll() is None else None
-            m = self.prom() if agg_pid else {}
-            ar, ac = self._proc_sample(agg_pid)
-            br, bc = self._proc_sample(bp)
-            self.samples.append({"t": time.time(), "agg_pid": agg_pid, "agg_rss": ar, "agg_cpu": ac, "broker_pid": bp,
-                                 "broker_rss": br, "broker_cpu": bc,
-                                 "online": m.get("fedmq_connected_agents"),
-                                 "accepted": m.get("fedmq_updates_accepted_total"),
-                                 "broker_dropped": m.get("fedmq_broker_dropped_messages"),
-                                 "inbox_dropped": m.get("fedmq_inbox_dropped")})
+            try:
+                self._poll_once()
+            except Exception:  # noqa: BLE001 - the sampler must outlive any one failed sample
+                log.exception("sampling failed (continuing)")
             self._stop.wait(0.1)
+
+    def _poll_once(self) -> None:
+        """One sample: the aggregator's metrics, RSS and CPU of the aggregator and the broker."""
+        agg_pid = self.agg.popen.pid if getattr(self, "agg", None) and self.agg.alive() else None
+        bp = self.broker.proc.pid if self.broker.proc is not None and self.broker.proc.poll() is None else None
+        m = self.prom() if agg_pid else {}
+        ar, ac = self._proc_sample(agg_pid)
+        br, bc = self._proc_sample(bp)
+        self.samples.append({"t": time.time(), "agg_pid": agg_pid, "agg_rss": ar, "agg_cpu": ac, "broker_pid": bp,
+                             "broker_rss": br, "broker_cpu": bc,
+                             "online": m.get("fedmq_connected_agents"),
+                             "accepted": m.get("fedmq_updates_accepted_total"),
+                             "broker_dropped": m.get("fedmq_broker_dropped_messages"),
+                             "inbox_dropped": m.get("fedmq_inbox_dropped")})
 
     # -- waiting -------------------------------------------------------------------------------
     def wait(self, pred, timeout: float, what: str):
@@ -443,6 +456,12 @@ class Bench:
             if r["round"] > after_round and r["outcome"] == "aggregated" and r.get("ts", 0) >= t0:
                 return r
         return None
+
+    def announced_after(self, after_round: int) -> str | None:
+        """The "run/round" key of the last announced round > after_round, or None."""
+        with self.obs.lock:
+            anns = [m for _, m in self.obs.rounds if m.get("round", 0) > after_round]
+        return f"{anns[-1]['run']}/{anns[-1]['round']}" if anns else None
 
     def uploads_under_way(self, after_round: int) -> bool:
         """A round > after_round is announced and a quarter of the fleet's uploads were PUBACKed."""
@@ -615,7 +634,19 @@ class Bench:
         t_start = time.time()
         extra: dict[str, Any] = {}
         try:
-            if name != "first":
+            if name == "drain":
+                self.wait(lambda: self.announced_after(last_round), s.phase_timeout_s, "the next round")
+                os.kill(self.agg.popen.pid, signal.SIGSTOP)
+                t_k = time.monotonic()
+                try:
+                    key = self.announced_after(last_round)
+                    self.wait(lambda: sum(st["rounds"].get(key, {}).get("acked", 0) for st in self.gen_stats()) >= s.n,
+                              s.phase_timeout_s, "every update PUBACKed while the aggregator is stopped")
+                    extra["stopped_s"] = time.monotonic() - t_k
+                finally:
+                    os.kill(self.agg.popen.pid, signal.SIGCONT)
+                t_start = time.time() - extra.get("stopped_s", 0.0) - 1.0
+            elif name != "first":
                 # the next round is open and uploads are arriving: kill then
                 self.wait(lambda: self.uploads_under_way(last_round), s.phase_timeout_s, "the next round's uploads")
                 if name == "aggregator_restart":
@@ -720,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 3000, 10000])
     ap.add_argument("--modes", nargs="*", default=["plain", "chunked"], choices=["plain", "chunked"])
     ap.add_argument("--secure", type=int, nargs="*", default=[], help="also run these N with TLS + passwords + ACL")
-    ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS + EXTRA_SCENARIOS)
     ap.add_argument("--deadline", type=float, default=120.0)
     ap.add_argument("--upload-window", type=float, default=0.0, help="[rounds] upload_window_s (0 = one burst)")
     ap.add_argument("--workdir", default="/tmp/fedmq-fleet-bench")

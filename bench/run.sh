@@ -19,6 +19,8 @@ out=$(mktemp)
   echo
   .bench-venv/bin/python bench/round.py 2>/dev/null | grep -v "INFO\|WARNING"
   echo
+  .venv/bin/python bench/intake.py 2>/dev/null
+  echo
   .venv/bin/python bench/agent_footprint.py --agent-venv .agent-venv 2>/dev/null
 } | tee "$out"
 { echo; cat "$out"; } >> bench/RESULTS.md

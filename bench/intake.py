@@ -1,0 +1,123 @@
+"""bench/intake: the aggregator's protocol-thread cost per update, without the network.
+
+``AggregatorService._handle`` (topic parse, decode under the limits, schema, the round's checks, the
+strategy's norm and fold, the fleet table, telemetry, the receipt's encoding) over N valid encoded
+updates of the sensor1d shapes, one open round asking all N agents; the client is a stub that only
+counts publishes (so paho's own cost is not in the figure: see bench/fleet.py for the whole path).
+Also the decode alone: msgpack's C unpacker without hooks (the floor), ``unpack_fast`` (the same
+under fedmq's limits) and ``codec.decode`` (plus the schema).
+
+    .venv/bin/python bench/intake.py [--n 10000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine, now  # noqa: E402
+
+SHAPES = [("w000", [8, 6, 16]), ("w001", [16]), ("w002", [3, 16, 16]), ("w003", [16]), ("w004", [16, 64]),
+          ("w005", [64]), ("w006", [64, 6]), ("w007", [6])]
+
+
+class CountingClient:
+    """The service's client, reduced to counting what it would publish."""
+
+    connected = True
+    dropped = 0
+
+    def __init__(self) -> None:
+        self.published = 0
+
+    def publish(self, topic, payload, qos=1, retain=False, wait=True, timeout=30.0):
+        self.published += 1
+
+
+def service(n: int, state_dir: str):
+    from fedmq.aggregator.config import load_config
+    from fedmq.aggregator.service import AggregatorService
+    from fedmq.broker.contract.messages import TrainConfig
+
+    cfg = load_config(None, {"service": {"state_dir": state_dir},
+                             "rounds": {"min_agents": 1, "quorum": n, "deadline_s": 3600}})
+    served = types.SimpleNamespace(model_id="a" * 64,
+                                   initial_weights=lambda: {k: np.zeros(s, np.float32) for k, s in SHAPES})
+    svc = AggregatorService(cfg, client=CountingClient(), served=served)
+    svc._restore()
+    svc.global_weights = served.initial_weights()
+    agents = [f"agent-{i:05d}" for i in range(n)]
+    svc.controller.open(1, served.model_id, 0, svc.global_weights, agents, TrainConfig(), time.time(), run=svc.run_id)
+    return svc, agents
+
+
+def payloads(svc, agents: list[str], seed: int = 0) -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in agents:
+        tensors = [{"name": k, "enc": "raw", "dtype": "float32", "shape": s,
+                    "data": rng.normal(size=s).astype("<f4").tobytes()} for k, s in SHAPES]
+        out.append((svc.topics.update(a), msgpack.packb(
+            {"v": 1, "kind": "update", "run": svc.run_id, "round": 1, "base_round": 0, "agent": a,
+             "model_id": svc.served.model_id, "update_id": os.urandom(16).hex(), "num_samples": 100,
+             "tensors": tensors, "metrics": {"loss": 1.0}, "created": time.time()}, use_bin_type=True)))
+    return out
+
+
+def per_call_us(fn, items) -> float:
+    t0 = time.perf_counter()
+    for x in items:
+        fn(x)
+    return (time.perf_counter() - t0) / len(items) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=10_000, help="updates (= agents asked) per repeat")
+    ap.add_argument("--repeat", type=int, default=3, help="repeats; the table shows the best")
+    args = ap.parse_args(argv)
+    from fedmq.broker.contract import codec
+    from fedmq.broker.contract.msgview import ReadLimits, unpack_fast
+
+    best: dict[str, float] = {}
+    accepted = receipts = 0
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory() as d:
+            svc, agents = service(args.n, d)
+            items = payloads(svc, agents)
+            raw = [p for _, p in items]
+            lim = ReadLimits()
+            figures = {
+                "msgpack.unpackb (no limits, no hooks)": per_call_us(msgpack.unpackb, raw),
+                "unpack_fast (fedmq's limits)": per_call_us(lambda p: unpack_fast(p, lim), raw),
+                "codec.decode (+ schema, tensor views)": per_call_us(codec.decode, raw),
+                "AggregatorService._handle (whole protocol path)": per_call_us(lambda tp: svc._handle(tp[0], tp[1], False),
+                                                                               items),
+            }
+            accepted, receipts = len(svc.controller.current.received), svc.client.published
+            for k, v in figures.items():
+                best[k] = min(best.get(k, float("inf")), v)
+    print(f"## bench/intake — {now()}\n\nMachine: {machine()}\n")
+    print(f"{args.n:,} valid updates ({len(raw[0]):,} bytes each, sensor1d shapes), one open round; best of "
+          f"{args.repeat}. Accepted {accepted:,}, receipts {receipts:,}.\n")
+    print("| step | µs per update | updates/s |")
+    print("|---|---:|---:|")
+    for k, v in best.items():
+        print(f"| {k} | {v:.1f} | {1e6 / v:,.0f} |")
+    print()
+    return 0 if accepted == args.n and receipts == args.n else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
