@@ -63,9 +63,10 @@ from fedmq.broker.ops.launcher import LocalBroker, SecureFiles, free_port  # noq
 log = logging.getLogger(__name__)
 
 SCENARIOS = ("first", "aggregator_restart", "broker_restart")
-#: not in the default run: ``drain`` stops the aggregator (SIGSTOP) as the next round is announced, lets
-#: every agent's update reach the broker (PUBACKed: queued there for the aggregator), then resumes it:
-#: its intake is then the rate it takes a ready backlog in, whatever the load generators can produce
+#: not in the default run, and first when given: ``drain`` stops the aggregator (SIGSTOP) the moment the
+#: observer sees the first round announced, lets every agent's update reach the broker (PUBACKed: queued
+#: there for the aggregator), then resumes it: its intake is then the rate it takes a ready backlog in,
+#: whatever the load generators can produce
 EXTRA_SCENARIOS = ("drain",)
 CHUNKED_PACKET = 4096  # broker max_packet_size in the chunked mode: every update (~13 KB) is ~4 chunks
 
@@ -190,6 +191,9 @@ class Observer:
         self.rounds: list[tuple[float, dict]] = []
         self.blob = synth.RetainedBlob()
         self.lock = threading.Lock()
+        #: drain: the aggregator's pid, stopped (SIGSTOP) at the first round announcement seen
+        self.stop_on_announce: int | None = None
+        self.stopped_at: float | None = None
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user or f"obs-{uuid.uuid4().hex[:8]}",
                         protocol=mqtt.MQTTv5)
         if user:
@@ -217,6 +221,11 @@ class Observer:
             return
         now = time.time()
         if t == "round" and m.get("kind") == "round":
+            pid = self.stop_on_announce
+            if pid is not None and not msg.retain:
+                self.stop_on_announce = None
+                os.kill(pid, signal.SIGSTOP)
+                self.stopped_at = time.monotonic()
             with self.lock:
                 self.rounds.append((now, m))
         elif t == "global":
@@ -603,6 +612,8 @@ class Bench:
                           "the aggregator's /metrics")
             out["online_before_agents"] = m["fedmq_connected_agents"]
             t0 = time.monotonic()
+            if s.scenarios and s.scenarios[0] == "drain":
+                self.obs.stop_on_announce = self.agg.popen.pid
             self.start_generators()
             self.wait(lambda: self.statuses_acked() >= s.n, s.phase_timeout_s, f"{s.n} statuses PUBACKed")
             out["connect_s"] = time.monotonic() - t0
@@ -634,18 +645,16 @@ class Bench:
         t_start = time.time()
         extra: dict[str, Any] = {}
         try:
-            if name == "drain":
-                self.wait(lambda: self.announced_after(last_round), s.phase_timeout_s, "the next round")
-                os.kill(self.agg.popen.pid, signal.SIGSTOP)
-                t_k = time.monotonic()
+            if name == "drain":  # first in the run: the observer stopped the aggregator at the announcement
+                self.wait(lambda: self.obs.stopped_at is not None, s.phase_timeout_s, "the stopped aggregator")
                 try:
                     key = self.announced_after(last_round)
                     self.wait(lambda: sum(st["rounds"].get(key, {}).get("acked", 0) for st in self.gen_stats()) >= s.n,
                               s.phase_timeout_s, "every update PUBACKed while the aggregator is stopped")
-                    extra["stopped_s"] = time.monotonic() - t_k
+                    extra["stopped_s"] = time.monotonic() - self.obs.stopped_at
                 finally:
                     os.kill(self.agg.popen.pid, signal.SIGCONT)
-                t_start = time.time() - extra.get("stopped_s", 0.0) - 1.0
+                t_start = 0.0
             elif name != "first":
                 # the next round is open and uploads are arriving: kill then
                 self.wait(lambda: self.uploads_under_way(last_round), s.phase_timeout_s, "the next round's uploads")
