@@ -235,3 +235,46 @@ def test_persistent_session_keeps_qos1_messages_while_offline(own_broker, topics
         assert m is not None and m.payload == b"while-away"
     finally:
         sub2.close()
+
+
+# -- the buffered socket paho reads through (broker/transport/client.py, _BufferedReads) ----------------
+def test_buffered_reads_return_the_stream_exactly_in_any_read_sizes():
+    """Reads of paho's sizes (1 byte, the length bytes, a body) and odd ones return the byte stream
+    exactly; pending() counts what is buffered; an empty non-blocking socket still raises, EOF is b""."""
+    import random
+    import socket
+
+    from fedmq.broker.transport.client import _BufferedReads
+
+    a, b = socket.socketpair()
+    try:
+        b.setblocking(False)
+        r = _BufferedReads(b)
+        with pytest.raises(BlockingIOError):  # nothing there: as the socket itself
+            r.recv(1)
+        stream = os.urandom(300_000)
+        a.sendall(stream[:100_000])
+        rng = random.Random(3)
+        got = bytearray()
+        while len(got) < 100_000:
+            try:
+                got += r.recv(rng.choice([1, 1, 2, 5, 13, 4096, 70_000]))
+            except BlockingIOError:
+                continue
+        assert bytes(got) == stream[:100_000]
+        assert r.pending() == 0
+        a.sendall(stream[100_000:])
+        got = bytearray(r.recv(1))  # one byte asked, a 64 KiB chunk read: the rest is pending, not lost
+        assert r.pending() > 0 and r.pending() + 1 <= _BufferedReads.CHUNK
+        while len(got) < 200_000:
+            try:
+                got += r.recv(rng.choice([1, 3, 777, 100_000]))
+            except BlockingIOError:
+                continue
+        assert bytes(got) == stream[100_000:]
+        assert r.fileno() == b.fileno()  # select() and everything else: the wrapped socket
+        a.close()
+        assert r.recv(10) == b""  # EOF passes through
+    finally:
+        a.close()
+        b.close()

@@ -136,6 +136,51 @@ class _Waiter:
         self.value: Any = None
 
 
+class _BufferedReads:
+    """paho's socket, read through a 64 KiB buffer.
+
+    paho reads each packet with three to five ``recv`` calls (the type byte, the remaining length
+    one byte at a time, the body): every one a system call that lets another thread take the GIL.
+    For the aggregator, which receives thousands of updates per second while its protocol thread
+    decodes them, that per-packet ping-pong costs more than the packets' own parsing (bench/RESULTS.md,
+    "intake"). One ``recv`` of up to 64 KiB serves several packets; ``pending`` tells paho's loop
+    that buffered bytes are there (it does not wait in select() while they are, as for TLS).
+    Everything else is the wrapped socket's. Installed on the network thread, after each CONNACK,
+    before paho has read anything past it.
+    """
+
+    __slots__ = ("_sock", "_buf", "_pos")
+    CHUNK = 65536
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        avail = len(self._buf) - self._pos
+        if avail <= 0:
+            data = self._sock.recv(max(n, self.CHUNK))  # BlockingIOError / SSLWantReadError / b"" pass through
+            if len(data) <= n:
+                return data
+            self._buf, self._pos = data, n
+            return data[:n]
+        end = self._pos + min(n, avail)
+        out = self._buf[self._pos:end]
+        if end >= len(self._buf):
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = end
+        return out
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return len(self._buf) - self._pos + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class MqttClient:
     """Thread-safe wrapper; use as a context manager or call ``connect``/``close``."""
 
@@ -291,6 +336,9 @@ class MqttClient:
                 self._first.value = err
                 self._first.event.set()
             return
+        sock = getattr(c, "_sock", None)
+        if sock is not None and not isinstance(sock, _BufferedReads) and hasattr(sock, "recv"):
+            c._sock = _BufferedReads(sock)  # paho private: see _BufferedReads (nothing is read past CONNACK yet)
         self.broker_max_packet = None
         if props is not None and hasattr(props, "MaximumPacketSize"):
             self.broker_max_packet = int(props.MaximumPacketSize)
