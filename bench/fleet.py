@@ -24,6 +24,10 @@ in the round (topic + payload of every PUBLISH; a real agent also downloads the 
 ``base_round`` for each round it trains: ``global_bytes`` per asked agent).
 
     .venv/bin/python bench/fleet.py --n 1000 3000 10000 --modes plain chunked [--secure 1000] [--json out.json]
+
+Intake capacity: ``--scenarios drain`` (the aggregator is stopped while the broker takes every update, then
+resumed: the rate it takes in a ready backlog, without the generators competing for the cores) and ``--pin``
+(the aggregator alone on one core, everything else on the others).
 """
 
 from __future__ import annotations
