@@ -1,10 +1,10 @@
 """A signature runner that resizes an input only when its shape changes.
 
-The runners of LiteRT, tflite-runtime and TensorFlow resize *every* input and re-plan the
-arena on *every* call. On aarch64, LiteRT (ai-edge-litert 1.4-2.3) crashes while resizing the
-0-d ``lr`` input of a training signature (``ResizeInputTensor`` with an empty shape: a memset of
-4n-4 bytes with n = 0; bench/RESULTS.md, "ARM64 under emulation"), so the agent crash-looped.
-Resizing only what changed avoids that call altogether, and saves the per-call re-plan.
+The runners of LiteRT, tflite-runtime and TensorFlow call ``ResizeInputTensor`` for *every*
+input on *every* call. On aarch64, LiteRT (ai-edge-litert 1.4-2.3) crashes in that call for the
+0-d ``lr`` input of a training signature (an empty shape: a memset of 4n-4 bytes with n = 0;
+bench/RESULTS.md, "aarch64 runtime self-test"), so the agent crash-looped. Resizing only what
+changed avoids the call for ``lr`` altogether.
 """
 
 from __future__ import annotations
@@ -49,17 +49,19 @@ class Signature:
             return self.runner(**kwargs)
         if len(kwargs) != len(self._inputs):
             raise ValueError(f"signature takes {len(self._inputs)} inputs, {len(kwargs)} given")
-        resized = False
+        changed = []
         for name, value in kwargs.items():
-            index = self._inputs.get(name)
-            if index is None:
+            if name not in self._inputs:  # every name checked before anything is resized
                 raise ValueError(f"invalid input name ({name}) for the signature")
             shape = tuple(np.shape(value))
             if shape != self._shapes[name]:
-                self._w.ResizeInputTensor(index, np.array(shape, dtype=np.int32), False, self._sub)
+                changed.append((name, shape))
+        if changed:
+            self._allocated = False  # until AllocateTensors succeeds: a failed one is retried by the next call
+            for name, shape in changed:
+                self._w.ResizeInputTensor(self._inputs[name], np.array(shape, dtype=np.int32), False, self._sub)
                 self._shapes[name] = shape
-                resized = True
-        if resized or not self._allocated:
+        if not self._allocated:
             self._w.AllocateTensors(self._sub)
             self._allocated = True
         for name, value in kwargs.items():

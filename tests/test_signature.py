@@ -128,6 +128,36 @@ def test_bad_feeds_are_refused_like_the_runtime_does(artifact):
         ours(x=np.zeros((2, *shape), np.float32), y=np.zeros(2, np.float32))
 
 
+def _error(fn, **kw) -> str:
+    try:
+        fn(**kw)
+    except Exception as e:  # noqa: BLE001 - the runtime's own error, whatever its type
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_call_that_failed_leaves_no_half_planned_state(artifact, runtime):
+    """A shape the graph refuses fails its AllocateTensors: the same call again fails the same way as with
+    the runtime's runner (planned again, not "unallocated"), and good calls after it give its results."""
+    a, b, own, ours = _pair(artifact, runtime, "evaluate")
+    rng = np.random.default_rng(5)
+    _weights(a, b, rng)
+    shape = tuple(int(s) for s in own.get_input_details()["x"]["shape"][1:])
+    x16, y16 = rng.normal(size=(16, *shape)).astype(np.float32), rng.integers(0, 2, 16).astype(np.int32)
+    bad = np.zeros((16, *shape[:-1], shape[-1] + 1), np.float32)  # one feature too many
+    for fn in (own, ours):
+        fn(x=x16, y=y16)
+    for _ in range(2):
+        got, want = _error(ours, x=bad, y=y16), _error(own, x=bad, y=y16)
+        assert got == want and got != "no error"
+    with pytest.raises(ValueError, match="invalid input name"):
+        ours(x=x16[:5], z=y16[:5])
+    for x, y in ((x16[:5], y16[:5]), (x16, y16), (x16[:5], y16[:5])):
+        r1, r2 = own(x=x, y=y), ours(x=x, y=y)
+        assert {k: v.tobytes() for k, v in r1.items()} == {k: v.tobytes() for k, v in r2.items()}
+
+
 def test_a_runner_without_the_expected_internals_uses_its_own_call():
     class Plain:
         def get_input_details(self):
