@@ -650,6 +650,8 @@ class Bench:
         extra: dict[str, Any] = {}
         try:
             if name == "drain":  # first in the run: the observer stopped the aggregator at the announcement
+                if last_round or s.scenarios[0] != "drain":
+                    raise RuntimeError("drain must be the first scenario")
                 self.wait(lambda: self.obs.stopped_at is not None, s.phase_timeout_s, "the stopped aggregator")
                 try:
                     key = self.announced_after(last_round)
@@ -772,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin", action="store_true", help="the aggregator on a core of its own (the last one); the broker, "
                     "the generators and this process on the others (intake capacity rather than a share of the machine)")
     args = ap.parse_args(argv)
+    if "drain" in args.scenarios[1:]:
+        ap.error("drain must be the first scenario (the aggregator is stopped at the first round's announcement)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     wd = Path(args.workdir)
     cache = export_model(wd / "model-cache")

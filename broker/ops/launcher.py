@@ -41,17 +41,17 @@ def _ephemeral_low() -> int:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free now, below the kernel's ephemeral range when it can be.
+    """A port that is free now, in 20000-24999 (below the kernel's ephemeral range) when it can be.
 
     A port from the ephemeral range (what binding port 0 gives) can be taken by any outgoing
     connection before its user binds it: with thousands of synthetic agents connecting, the
     aggregator's HTTP port was (bench/fleet.py, 10,000 agents: "Address already in use").
     """
-    low = _ephemeral_low()
+    top = min(_ephemeral_low(), 25000)  # 25000+: RabbitMQ's 25672, MongoDB's 27017, Kubernetes NodePorts
     rng = random.Random()
-    if low > 20000:
+    if top > 20000:
         for _ in range(64):
-            port = rng.randrange(20000, low)
+            port = rng.randrange(20000, top)
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 try:
                     s.bind((host, port))
