@@ -225,9 +225,12 @@ class AggregatorService:
             wanted = {a for a in self._known if a not in self.quarantined}
             if self.controller.current is not None:
                 wanted |= {a for a in self.controller.current.asked if a not in self.quarantined}
+            # wait=False: the SUBACKs come behind the flood in the same stream; waiting for them here held
+            # the protocol thread (and every round) for ~10 s at a flood's start (tests/test_attacks.py);
+            # paho's thread checks them (a refusal is logged)
             for a in sorted(wanted - self._per_agent):
-                self.client.subscribe(t.update(a), qos=1)
-                self.client.subscribe(t.status(a), qos=1)
+                self.client.subscribe(t.update(a), qos=1, wait=False)
+                self.client.subscribe(t.status(a), qos=1, wait=False)
                 self._per_agent.add(a)
             if self._wildcards:
                 self.client.unsubscribe(t.all_updates())
@@ -238,8 +241,8 @@ class AggregatorService:
                 self.client.unsubscribe(t.status(a))
                 self._per_agent.discard(a)
         elif not self._wildcards:
-            self.client.subscribe(t.all_updates(), qos=1)
-            self.client.subscribe(t.all_statuses(), qos=1)
+            self.client.subscribe(t.all_updates(), qos=1, wait=False)
+            self.client.subscribe(t.all_statuses(), qos=1, wait=False)
             self._wildcards = True
             for a in sorted(self._per_agent):
                 self.client.unsubscribe(t.update(a))
