@@ -249,9 +249,9 @@ def process_table(batch_size: int, models: list[str], agent_pythons: list[str]) 
         cache.mkdir()
         for name in models:
             load_or_export(ModelSection(source=f"zoo:{name}", batch_size=batch_size, verify_steps=0), cache)
-            for py in agent_pythons:
+            for i, py in enumerate(agent_pythons):
                 for mode in ("default", "low_memory"):
-                    r = run_process(name, mode, Path(d) / f"{name}-{mode}-{len(os.listdir(d))}", cache,
+                    r = run_process(name, mode, Path(d) / f"{name}-{mode}-{i}", cache,
                                     600 if name == "cnn" else 300, batch_size, agent_python=py)
                     print(f"| {name} | {runtimes[py]} | {mode} | " + " | ".join(f"{r.phase_mb[p]:.1f}" for p in PHASES)
                           + f" | {r.hwm_mb:.1f} | {PROCESS_TARGETS[(name, mode)]} |", flush=True)

@@ -476,15 +476,14 @@ class Bench:
             anns = [m for _, m in self.obs.rounds if m.get("round", 0) > after_round]
         return f"{anns[-1]['run']}/{anns[-1]['round']}" if anns else None
 
+    def acked(self, key: str) -> int:
+        """Updates of round ``key`` ("run/round") the broker PUBACKed, over every generator."""
+        return sum(st["rounds"].get(key, {}).get("acked", 0) for st in self.gen_stats())
+
     def uploads_under_way(self, after_round: int) -> bool:
         """A round > after_round is announced and a quarter of the fleet's uploads were PUBACKed."""
-        with self.obs.lock:
-            anns = [m for _, m in self.obs.rounds if m.get("round", 0) > after_round]
-        if not anns:
-            return False
-        m = anns[-1]
-        key = f"{m['run']}/{m['round']}"
-        return sum(st["rounds"].get(key, {}).get("acked", 0) for st in self.gen_stats()) >= self.spec.n // 4
+        key = self.announced_after(after_round)
+        return key is not None and self.acked(key) >= self.spec.n // 4
 
     # -- one scenario's record -----------------------------------------------------------------
     def record(self, scenario: str, row: dict | None, t_start: float, error: str = "") -> RoundRecord:
@@ -655,8 +654,8 @@ class Bench:
                 self.wait(lambda: self.obs.stopped_at is not None, s.phase_timeout_s, "the stopped aggregator")
                 try:
                     key = self.announced_after(last_round)
-                    self.wait(lambda: sum(st["rounds"].get(key, {}).get("acked", 0) for st in self.gen_stats()) >= s.n,
-                              s.phase_timeout_s, "every update PUBACKed while the aggregator is stopped")
+                    self.wait(lambda: self.acked(key) >= s.n, s.phase_timeout_s,
+                              "every update PUBACKed while the aggregator is stopped")
                     extra["stopped_s"] = time.monotonic() - self.obs.stopped_at
                 finally:
                     os.kill(self.agg.popen.pid, signal.SIGCONT)

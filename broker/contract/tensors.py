@@ -209,41 +209,37 @@ def decode_tensor(m: Mapping[str, Any], max_elements: int, max_topk_expansion: i
         raise DecodeError(f"tensor {name!r}: dtype {dname!r:.40} not allowed", reason="bad_dtype")
     shape, size = _shape(m.get("shape"), name, max_elements)
     data = m.get("data")
-    if enc == "raw" and type(data) is bytes:  # the common case (the C decoder's bins), without a memoryview
-        dt = RAW_DTYPES[dname]
-        if len(data) != size * dt.itemsize:
-            raise DecodeError(
-                f"tensor {name!r}: shape {list(shape)} x {dname} needs {size * dt.itemsize} bytes, got {len(data)}",
-                reason="bad_shape",
-            )
-        return name, np.frombuffer(data, dtype=dt).reshape(shape)
-    data = _bin(data, "data", name)
+    if type(data) is bytes:  # the C decoder's bins: used as they are, without a memoryview
+        nbytes = len(data)
+    else:
+        data = _bin(data, "data", name)
+        nbytes = data.nbytes
     if enc == "raw":
         dt = RAW_DTYPES[dname]
-        if data.nbytes != size * dt.itemsize:
+        if nbytes != size * dt.itemsize:
             raise DecodeError(
-                f"tensor {name!r}: shape {list(shape)} x {dname} needs {size * dt.itemsize} bytes, got {data.nbytes}",
+                f"tensor {name!r}: shape {list(shape)} x {dname} needs {size * dt.itemsize} bytes, got {nbytes}",
                 reason="bad_shape",
             )
         return name, np.frombuffer(data, dtype=dt).reshape(shape)
     if dname != "float32":
         raise DecodeError(f"tensor {name!r}: encoding {enc} decodes to float32 only", reason="bad_dtype")
     if enc == "f16":
-        if data.nbytes != size * 2:
-            raise DecodeError(f"tensor {name!r}: f16 needs {size * 2} bytes, got {data.nbytes}", reason="bad_shape")
+        if nbytes != size * 2:
+            raise DecodeError(f"tensor {name!r}: f16 needs {size * 2} bytes, got {nbytes}", reason="bad_shape")
         return name, np.frombuffer(data, dtype="<f2").astype(np.float32).reshape(shape)
     if enc == "int8":
         scale: Any = m.get("scale")
         if not _scale_ok(scale):
             raise DecodeError(f"tensor {name!r}: int8 scale must be a finite float >= 0", reason="schema")
-        if data.nbytes != size:
-            raise DecodeError(f"tensor {name!r}: int8 needs {size} bytes, got {data.nbytes}", reason="bad_shape")
+        if nbytes != size:
+            raise DecodeError(f"tensor {name!r}: int8 needs {size} bytes, got {nbytes}", reason="bad_shape")
         out = np.frombuffer(data, dtype=np.int8).astype(np.float32)
         out *= np.float32(scale)  # in place: one float32 array, 4 x the data
         return name, out.reshape(shape)
     # topk
     idx_b = _bin(m.get("idx"), "idx", name)
-    if idx_b.nbytes % 4 or data.nbytes != idx_b.nbytes or idx_b.nbytes // 4 > size:
+    if idx_b.nbytes % 4 or nbytes != idx_b.nbytes or idx_b.nbytes // 4 > size:
         raise DecodeError(f"tensor {name!r}: topk idx/values lengths inconsistent with shape", reason="bad_shape")
     if size > max_topk_expansion * max(1, idx_b.nbytes // 4):
         raise DecodeError(f"tensor {name!r}: topk of {idx_b.nbytes // 4} entries for {size} elements expands more "
