@@ -207,7 +207,7 @@ class LocalModel:
         trainer = self._trainer if self._trainer is not None and self._trainer.model_id == g.model_id \
             else self._open_artifact(g)
         self._verify(payload, g, trainer)
-        trainer.set_weights([g.tensors[n] for n in trainer.weight_names])
+        trainer.set_weights([g.tensors[n] for n in trainer.weight_names], copy=False)  # g is dropped below
         self._trainer = trainer
         # keep only the metadata: the weights now live in the interpreter (no second copy)
         self._global = GlobalModel(g.round, g.model_id, {}, g.created, g.run)
@@ -280,8 +280,7 @@ class LocalModel:
             missing, extra = sorted(names - set(g.tensors)), sorted(set(g.tensors) - names)
             raise GlobalRefused(f"global of round {g.round} does not fit model {g.model_id[:12]}: missing tensors "
                                 f"{missing[:3]}, unexpected {extra[:3]}")
-        details = trainer.interp.get_signature_runner("set_weights").get_input_details()
-        want = {n: tuple(int(d) for d in details[n]["shape"]) for n in trainer.weight_names}
+        want = trainer.weight_shapes
         for n in trainer.weight_names:
             t = g.tensors[n]
             if tuple(t.shape) != want[n]:

@@ -98,7 +98,7 @@ def child_main(artifact_path: str, runtime: str, out: str, xnnpack: bool | None)
 
     art = Path(artifact_path).read_bytes()
     t = TFLiteTrainer(art, runtime=runtime, xnnpack=xnnpack)
-    shapes = [tuple(int(d) for d in t._set.get_input_details()[n]["shape"]) for n in t.weight_names]
+    shapes = [t.weight_shapes[n] for n in t.weight_names]
     x, y, w0 = _inputs(t.batch_size, t.x_shape, t.num_classes, shapes)
     r = t.fit(x, y, epochs=1, lr=LR, weights=w0)  # batch_size examples: exactly one step
     # the verdict's numbers are computed here: the parent (the agent) reads scalars, not model-size arrays

@@ -27,8 +27,7 @@ t = TFLiteTrainer(case["artifact"].tobytes())
 nw = len(t.weight_names)
 t.set_weights([case[f"init{i}"] for i in range(nw)])
 assert t.prox, "the parity case is exported with the FedProx term"
-losses = [float(t._train(x=x, y=y, mask=m, lr=case["lr"], mu=np.float32(0.01))["loss"])
-          for x, y, m in zip(case["x"], case["y"], case["mask"])]
+losses = [t.step(x, y, m, float(case["lr"]), 0.01) for x, y, m in zip(case["x"], case["y"], case["mask"])]
 np.savez(sys.argv[2], **{f"w{i}": w for i, w in enumerate(t.get_weights())})
 fit = t.fit(case["fit_x"], case["fit_y"], epochs=2, lr=0.05, seed=1, weights=[case[f"init{i}"] for i in range(nw)])
 print(json.dumps({

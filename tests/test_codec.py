@@ -196,6 +196,29 @@ def test_encoder_reuses_its_buffer_and_matches_encode():
     assert len(bytes(held)) == 10
 
 
+
+def test_a_large_message_leaves_no_buffer_behind():
+    """codec.encode packs a message with large tensors in a buffer of its own, sized once, so the shared
+    buffer never grows (on a device it held 2x the update between rounds); a small message uses the
+    shared one (the reuse it exists for); Encoder.shrink drops a buffer a large message grew."""
+    big = GlobalModel(1, MID, {"w": np.arange(codec.KEEP_BUFFER_BYTES // 2, dtype=np.float32)}, 0.0, run=RUN)
+    small = GlobalModel(2, MID, {"w": np.ones(5, dtype=np.float32)}, 0.0, run=RUN)
+    assert codec.decode(codec.encode(small)).round == 2
+    kept = codec._shared._packer
+    assert codec._shared._view is not None  # positive control: a small message's buffer stays for the next call
+    out = codec.encode(big)
+    assert codec._shared._packer is kept and codec._shared._view.nbytes < codec.KEEP_BUFFER_BYTES
+    assert out == bytes(codec.Encoder().encode(big))  # the same bytes either way
+    assert np.array_equal(codec.decode(out).tensors["w"], big.tensors["w"])
+    enc = codec.Encoder()
+    enc.encode(big)
+    enc.shrink()
+    assert enc._view is None
+    enc.encode(small)
+    enc.shrink()
+    assert enc._view is not None
+
+
 # -- the zero-copy reader vs msgpack itself --------------------------------------------------------
 json_like = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)

@@ -80,7 +80,7 @@ VALID: dict[str, dict[str, Any]] = {
                "version": "1"},
     "metrics": {"round": 1, "ts": 1.0, "outcome": "aggregated", "participants": ["a"], "values": {"x": 1.0},
                 "rejected": {}},
-    "model": {"model_id": hashlib.sha256(ART).hexdigest(), "format": "tflite-trainable-v1", "artifact": ART,
+    "model": {"model_id": hashlib.sha256(ART).hexdigest(), "format": "tflite-trainable-v2", "artifact": ART,
               "weights": [{"name": "w", "shape": [2, 2], "dtype": "float32"}],
               "inputs": [{"name": "x", "shape": [8, 2], "dtype": "float32"}], "train_batch_size": 8,
               "created": 0.0, "extra": {}},

@@ -385,7 +385,7 @@ def test_artifact_format_has_one_home():
 
     assert model_store.FORMAT is ARTIFACT_FORMAT
     holders = [p for pkg in ("broker", "edge_agent", "aggregator") for p in (ROOT / pkg).rglob("*.py")
-               if '"tflite-trainable-v1"' in p.read_text(errors="replace")]
+               if '"tflite-trainable-v2"' in p.read_text(errors="replace")]
     assert [p.relative_to(ROOT).as_posix() for p in holders] == ["broker/contract/messages.py"]
 
 

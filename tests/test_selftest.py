@@ -74,7 +74,7 @@ def reference_step(artifact: bytes, runtime: str) -> float:
     from fedmq.edge_agent.trainer import TFLiteTrainer
 
     t = TFLiteTrainer(artifact, runtime=runtime)
-    shapes = [tuple(int(d) for d in t._set.get_input_details()[n]["shape"]) for n in t.weight_names]
+    shapes = [t.weight_shapes[n] for n in t.weight_names]
     x, y, w0 = selftest._inputs(t.batch_size, t.x_shape, t.num_classes, shapes)
     return t.fit(x, y, epochs=1, lr=selftest.LR, weights=w0).loss
 
@@ -122,7 +122,8 @@ def test_the_trainer_under_run_falls_back(artifact, tmp_path, broken_litert, mon
     t = TFLiteTrainer(artifact)
     assert t.runtime.startswith("tensorflow")
     x = np.zeros((t.batch_size, *t.x_shape), np.float32)
-    assert np.isfinite(t.fit(x, np.zeros(t.batch_size, np.int32)).loss)
+    w = [np.full(t.weight_shapes[n], 0.01, np.float32) for n in t.weight_names]
+    assert np.isfinite(t.fit(x, np.zeros(t.batch_size, np.int32), weights=w).loss)
 
 
 def agent_check(tmp_path, artifact: bytes, runtime: str) -> subprocess.CompletedProcess:

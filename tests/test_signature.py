@@ -1,7 +1,7 @@
 """The agent's signature runner (edge_agent/signature.py) against each runtime's own runner.
 
 It must be the same function as ``SignatureRunner.__call__`` (same outputs, bit for bit, on the
-same runtime: train steps, evaluations of changing batch sizes, inference, get/set weights) while
+same runtime: train steps with the weights fed back, evaluations of changing batch sizes) while
 resizing an input only when its shape changes: the 0-d ``lr`` never (LiteRT on aarch64 crashes
 resizing it, see bench/RESULTS.md "aarch64 runtime self-test").
 """
@@ -50,21 +50,18 @@ def _pair(artifact, runtime, key):
     return a, b, a.get_signature_runner(key), Signature(b.get_signature_runner(key))
 
 
-def _weights(interp_a, interp_b, rng):
-    own = interp_a.get_signature_runner("set_weights")
-    ours = Signature(interp_b.get_signature_runner("set_weights"))
-    d = own.get_input_details()
-    feed = {n: rng.normal(0, 0.1, size=tuple(d[n]["shape"])).astype(np.float32) for n in d}
-    own(**feed)
-    ours(**feed)
-    return feed
+def _weights(runner, rng) -> dict:
+    """Random weights for a signature's weight inputs (the artifact is stateless: every call takes them)."""
+    d = runner.get_input_details()
+    return {n: rng.normal(0, 0.1, size=tuple(d[n]["shape"])).astype(np.float32) for n in d if n.startswith("w")}
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_train_steps_match_the_runtime_runner_bit_for_bit(artifact, runtime):
     a, b, own, ours = _pair(artifact, runtime, "train")
     rng = np.random.default_rng(7)
-    _weights(a, b, rng)
+    w1 = _weights(own, rng)
+    w2 = dict(w1)
     d = own.get_input_details()
     bsz, shape = int(d["x"]["shape"][0]), tuple(int(s) for s in d["x"]["shape"][1:])
     losses = []
@@ -72,13 +69,11 @@ def test_train_steps_match_the_runtime_runner_bit_for_bit(artifact, runtime):
         feed = {"x": rng.normal(size=(bsz, *shape)).astype(np.float32),
                 "y": rng.integers(0, 2, bsz).astype(np.int32),
                 "mask": (np.arange(bsz) < bsz - step).astype(np.float32), "lr": np.float32(0.05 * (step + 1))}
-        l1, l2 = own(**feed)["loss"], ours(**feed)["loss"]
-        assert l1.tobytes() == l2.tobytes()
-        losses.append(float(l1))
+        o1, o2 = own(**feed, **w1), ours(**feed, **w2)
+        assert o1["loss"].tobytes() == o2["loss"].tobytes()
+        losses.append(float(o1["loss"]))
+        w1, w2 = {k: o1[k] for k in w1}, {k: o2[k] for k in w2}  # the updated weights, fed back
     assert len(set(losses)) == 4  # the steps did change the model (a positive control for the comparison)
-    w1 = a.get_signature_runner("get_weights")()
-    w2 = Signature(b.get_signature_runner("get_weights"))()
-    assert sorted(w1) == sorted(w2)
     for k in w1:
         assert w1[k].tobytes() == w2[k].tobytes()
 
@@ -87,14 +82,14 @@ def test_train_steps_match_the_runtime_runner_bit_for_bit(artifact, runtime):
 def test_changing_batch_sizes_resize_only_when_the_shape_changes(artifact, runtime):
     a, b, own, ours = _pair(artifact, runtime, "evaluate")
     rng = np.random.default_rng(3)
-    _weights(a, b, rng)
+    w = _weights(own, rng)
     shape = tuple(int(s) for s in own.get_input_details()["x"]["shape"][1:])
     counting = ours._w = Counting(ours._w)
     initial = ours._shapes["x"][0]  # the tensor's shape before any call (1 for a None batch)
     sizes = [16, 16, 5, 5, 1, 16, 16]
     for n in sizes:
         x, y = rng.normal(size=(n, *shape)).astype(np.float32), rng.integers(0, 2, n).astype(np.int32)
-        r1, r2 = own(x=x, y=y), ours(x=x, y=y)
+        r1, r2 = own(x=x, y=y, **w), ours(x=x, y=y, **w)
         assert {k: v.tobytes() for k, v in r1.items()} == {k: v.tobytes() for k, v in r2.items()}
     changes = sum(1 for p, n in zip([initial] + sizes, sizes) if p != n)
     assert changes == 4
@@ -110,7 +105,7 @@ def test_the_scalar_learning_rate_is_never_resized(artifact):
     assert tuple(d["lr"]["shape"]) == ()  # the 0-d input LiteRT on aarch64 crashes resizing
     bsz, shape = int(d["x"]["shape"][0]), tuple(int(s) for s in d["x"]["shape"][1:])
     feed = {"x": np.zeros((bsz, *shape), np.float32), "y": np.zeros(bsz, np.int32),
-            "mask": np.ones(bsz, np.float32), "lr": np.float32(0.1)}
+            "mask": np.ones(bsz, np.float32), "lr": np.float32(0.1), **_weights(own, np.random.default_rng(0))}
     for _ in range(3):
         ours(**feed)
     assert counting.calls.get("ResizeInputTensor", 0) == 0
@@ -119,13 +114,14 @@ def test_the_scalar_learning_rate_is_never_resized(artifact):
 
 def test_bad_feeds_are_refused_like_the_runtime_does(artifact):
     _, _, own, ours = _pair(artifact, "ai_edge_litert", "evaluate")
+    w = _weights(own, np.random.default_rng(0))
     with pytest.raises(ValueError, match="inputs"):
         ours(x=np.zeros((1, 1), np.float32))
     with pytest.raises(ValueError, match="invalid input name"):
-        ours(x=np.zeros((1, 1), np.float32), z=np.zeros(1, np.int32))
+        ours(x=np.zeros((1, 1), np.float32), z=np.zeros(1, np.int32), **w)
     with pytest.raises(ValueError):  # the runtime's own check: a dtype SetTensor refuses
         shape = tuple(int(s) for s in own.get_input_details()["x"]["shape"][1:])
-        ours(x=np.zeros((2, *shape), np.float32), y=np.zeros(2, np.float32))
+        ours(x=np.zeros((2, *shape), np.float32), y=np.zeros(2, np.float32), **w)
 
 
 def _error(fn, **kw) -> str:
@@ -142,19 +138,19 @@ def test_a_call_that_failed_leaves_no_half_planned_state(artifact, runtime):
     the runtime's runner (planned again, not "unallocated"), and good calls after it give its results."""
     a, b, own, ours = _pair(artifact, runtime, "evaluate")
     rng = np.random.default_rng(5)
-    _weights(a, b, rng)
+    w = _weights(own, rng)
     shape = tuple(int(s) for s in own.get_input_details()["x"]["shape"][1:])
     x16, y16 = rng.normal(size=(16, *shape)).astype(np.float32), rng.integers(0, 2, 16).astype(np.int32)
     bad = np.zeros((16, *shape[:-1], shape[-1] + 1), np.float32)  # one feature too many
     for fn in (own, ours):
-        fn(x=x16, y=y16)
+        fn(x=x16, y=y16, **w)
     for _ in range(2):
-        got, want = _error(ours, x=bad, y=y16), _error(own, x=bad, y=y16)
+        got, want = _error(ours, x=bad, y=y16, **w), _error(own, x=bad, y=y16, **w)
         assert got == want and got != "no error"
     with pytest.raises(ValueError, match="invalid input name"):
-        ours(x=x16[:5], z=y16[:5])
+        ours(x=x16[:5], z=y16[:5], **w)
     for x, y in ((x16[:5], y16[:5]), (x16, y16), (x16[:5], y16[:5])):
-        r1, r2 = own(x=x, y=y), ours(x=x, y=y)
+        r1, r2 = own(x=x, y=y, **w), ours(x=x, y=y, **w)
         assert {k: v.tobytes() for k, v in r1.items()} == {k: v.tobytes() for k, v in r2.items()}
 
 

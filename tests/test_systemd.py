@@ -179,7 +179,7 @@ TRAIN_AND_INFER = textwrap.dedent("""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, *t.x_shape)).astype(np.float32)
     y = rng.integers(0, t.num_classes, 40)
-    r = t.fit(x, y, epochs=2, lr=0.01)
+    r = t.fit(x, y, epochs=2, lr=0.01, weights=[np.full(t.weight_shapes[n], 0.01, np.float32) for n in t.weight_names])
     loss, acc = t.evaluate(x, y)
     p = t.predict(x[:16])
     print(json.dumps({"before": before, "after": wx(), "runtime": t.runtime, "fit_loss": r.loss, "eval_loss": loss,

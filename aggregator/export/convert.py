@@ -1,12 +1,12 @@
 """Convert a Keras model to a verified, trainable TFLite artifact.
 
-``export_model`` saves a TrainableModule with its signatures, converts it with builtins only
-(resource variables on), then refuses the artifact unless:
+``export_model`` saves a TrainableModule with its stateless signatures, converts it with builtins
+only, then refuses the artifact unless:
 
 1. it needs no Flex/custom op (else ExportError names the ops and the replacement layers);
-2. it holds a CALL_ONCE initializer subgraph (Keras-3 state converted without one trains garbage
-   silently);
-3. a set_weights/get_weights round trip in a TFLite interpreter is bit-identical;
+2. it holds no variable (weights and optimizer state go through the signatures: a variable would be
+   Keras state captured by the model, which devices could neither set nor federate);
+3. a set/get round trip through the device's own trainer (``edge_agent.trainer``) is bit-identical;
 4. on the same batches, the TFLite ``train`` losses equal TensorFlow's within ``tolerance``
    (1e-3), and the weight update after the steps equals TensorFlow's within ``update_tolerance``
    (10% of its norm). Correct artifacts agree to ~1e-6 on both, except when a ReLU input or a
@@ -15,14 +15,8 @@
    (momentum instead of SGD) is 7e-3 to 0.3 away in loss and 77-85% in the update.
 
 The artifact's id is the SHA-256 of its bytes; its tensor specs travel in the ModelManifest so
-agents need no model code.
-
-The artifact carries no weights. The converter freezes each variable's saved value into the
-initializer as a constant; the weights (and the FedProx anchor) are saved as zeros, and
-``strip_zero_initializers`` then turns every all-zero initializer constant into a FILL op. The
-FedAvg CNN's artifact shrinks from 6.5 MB to ~40 KB: less to retain on the broker and send to
-every device, and 6.5 MB less resident on each device. The weights travel where they belong,
-in the GlobalModel message; agents (and the verification) always set them before training.
+agents need no model code. It carries no weights (the FedAvg CNN's is ~35 KB): they travel where
+they belong, in the GlobalModel message, and agents (and the verification) set them before training.
 """
 
 from __future__ import annotations
@@ -41,7 +35,6 @@ import tensorflow as tf
 
 from fedmq.broker.contract.messages import ARTIFACT_FORMAT, ModelManifest, TensorSpec
 from fedmq.broker.errors import ConfigError
-from fedmq.edge_agent.runtime import load_interpreter
 
 from .trainable import TrainableModule, TrainSpec, weight_key
 
@@ -165,8 +158,11 @@ def _builtin_name(oc) -> str:
     return next((k for k, v in vars(schema.BuiltinOperator).items() if v == code and not k.startswith("_")), str(code))
 
 
-def inspect_ops(artifact: bytes) -> tuple[set[str], int, bool]:
-    """(op names, subgraph count, has CALL_ONCE) read from the flatbuffer."""
+STATE_OPS = ("VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE")
+
+
+def inspect_ops(artifact: bytes) -> tuple[set[str], int]:
+    """(op names, subgraph count) read from the flatbuffer."""
     from tensorflow.lite.tools import flatbuffer_utils
 
     m = flatbuffer_utils.convert_bytearray_to_object(bytearray(artifact))
@@ -176,18 +172,20 @@ def inspect_ops(artifact: bytes) -> tuple[set[str], int, bool]:
             ops.add("custom:" + oc.customCode.decode() if isinstance(oc.customCode, bytes) else str(oc.customCode))
         else:
             ops.add(_builtin_name(oc))
-    return ops, len(m.subgraphs), "CALL_ONCE" in ops
+    return ops, len(m.subgraphs)
 
 
 def check_artifact(artifact: bytes) -> None:
-    """Refuse artifacts with Flex/custom ops or without a variable initializer (CALL_ONCE)."""
-    ops, _, call_once = inspect_ops(artifact)
+    """Refuse artifacts with Flex/custom ops or with state (variables) of their own."""
+    ops, _ = inspect_ops(artifact)
     custom = sorted(o for o in ops if o.startswith("custom:"))
     if custom:
         raise ExportError(f"artifact contains custom/Flex ops {custom}: not runnable on devices")
-    if not call_once:
-        raise ExportError("artifact has no CALL_ONCE initializer: its variables would start uninitialized "
-                          "and train garbage silently (Keras-3 variables or optimizer captured directly?)")
+    state = sorted(o for o in ops if o in STATE_OPS)
+    if state:
+        raise ExportError(f"artifact holds variables ({', '.join(state)}): the model captures state of its own "
+                          "(a Keras variable read outside the weights given to stateless_call?); devices can "
+                          "neither set nor federate it")
 
 
 def load_model_fn(ref: str):
@@ -215,90 +213,11 @@ def load_model_fn(ref: str):
         raise ModelRefused(f"cannot load model function {ref!r}: {e}") from None
 
 
-def strip_zero_initializers(artifact: bytes, min_bytes: int = 1024) -> bytes:
-    """Replace all-zero constants assigned in the CALL_ONCE initializer by FILL(shape, 0).
-
-    Exact (a zero constant and FILL of zero are the same values); constants shared with any
-    other op, non-float ones and small ones (< ``min_bytes``) are left alone.
-    """
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(artifact))
-    names = [_builtin_name(oc) for oc in m.operatorCodes]
-
-    def name_of(opcode_index: int) -> str:
-        return names[opcode_index]
-
-    init_ids = {op.builtinOptions.initSubgraphIndex for sg in m.subgraphs for op in sg.operators
-                if name_of(op.opcodeIndex) == "CALL_ONCE"}
-    uses: dict[int, int] = {}  # buffer index -> number of tensors that point at it
-    for sg in m.subgraphs:
-        for t in sg.tensors:
-            uses[t.buffer] = uses.get(t.buffer, 0) + 1
-    fill_code = None
-    for sg_index in sorted(init_ids):
-        sg = m.subgraphs[sg_index]
-        new_ops = []
-        for op in sg.operators:
-            if name_of(op.opcodeIndex) == "ASSIGN_VARIABLE":
-                t = sg.tensors[op.inputs[1]]
-                data = m.buffers[t.buffer].data
-                if (t.type == schema.TensorType.FLOAT32 and data is not None and len(data) >= min_bytes
-                        and uses.get(t.buffer) == 1 and not np.frombuffer(bytes(data), np.uint8).any()):
-                    if fill_code is None:
-                        oc = schema.OperatorCodeT()
-                        oc.builtinCode = oc.deprecatedBuiltinCode = schema.BuiltinOperator.FILL
-                        oc.version = 1
-                        m.operatorCodes.append(oc)
-                        fill_code = len(m.operatorCodes) - 1
-                    shape = np.asarray(t.shape, np.int32)
-                    dims = _const_tensor(m, sg, shape, schema.TensorType.INT32, b"fill_dims")
-                    zero = _const_tensor(m, sg, np.zeros((), np.float32), schema.TensorType.FLOAT32, b"fill_zero")
-                    m.buffers[t.buffer].data = None  # the model-size constant is gone
-                    t.buffer = _empty_buffer(m)
-                    fill = schema.OperatorT()
-                    fill.opcodeIndex = fill_code
-                    fill.inputs = np.array([dims, zero], np.int32)
-                    fill.outputs = np.array([op.inputs[1]], np.int32)
-                    fill.builtinOptionsType = schema.BuiltinOptions.FillOptions
-                    fill.builtinOptions = schema.FillOptionsT()
-                    new_ops.append(fill)
-            new_ops.append(op)
-        sg.operators = new_ops
-    if fill_code is None:
-        return artifact
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
-
-
-def _empty_buffer(m) -> int:
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    m.buffers.append(schema.BufferT())
-    return len(m.buffers) - 1
-
-
-def _const_tensor(m, sg, value: np.ndarray, ttype: int, name: bytes) -> int:
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    buf = schema.BufferT()
-    buf.data = np.frombuffer(value.tobytes(), np.uint8)
-    m.buffers.append(buf)
-    t = schema.TensorT()
-    t.shape = np.array(value.shape, np.int32)
-    t.type = ttype
-    t.buffer = len(m.buffers) - 1
-    t.name = name
-    sg.tensors.append(t)
-    return len(sg.tensors) - 1
-
-
 def convert(module: TrainableModule) -> bytes:
     with tempfile.TemporaryDirectory(prefix="fedmq-export-") as d:
         tf.saved_model.save(module, d, signatures=module.signatures())
         conv = tf.lite.TFLiteConverter.from_saved_model(d, signature_keys=list(module.signatures()))
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        conv.experimental_enable_resource_variables = True
         try:
             return conv.convert()
         except Exception as e:  # the converter raises ConverterError with the op list
@@ -320,8 +239,7 @@ def export_model(model: keras.Model, spec: TrainSpec = TrainSpec(), *, verify_st
     check_model(model)
     module = TrainableModule(model, spec)
     init = module.weights_numpy()
-    module.zero_weights()  # saved as zeros, then stripped from the artifact (see the module docstring)
-    artifact = strip_zero_initializers(convert(module))
+    artifact = convert(module)
     check_artifact(artifact)
     b = spec.batch_size
     weights = [TensorSpec(weight_key(i), tuple(w.shape), str(w.dtype)) for i, w in enumerate(init)]
@@ -335,27 +253,31 @@ def export_model(model: keras.Model, spec: TrainSpec = TrainSpec(), *, verify_st
 
 def verify(module: TrainableModule, ex: Exported, steps: int, tolerance: float, seed: int,
            update_tolerance: float = 0.1) -> dict[str, float]:
-    interp, runtime = load_interpreter(ex.artifact)
+    """Train the artifact with the device's own trainer next to TensorFlow (see the module docstring)."""
+    from fedmq.edge_agent.trainer import TFLiteTrainer
+
+    try:
+        trainer = TFLiteTrainer(ex.artifact, ex.model_id)
+    except ValueError as e:  # ArtifactError: signatures or tensors not what the device needs
+        raise ExportError(f"the device trainer refuses the artifact: {e}") from None
+    runtime = trainer.runtime
     rng = np.random.default_rng(seed)
     # 1. set/get round trip, bit-identical
     probe = [rng.normal(size=w.shape).astype(np.float32) for w in ex.weights]
-    interp.get_signature_runner("set_weights")(**{w.name: p for w, p in zip(ex.weights, probe)})
-    got = interp.get_signature_runner("get_weights")()
-    for w, p in zip(ex.weights, probe):
-        if not np.array_equal(got[w.name], p):
+    trainer.set_weights(probe)
+    for w, p, got in zip(ex.weights, probe, trainer.get_weights()):
+        if not np.array_equal(got, p):
             raise ExportError(f"set/get round trip is not bit-identical for {w.name}")
     # 2. same batches, same losses: TFLite vs TensorFlow
     b = ex.spec.batch_size
-    feed = {w.name: i for w, i in zip(ex.weights, ex.initial_weights)}
-    interp.get_signature_runner("set_weights")(**feed)
+    trainer.set_weights(ex.initial_weights)
     module.set_weights(*[tf.constant(i) for i in ex.initial_weights])
-    train = interp.get_signature_runner("train")
     num_classes = module.num_classes
     worst = 0.0
     # small: at 0.01 a ReLU input rounding to the other side of 0 in one runtime (the CNN, step 12 of
     # seed 0) already moved the losses apart by 2e-4; at 0.001 the 20-step losses agree to ~5e-7
     lr = np.float32(0.001)
-    extra = {"mu": np.float32(0.01)} if ex.spec.prox else {}
+    mu = np.float32(0.01) if ex.spec.prox else None
     # a learnable task (labels a fixed function of the inputs): with random labels the trajectory
     # is chaotic and float rounding differences between the two runtimes grow without bound
     proj = rng.normal(size=(int(np.prod(module.x_shape)), num_classes)).astype(np.float32)
@@ -363,17 +285,16 @@ def verify(module: TrainableModule, ex: Exported, steps: int, tolerance: float, 
         x = rng.normal(size=(b, *module.x_shape)).astype(np.float32)
         y = np.argmax(x.reshape(b, -1) @ proj, axis=-1).astype(np.int32)
         mask = np.ones(b, np.float32)
-        lite = float(train(x=x, y=y, mask=mask, lr=lr, **extra)["loss"])
-        ref = float(module.train(x, y, mask, lr, *extra.values())["loss"])
+        lite = trainer.step(x, y, mask, lr, 0.0 if mu is None else float(mu))
+        ref = float(module.train(x, y, mask, lr, *([mu] if mu is not None else []))["loss"])
         if not np.isfinite(lite):
-            raise ExportError(f"TFLite training produced a non-finite loss ({runtime}): uninitialized state?")
+            raise ExportError(f"TFLite training produced a non-finite loss ({runtime})")
         worst = max(worst, abs(lite - ref))
         if worst > tolerance:
             raise ExportError(f"TFLite loss {lite:.6f} differs from TensorFlow's {ref:.6f} by {worst:.2e} "
                               f"(> {tolerance}) at step {_ + 1} ({runtime})")
     # 3. the update the steps made, TFLite vs TensorFlow, relative to its size
-    got = interp.get_signature_runner("get_weights")()
-    lite_w, tf_w = [got[w.name] for w in ex.weights], module.weights_numpy()
+    lite_w, tf_w = trainer.get_weights(), module.weights_numpy()
     num = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(lite_w, tf_w))
     den = sum(float(np.sum((b.astype(np.float64) - i) ** 2)) for b, i in zip(tf_w, ex.initial_weights))
     update_diff = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)

@@ -39,12 +39,24 @@ def _envelope(msg: Message) -> dict[str, Any]:
     return wire
 
 
+#: a shared buffer grown past this by one large message is dropped once the message is copied out: msgpack
+#: doubles its buffer, so a 6.7 MB update left 13.3 MB resident on the device between rounds
+KEEP_BUFFER_BYTES = 1 << 20
+
+
 class Encoder:
     """Encodes into one reused buffer: one copy of the tensor bytes, no per-call allocation."""
 
     def __init__(self) -> None:
         self._packer = msgpack.Packer(use_bin_type=True, autoreset=False)
         self._view: memoryview | None = None
+
+    def shrink(self, keep: int = KEEP_BUFFER_BYTES) -> None:
+        """Drop the buffer when the last message made it larger than ``keep`` bytes (its view too)."""
+        if self._view is not None and self._view.nbytes > keep:
+            self._view.release()
+            self._view = None
+            self._packer = msgpack.Packer(use_bin_type=True, autoreset=False)
 
     def encode(self, msg: Message) -> memoryview:
         """Return a view of the payload, valid until the next call on this encoder."""
@@ -64,10 +76,26 @@ _shared = Encoder()
 _shared_lock = threading.Lock()
 
 
+def _tensor_bytes(msg: Message) -> int:
+    tensors = getattr(msg, "tensors", None)
+    return sum(int(getattr(t, "nbytes", 0)) for t in tensors.values()) if isinstance(tensors, dict) else 0
+
+
 def encode(msg: Message) -> bytes:
-    """Encode a message to ``bytes`` (through a shared, reused buffer: one copy of the tensors)."""
+    """Encode a message to ``bytes`` (through a shared, reused buffer: one copy of the tensors).
+
+    A message with more than KEEP_BUFFER_BYTES of tensors gets a buffer of its own, sized for it at
+    once: msgpack would otherwise double its way there (up to 2x the payload, then kept). A
+    generous size costs no memory the message does not fill (the OS maps pages on first write)."""
+    hint = _tensor_bytes(msg)
+    if hint > KEEP_BUFFER_BYTES:
+        packer = msgpack.Packer(use_bin_type=True, autoreset=False, buf_size=hint + (1 << 16))
+        packer.pack(_envelope(msg))
+        return packer.bytes()
     with _shared_lock:
-        return bytes(_shared.encode(msg))
+        out = bytes(_shared.encode(msg))
+        _shared.shrink()
+        return out
 
 
 def peek_kind(payload: bytes | memoryview, limits: DecodeLimits = DEFAULT_LIMITS) -> str:

@@ -23,7 +23,7 @@ from fedmq.broker.errors import DecodeError
 
 SCHEMA_VERSION = 1
 HEX_ID_RE = re.compile(r"[0-9a-f]{8,64}\Z")  # ASCII only; \Z: no trailing newline
-ARTIFACT_FORMAT = "tflite-trainable-v1"  # the one name of the model artifact format
+ARTIFACT_FORMAT = "tflite-trainable-v2"  # the one name of the model artifact format
 STATES = ("online", "idle", "training", "error", "offline")  # error: cannot train (``error`` says why)
 SERVICE_STATES = ("online", "offline", "done")  # the aggregator's own status (``done``: the run ended)
 
