@@ -1,8 +1,10 @@
 """The aggregator service: round control over MQTT, checkpoints, metrics, final export.
 
-One thread runs the protocol (paho's network thread only enqueues messages): it decodes and
-validates every message (fedmq.broker.transport.receiver), feeds updates to the round controller, closes rounds,
-checkpoints, republishes the global model and opens the next round. See docs/architecture.md.
+One thread runs the protocol and the network (the client is pumped: ``MqttClient(own_thread=False)``):
+it reads a small batch of messages, decodes and validates each (fedmq.broker.transport.receiver), feeds
+updates to the round controller, closes rounds, checkpoints, republishes the global model and opens
+the next round. A backlog waits in the broker's queue for the aggregator, not in this process, and no
+message is handed between threads. See docs/architecture.md.
 
 Outages: the service starts before its broker is reachable and never exits because the broker is
 away. The retained state it owns (its service status, model, global, round) is republished after
@@ -59,6 +61,12 @@ log = logging.getLogger(__name__)
 SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 #: refusals whose cause can go away: the same update counts if re-sent into its round later
 RETRY_REASONS = frozenset({"no_open_round", "future"})
+#: a step handles messages for at most this long before its timers and round checks run
+STEP_SLICE_S = 0.25
+#: the client reads at most this many messages ahead of the protocol (docs/configuration.md, "intake")
+READ_BATCH = 64
+#: the aggregator's socket receive buffer (bytes): the kernel's read-ahead while a batch is handled
+RCVBUF = 4 << 20
 
 
 def load_eval(cfg: AggregatorConfig):
@@ -104,14 +112,15 @@ class AggregatorService:
         self.topics = cfg.broker.topics()
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        # our own client admits messages on paho's network thread: a flooder's messages are dropped by
-        # its rate limit before they take a place in the inbox the honest fleet shares
+        # our own client admits messages as paho reads them: a flooder's messages are dropped by its
+        # rate limit before they take a place in the inbox (and the read batch) the honest fleet shares
         self.run_id = ""  # set by _restore: from the checkpoint, or new for a fresh state_dir
-        mqtt_cfg = cfg.broker.mqtt(cfg.service.id, resume_session=True)
+        # pumped client: a read batch of 64 updates (~1 MB for sensor1d), a 4 MiB kernel receive buffer
+        mqtt_cfg = cfg.broker.mqtt(cfg.service.id, resume_session=True, read_batch=READ_BATCH, rcvbuf=RCVBUF)
         # the last will marks us offline (retained); its run id is filled in once known (start)
-        self.client = client or MqttClient(mqtt_cfg, on_message=self._admit)
+        self.client = client or MqttClient(mqtt_cfg, on_message=self._admit, own_thread=False)
         self._admits = client is None
-        self._limited: dict[str, int] = {}  # agent -> messages dropped by its rate limit (network thread)
+        self._limited: dict[str, int] = {}  # agent -> messages dropped by its rate limit (in _admit)
         self._limited_total = 0
         self._limited_seen: dict[str, int] = {}
         self._limited_counted = 0
@@ -169,12 +178,12 @@ class AggregatorService:
         self.bounded_log.internal(what, exc)
 
     def _admit(self, m) -> None:
-        """On paho's network thread: the per-agent rate limit, then the inbox (never blocks)."""
+        """As paho reads a message: the per-agent rate limit, then the inbox (never blocks)."""
         lim = self.limiter
         if lim is not None:
             agent = agent_of(m.topic, self.topics.base)
             if agent is not None and not lim.allow(agent, len(m.payload)):
-                self._limited[agent] = self._limited.get(agent, 0) + 1  # one writer: this thread
+                self._limited[agent] = self._limited.get(agent, 0) + 1
                 self._limited_total += 1
                 return
         try:
@@ -185,7 +194,7 @@ class AggregatorService:
                 log.warning("inbox full: dropped %d messages so far", self.client.dropped)
 
     def _count_limited(self, summary: bool) -> None:
-        """Count (main thread) what the network thread dropped; with ``summary``, log one line per agent."""
+        """Count what the rate limit dropped in _admit; with ``summary``, log one line per agent."""
         total = self._limited_total
         new = total - self._limited_counted
         if new:
@@ -450,11 +459,14 @@ class AggregatorService:
             self._republish.clear()  # after a (re)connect: the broker may have lost retained state
             self._republish_state()
         m = self.client.get(timeout=timeout)
+        end = time.monotonic() + STEP_SLICE_S  # a steady stream must not hold off the round's checks
         while m is not None:
             try:
                 self._handle(m.topic, m.payload, m.retain)
             except Exception as e:  # noqa: BLE001 - one message never ends the service
                 self._internal(f"handling a message on {m.topic[:200]!r}", e)
+            if time.monotonic() >= end:
+                break
             m = self.client.get(timeout=0)
         self._tick()
         self._count_limited(summary=False)

@@ -11,6 +11,12 @@
   configured maximum *before* sending (paho does not: an oversized QoS 1 publish loops through
   disconnects), and reports broker rejections (PUBACK reason >= 0x80), not just "sent".
 * Callbacks never block: incoming messages go to a bounded queue; overflow is dropped and counted.
+* ``own_thread=False`` (the aggregator): no network thread. The caller's thread does the network
+  work in ``pump`` (paho's external-loop API: ``loop_read``/``loop_write``/``loop_misc`` on
+  ``select``), called by ``get`` when the inbox is empty and by every wait for an acknowledgement,
+  and reconnects there with the same backoff. It reads at most ``read_batch`` messages ahead of
+  what ``get`` has taken (outside a wait), so a backlog waits in the broker's queue for this
+  client, not in the process, and no message crosses a thread.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import select
+import socket
 import ssl
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -82,6 +91,12 @@ class MqttConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     inbox_size: int = 10_000
+    #: ``own_thread=False``: messages read ahead of ``get`` before reading pauses (the rest waits in the broker)
+    read_batch: int = 64
+    #: ``own_thread=False``: SO_RCVBUF in bytes (0 = the kernel's default; Linux caps it at net.core.rmem_max).
+    #: While the caller works on a batch the kernel keeps receiving into this buffer, so the next batch is
+    #: there at once instead of after a round trip to a broker that has to be scheduled first
+    rcvbuf: int = 0
     will: Will | None = None
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
@@ -149,17 +164,22 @@ class _BufferedReads:
     before paho has read anything past it.
     """
 
-    __slots__ = ("_sock", "_buf", "_pos")
+    __slots__ = ("_sock", "_buf", "_pos", "hold")
     CHUNK = 65536
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, hold: Callable[[], bool] | None = None) -> None:
         self._sock = sock
         self._buf = b""
         self._pos = 0
+        #: when it returns True, reads that would need the socket act as if nothing had arrived yet
+        #: (paho stops reading; what the broker sends meanwhile stays in the kernel's buffer and its queue)
+        self.hold = hold
 
     def recv(self, n: int) -> bytes:
         avail = len(self._buf) - self._pos
         if avail <= 0:
+            if self.hold is not None and self.hold():
+                raise BlockingIOError("read paused: the inbox holds a batch")
             data = self._sock.recv(max(n, self.CHUNK))  # BlockingIOError / SSLWantReadError / b"" pass through
             if len(data) <= n:
                 return data
@@ -181,11 +201,33 @@ class _BufferedReads:
         return getattr(self._sock, name)
 
 
-class MqttClient:
-    """Thread-safe wrapper; use as a context manager or call ``connect``/``close``."""
+class _Inbox(deque):
+    """The pumped client's inbox: one thread puts and takes, so a deque without locks, bounded like a Queue."""
 
-    def __init__(self, config: MqttConfig, on_message: Callable[[InMessage], None] | None = None) -> None:
+    def __init__(self, maxsize: int) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+
+    def put_nowait(self, m: InMessage) -> None:
+        if len(self) >= self.maxsize:
+            raise queue.Full
+        self.append(m)
+
+    def qsize(self) -> int:
+        return len(self)
+
+
+class MqttClient:
+    """Thread-safe wrapper; use as a context manager or call ``connect``/``close``.
+
+    ``own_thread=False``: not thread-safe; one thread calls everything and drives the network
+    through ``get``, the waits and ``pump`` (see the module docstring).
+    """
+
+    def __init__(self, config: MqttConfig, on_message: Callable[[InMessage], None] | None = None, *,
+                 own_thread: bool = True) -> None:
         self.cfg = config
+        self.own_thread = own_thread
         v5 = config.protocol == "5"
         if config.protocol not in ("5", "3.1.1"):
             raise ValueError("protocol must be '5' or '3.1.1'")
@@ -225,9 +267,14 @@ class MqttClient:
         self._started = False
         self._delays: Iterator[float] | None = None
         self.broker_max_packet: int | None = None
-        self.inbox: queue.Queue[InMessage] = queue.Queue(config.inbox_size)
+        self.inbox: queue.Queue[InMessage] | _Inbox = (queue.Queue(config.inbox_size) if own_thread
+                                                       else _Inbox(config.inbox_size))
+        self._waiting = 0  # pumped: waits for an acknowledgement under way (reading never pauses in one)
+        self._in_pump = False
+        self._retry_at = 0.0  # pumped: when the next (re)connect attempt is due (monotonic)
+        self._delay = 0.0  # pumped: the current backoff delay
         self._handler = on_message
-        #: called (on the network thread; must not block) after every successful (re)connect
+        #: called (on the network thread, or in a pump; must not block) after every successful (re)connect
         self.on_connected: Callable[[bool], None] | None = None
         self.dropped = 0
         self.reconnects = 0
@@ -275,7 +322,9 @@ class MqttClient:
         self._c.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
                               clean_start=self.cfg.clean_start if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                               properties=self._connect_props())
-        self._c.loop_start()
+        if self.own_thread:
+            self._c.loop_start()
+        self._retry_at = 0.0  # pumped: the first pump connects
         self._started = True
         log.info("connecting to %s:%s in the background", self.cfg.host, self.cfg.port)
 
@@ -292,9 +341,10 @@ class MqttClient:
         except (OSError, ssl.SSLError) as e:
             raise ConnectError(f"cannot reach broker {self.cfg.host}:{self.cfg.port}: {e}") from e
         # paho's own thread: with it, publishes from other threads are queued, never written concurrently.
-        self._c.loop_start()
+        if self.own_thread:
+            self._c.loop_start()
         self._started = True
-        if not self._first.event.wait(timeout):
+        if not self._pump_until(self._first.event, timeout):
             self.close()
             raise MqttTimeout(f"no CONNACK from {self.cfg.host}:{self.cfg.port} within {timeout}s")
         if self._first.value is not None:
@@ -309,16 +359,22 @@ class MqttClient:
                 self._c.disconnect()
             except Exception:  # noqa: BLE001 - closing must not raise
                 pass
-        if self._started:
+        if self._started and self.own_thread:
             self._c.loop_stop()
-            self._started = False
+        elif self._started:  # pumped: flush the DISCONNECT (paho closes the socket once it is written)
+            end = time.monotonic() + 1.0
+            while self._c.socket() is not None and time.monotonic() < end:
+                self._pump(0.05)
+            if self._c.socket() is not None:
+                self._c._sock_close()  # paho private: the broker did not take the DISCONNECT in time
+        self._started = False
         self._connected.clear()
 
     def _next_delay(self, reset: bool = False) -> None:
         """Arm paho's reconnect wait with our next capped, jittered delay."""
         if reset or self._delays is None:
             self._delays = backoff_delays(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
-        d = next(self._delays)
+        d = self._delay = next(self._delays)
         self._c.reconnect_delay_set(d, d)  # type: ignore[arg-type]  # annotated int; paho uses float seconds
 
     # -- callbacks (network thread; never block) ------------------------------------------------
@@ -338,7 +394,13 @@ class MqttClient:
             return
         sock = getattr(c, "_sock", None)
         if sock is not None and not isinstance(sock, _BufferedReads) and hasattr(sock, "recv"):
-            c._sock = _BufferedReads(sock)  # paho private: see _BufferedReads (nothing is read past CONNACK yet)
+            # paho private: see _BufferedReads (nothing is read past CONNACK yet)
+            if not self.own_thread and self.cfg.rcvbuf:  # the read-ahead a pumped client leaves to the kernel
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.cfg.rcvbuf)
+                except OSError as e:
+                    log.warning("socket receive buffer of %d bytes not set: %s", self.cfg.rcvbuf, e)
+            c._sock = _BufferedReads(sock, None if self.own_thread else self._hold)
         self.broker_max_packet = None
         if props is not None and hasattr(props, "MaximumPacketSize"):
             self.broker_max_packet = int(props.MaximumPacketSize)
@@ -412,13 +474,84 @@ class MqttClient:
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("inbox full (%d): dropped %d messages so far", self.cfg.inbox_size, self.dropped)
 
+    # -- the pumped network loop (own_thread=False) ---------------------------------------------
+    def _hold(self) -> bool:
+        """Pause reading: a batch is in the inbox and nobody waits for an acknowledgement."""
+        return not self._waiting and len(self.inbox) >= self.cfg.read_batch
+
+    def pump(self, timeout: float = 0.0) -> None:
+        """One pass of network work on this thread: wait up to ``timeout`` for the socket, read, write,
+        keep alive; (re)connect when due. Only with ``own_thread=False``; re-entry from a callback is a no-op."""
+        if self.own_thread or self._in_pump:
+            return
+        self._in_pump = True
+        try:
+            self._pump(timeout)
+        finally:
+            self._in_pump = False
+
+    def _pump(self, timeout: float) -> None:
+        c = self._c
+        sock = c.socket()
+        if sock is None:
+            if not self._started or self._closing.is_set() or self._fatal is not None:
+                self._closing.wait(timeout)  # nothing to do (closed: returns at once)
+                return
+            now = time.monotonic()
+            if now < self._retry_at:
+                self._closing.wait(min(timeout, self._retry_at - now))
+                return
+            try:
+                c.reconnect()  # paho: TCP (and TLS) connect, then CONNECT; the CONNACK is read below
+            except Exception as e:  # noqa: BLE001 - refused, unreachable, TLS: retried with backoff
+                log.debug("connect to %s:%s failed: %s", self.cfg.host, self.cfg.port, e)
+                self._on_connect_fail(c, None)
+                self._retry_at = time.monotonic() + self._delay
+                return
+            sock = c.socket()
+            if sock is None:
+                return
+        pending = sock.pending() if hasattr(sock, "pending") else 0
+        readable = pending > 0
+        if not readable:
+            try:
+                r, _, _ = select.select([sock], [sock] if c.want_write() else [], [], timeout)
+                readable = bool(r)
+            except (OSError, ValueError, TypeError):
+                readable = True  # a closed socket: the read reports the loss
+        rc = c.loop_read() if readable else mqtt.MQTT_ERR_SUCCESS
+        if rc == mqtt.MQTT_ERR_SUCCESS and c.socket() is not None and c.want_write():
+            rc = c.loop_write()
+        if rc == mqtt.MQTT_ERR_SUCCESS and c.socket() is not None:
+            c.loop_misc()
+        if c.socket() is None:  # lost (paho called on_disconnect): the next attempt after the backoff
+            self._retry_at = time.monotonic() + self._delay
+
+    def _pump_until(self, event: threading.Event, timeout: float) -> bool:
+        """Wait for ``event``: pumping (own_thread=False; reading never pauses meanwhile) or blocking.
+
+        A wait from inside a pump (a callback) cannot pump: it blocks, and times out unless set elsewhere."""
+        if self.own_thread or self._in_pump:
+            return event.wait(timeout)
+        end = time.monotonic() + timeout
+        self._waiting += 1
+        try:
+            while not event.is_set():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self.pump(min(left, 0.05))
+        finally:
+            self._waiting -= 1
+        return True
+
     # -- operations ---------------------------------------------------------------------------
     def _wait(self, mid: int, w: _Waiter, timeout: float, what: str) -> Any:
         with self._lock:
             if mid in self._early:
                 return self._early.pop(mid)
             self._pending[mid] = w
-        if not w.event.wait(timeout):
+        if not self._pump_until(w.event, timeout):
             with self._lock:
                 self._pending.pop(mid, None)
             raise MqttTimeout(f"{what} not acknowledged within {timeout}s")
@@ -500,8 +633,24 @@ class MqttClient:
         self._c.unsubscribe(topic)
 
     def get(self, timeout: float | None = None) -> InMessage | None:
-        """Next incoming message from the bounded inbox, or None after ``timeout``."""
-        try:
-            return self.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        """Next incoming message from the bounded inbox, or None after ``timeout``.
+
+        ``own_thread=False``: pumps the network while the inbox is empty (``timeout=None``: until a message)."""
+        if self.own_thread:
+            try:
+                return self.inbox.get(timeout=timeout)
+            except queue.Empty:
+                return None
+        box = self.inbox
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if box:
+                return box.popleft()
+            if self._closing.is_set():
+                return None
+            left = 1.0 if end is None else end - time.monotonic()
+            self.pump(max(0.0, min(left, 1.0)))
+            if box:
+                return box.popleft()
+            if end is not None and time.monotonic() >= end:
+                return None

@@ -1,0 +1,114 @@
+"""The pumped MQTT client (``MqttClient(own_thread=False)``, the aggregator's) over a real broker.
+
+No network thread: ``get``, the waits for acknowledgements and ``pump`` do the network work on the
+caller's thread. It reads a batch ahead and leaves the rest in the broker, loses nothing it reads
+while it waits for a PUBACK, and reconnects (with resubscriptions) after a broker restart.
+"""
+
+import threading
+import uuid
+
+import pytest
+from conftest import needs_mosquitto, wait_until
+
+from fedmq.broker.transport.client import MqttClient, MqttConfig, _BufferedReads
+
+pytestmark = pytest.mark.network
+
+
+def pumped(addr, name=None, **kw) -> MqttClient:
+    cfg = MqttConfig(addr.host, addr.port, client_id=name or "p-" + uuid.uuid4().hex[:8],
+                     protocol=getattr(addr, "protocol", "5"), **kw)
+    c = MqttClient(cfg, own_thread=False)
+    c.connect()
+    return c
+
+
+def threaded(addr, **kw) -> MqttClient:
+    c = MqttClient(MqttConfig(addr.host, addr.port, client_id="t-" + uuid.uuid4().hex[:8],
+                              protocol=getattr(addr, "protocol", "5"), **kw))
+    c.connect()
+    return c
+
+
+def pump_until(c: MqttClient, pred, what: str, timeout: float = 20.0):
+    def step():
+        c.pump(0.05)
+        return pred()
+
+    return wait_until(step, timeout, interval=0, what=what)
+
+
+def test_one_thread_and_nothing_lost_while_waiting_for_a_puback(broker, topics):
+    """A publish that waits for its PUBACK pumps the network; what arrives meanwhile waits in the inbox."""
+    with pumped(broker) as sub, threaded(broker) as pub:
+        assert not [t for t in threading.enumerate() if t.name == f"paho-mqtt-client-{sub.cfg.client_id}"]
+        sub.subscribe(topics.all_updates(), qos=1)  # waits for its SUBACK by pumping
+        for i in range(200):
+            pub.publish(topics.update(f"a{i}"), b"x" * 500, qos=1, wait=False)
+        pub.publish(topics.update("a199"), b"x", qos=1)  # QoS 1 in order: the 200 before it are PUBACKed
+        assert sub.publish(topics.metrics(), b"m", qos=1, timeout=10).reason_code < 0x80  # pumps meanwhile
+        got = []
+        while len(got) < 200:
+            m = sub.get(timeout=10)
+            assert m is not None, f"{len(got)} of 200"
+            got.append(m.topic)
+        assert got == [topics.update(f"a{i}") for i in range(200)] and sub.dropped == 0
+        assert sub.get(timeout=10).payload == b"x"
+
+
+@needs_mosquitto
+def test_reads_a_batch_ahead_and_leaves_the_rest_in_the_broker(own_broker, topics):
+    b = own_broker()
+    kw = dict(clean_start=False, session_expiry=300, read_batch=10)
+    sub = pumped(b, name="batch-1", **kw)
+    sub.subscribe(topics.all_updates(), qos=1)
+    sub.close()
+    size, n = 2000, 300
+    with threaded(b) as pub:
+        for i in range(n):
+            pub.publish(topics.update(f"a{i}"), bytes([i % 256]) * size, qos=1, wait=False)
+        pub.publish(topics.metrics(), b"done", qos=1)  # QoS 1 in order: the others are PUBACKed too
+    sub = pumped(b, name="batch-1", **kw)
+    try:
+        pump_until(sub, lambda: len(sub.inbox) >= 10, "a batch")
+        for _ in range(20):
+            sub.pump(0.02)
+        # a batch, plus what one 64 KiB read of the buffered socket held: never the whole backlog
+        assert len(sub.inbox) <= 10 + _BufferedReads.CHUNK // size + 1 < n
+        got = []
+        while len(got) < n:
+            m = sub.get(timeout=10)
+            assert m is not None, f"{len(got)} of {n}"
+            got.append(m)
+        assert [m.topic for m in got] == [topics.update(f"a{i}") for i in range(n)]
+        assert all(m.payload == bytes([i % 256]) * size for i, m in enumerate(got)) and sub.dropped == 0
+    finally:
+        sub.close()
+    assert sub._c.socket() is None
+
+
+@needs_mosquitto
+def test_reconnects_and_resubscribes_after_broker_restart(own_broker, topics):
+    b = own_broker(persistence=False)
+    sub = pumped(b, reconnect_min_s=0.05, reconnect_max_s=0.5)
+    pub = threaded(b, reconnect_min_s=0.05, reconnect_max_s=0.5)
+    try:
+        sub.subscribe(topics.metrics())
+        b.kill()
+        pump_until(sub, lambda: not sub.connected, "disconnect")
+        assert sub.get(timeout=0.2) is None  # pumping while the broker is down: retries, never raises
+        b.start()
+        pump_until(sub, lambda: sub.connected, "reconnect")
+        wait_until(lambda: pub.connected, timeout=20, what="the publisher back")
+
+        def delivered() -> bool:  # the re-sent SUBSCRIBE races the PUBLISH: until one arrives
+            pub.publish(topics.metrics(), b"after-restart")
+            m = sub.get(timeout=0.5)
+            return m is not None and m.payload == b"after-restart"
+
+        wait_until(delivered, 20, interval=0, what="a message through the re-made subscription")
+        assert sub.reconnects >= 1
+    finally:
+        sub.close()
+        pub.close()
