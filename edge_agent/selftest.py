@@ -194,10 +194,26 @@ def _save_cache(cache_dir: Path | None, cache: dict) -> None:
 
 
 def _runtime_version(name: str) -> str:
-    """The installed distribution's version, without importing the runtime (for the cache key)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The installed distribution's version, without importing the runtime (for the cache key).
+
+    Read from the name of the ``<dist>-<version>.dist-info`` directory beside the package (the
+    wheel format's own layout); importlib.metadata only when there is none (it costs the agent ~1 MB)."""
+    import importlib.util
 
     dist = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime", "tensorflow": "tensorflow"}[name]
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return "?"  # not installed
+    for where in spec.submodule_search_locations or []:
+        for d in (dist, "tensorflow-cpu") if name == "tensorflow" else (dist,):
+            found = sorted(Path(where).parent.glob(f"{d.replace('-', '_')}-*.dist-info"))
+            if len(found) == 1:
+                return found[0].name[len(d) + 1 : -len(".dist-info")]
+    from importlib.metadata import PackageNotFoundError, version
+
     for d in (dist, "tensorflow-cpu") if name == "tensorflow" else (dist,):
         try:
             return version(d)

@@ -46,6 +46,7 @@ from fedmq.broker.contract.messages import (
     Receipt,
     RoundAnnouncement,
     ServiceStatus,
+    Signed,
     Status,
     Update,
 )
@@ -71,6 +72,16 @@ def _update_id(payload: bytes) -> str:
     """The update_id of an encoded update of ours (read back from the outbox bytes)."""
     m = codec.decode(payload)
     return getattr(m, "update_id", "")
+
+
+def _tensors_digest(tensors: dict[str, np.ndarray]) -> bytes:
+    """sha256 over the tensors in name order (name, dtype, shape, bytes), without copying them."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a.reshape(-1)).cast("B"))
+    return h.digest()
 
 
 class AgentService:
@@ -104,6 +115,8 @@ class AgentService:
         self.trainer: TFLiteTrainer | None = None
         self.manifest: ModelManifest | None = None
         self.global_msg: GlobalModel | None = None
+        self._train_due = False  # a round to train for: step() trains once the received messages are handled
+        self._global_on_disk: tuple[str, int, str] | None = None  # (run, round, model) cache_dir/global.msgpack holds
         self.announcement: RoundAnnouncement | None = None
         self.sent: set[tuple[int, float]] = set()  # (round, announcement opened) already delivered
         #: the update being handed over: (key, paho message infos); done when every PUBACK is in
@@ -198,6 +211,12 @@ class AgentService:
         while m is not None:
             self._handle(m.topic, m.payload, m.retain)
             m = self.client.get(timeout=0)
+        if self._train_due:  # here, not inside a handler: no received message holds the global's bytes
+            self._train_due = False
+            try:
+                self._maybe_work(train=True)
+            except Exception as e:  # the agent keeps serving (as for a message's handler)
+                self.receiver.internal_error(e, self.topics.round(), "training a round")
         self.receiver.tick()  # expire idle chunked blobs (memory back to the OS), flush rejection summaries
 
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -246,7 +265,9 @@ class AgentService:
             self.global_msg = msg
             self.outbox.drop_before(msg.run, msg.round + 1)  # rounds up to this one are closed
             if new and got.payload is not None:
+                self._global_on_disk = None
                 atomic_write(self.cfg.cache_dir / "global.msgpack", got.payload)  # for LocalModel / predict
+                self._global_on_disk = (msg.run, msg.round, msg.model_id)
                 (self.cfg.cache_dir / "global.proof").unlink(missing_ok=True)  # the keyframe proves itself
         elif ch is Channel.DELTA and isinstance(msg, GlobalDelta):
             if not self._apply_delta(msg, got.payload, topic):
@@ -285,7 +306,9 @@ class AgentService:
         self.global_msg = new
         self.deltas_applied += 1
         self.outbox.drop_before(new.run, new.round + 1)
+        self._global_on_disk = None
         atomic_write(self.cfg.cache_dir / "global.msgpack", codec.encode(new))  # for LocalModel / predict ...
+        self._global_on_disk = (new.run, new.round, new.model_id)
         if payload is not None:
             atomic_write(self.cfg.cache_dir / "global.proof", payload)  # ... with the signed delta that proves it
         return True
@@ -427,7 +450,9 @@ class AgentService:
         if self.cfg.agent.low_memory:
             trainer.release()  # loaded again when a round asks for this agent
 
-    def _maybe_work(self) -> None:
+    def _maybe_work(self, train: bool = False) -> None:
+        """Send, re-send or train for the announced round, as far as what we hold allows. Training
+        itself only with ``train`` (``step`` calls that once the received messages are handled)."""
         ann = self.announcement
         if ann is not None and ann.excluded and self.id in ann.excluded and self._told_excluded != ann.round:
             self._told_excluded = ann.round
@@ -463,12 +488,16 @@ class AgentService:
         self._subscribe_global(self.cfg.agent.follow_global or not has_base, delta=by_delta)
         if t is None or t.model_id != ann.model_id or not has_base or self.data_error or self._global_misfit(g):
             return  # wait for the matching model / global weights
-        self._train(ann, g)
+        if not train:
+            self._train_due = True
+            return
+        del t, g  # no reference to the global from here while it trains (see _spill_global)
+        self._train(ann)
 
-    def _train(self, ann: RoundAnnouncement, g: GlobalModel) -> None:
+    def _train(self, ann: RoundAnnouncement) -> None:
         cfg = ann.config
         self._status("training")
-        payload, steps, seconds, loss = self._train_and_encode(ann, g)  # its model-size temporaries are gone
+        payload, steps, seconds, loss = self._train_and_encode(ann)  # its model-size temporaries are gone
         note(f"round {ann.round} encoded")
         self.outbox.put(OutboxKey(ann.run, ann.model_id, ann.round, ann.base_round), payload)  # on disk first
         self.rounds_trained += 1
@@ -488,15 +517,19 @@ class AgentService:
         note(f"round {ann.round} handed over")
         self._status("idle")
 
-    def _train_and_encode(self, ann: RoundAnnouncement, g: GlobalModel) -> tuple[bytes, int, float, float]:
+    def _train_and_encode(self, ann: RoundAnnouncement) -> tuple[bytes, int, float, float]:
         """Train on the global, return the encoded update (and steps, seconds, loss). The trained
-        weights, the delta and the message object die here, before the upload's own buffers exist."""
+        weights, the delta and the message object die here, before the upload's own buffers exist.
+
+        Once the global weights are in the interpreter, the agent's own copy goes (back from disk for
+        the delta, after the interpreter is gone): one model-size buffer less at the peak."""
         t = self.trainer
         names = t.weight_names
-        base = [np.asarray(g.tensors[n], dtype=np.float32) for n in names]
+        t.set_weights([np.asarray(self.global_msg.tensors[n], dtype=np.float32) for n in names], copy=False)
+        t.prepare()
+        spilled = self._spill_global()
         cfg = ann.config
-        r = t.fit(self.x, self.y, epochs=cfg.epochs, lr=cfg.lr, mu=cfg.mu, seed=cfg.seed * 1000 + zlib.crc32(self.id.encode()) % 1000,
-                  weights=base)
+        r = t.fit(self.x, self.y, epochs=cfg.epochs, lr=cfg.lr, mu=cfg.mu, seed=cfg.seed * 1000 + zlib.crc32(self.id.encode()) % 1000)
         metrics = {"loss": r.loss, "train_seconds": r.seconds}
         # one signature's buffers at a time: the training ones go before the evaluation allocates its own
         # (the FedAvg CNN: ~13 MB less at the peak); reloading the ~40 KB artifact takes milliseconds
@@ -508,6 +541,9 @@ class AgentService:
             metrics.update(val_loss=vl, val_accuracy=va)
             note(f"round {ann.round} evaluated")
             t.release()  # before r.weights becomes the delta, in place
+        g = self._unspill_global(spilled) if spilled is not None else self.global_msg
+        base = [np.asarray(g.tensors[n], dtype=np.float32) for n in names]
+        del g
         # in place: the trained weights become the delta (no second model-size copy on the device)
         delta = {n: np.subtract(w, b, out=w) if w.dtype == np.float32 and w.flags.writeable
                  else (w - b).astype(np.float32) for n, w, b in zip(names, r.weights, base)}
@@ -520,6 +556,36 @@ class AgentService:
         upd = Update(ann.round, self.id, ann.model_id, uuid.uuid4().hex, r.num_samples, delta, metrics, time.time(),
                      cfg.compression, base_round=ann.base_round, run=ann.run)
         return codec.encode(upd), r.steps, r.seconds, r.loss
+
+    def _spill_global(self) -> tuple[tuple[str, int, str], bytes] | None:
+        """Drop the global's weights from memory while they are in the interpreter, when the cache file
+        holds exactly this global (then ``_unspill_global`` reads them back); None: kept in memory."""
+        g = self.global_msg
+        if g is None or self._global_on_disk != (g.run, g.round, g.model_id):
+            return None
+        key, digest = (g.run, g.round, g.model_id), _tensors_digest(g.tensors)
+        self.global_msg = GlobalModel(g.round, g.model_id, {}, g.created, g.run)  # its metadata only
+        return key, digest
+
+    def _unspill_global(self, spilled: tuple[tuple[str, int, str], bytes]) -> GlobalModel:
+        """The spilled global, read back from the cache file and checked against its digest."""
+        key, digest = spilled
+        path = self.cfg.cache_dir / "global.msgpack"
+        try:
+            m = codec.decode(path.read_bytes(), self.receiver.limits)
+            if isinstance(m, Signed):  # verified when it arrived; the digest below says it is the same
+                m = codec.decode(m.body, self.receiver.limits, expect=GlobalModel)
+            if not isinstance(m, GlobalModel) or (m.run, m.round, m.model_id) != key \
+                    or _tensors_digest(m.tensors) != digest:
+                raise ValueError("it holds another global")
+        except (OSError, ValueError, FedmqError) as e:
+            self.global_msg = None  # fetched again (retained), and the round trained again
+            self._global_on_disk = None
+            raise RuntimeError(f"the global of round {key[1]} cannot be read back from {path} ({e}): this "
+                               "round's update is not sent") from None
+        if self.global_msg is not None and (self.global_msg.run, self.global_msg.round) == key[:2]:
+            self.global_msg = m
+        return m
 
     def _send(self, key: tuple[int, float], payload: bytes) -> None:
         """Hand an update to paho without waiting; it stays in the outbox until its round closes.

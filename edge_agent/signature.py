@@ -32,6 +32,8 @@ class Signature:
         self._sub = getattr(runner, "_subgraph_index", None)
         self._inputs: dict[str, int] | None = getattr(runner, "_inputs", None)
         self._outputs = list(getattr(runner, "_outputs", ()) or ())
+        self._out_index = dict(self._outputs)
+        self._carry_pairs: dict[tuple[str, ...], list[tuple[int, int]]] = {}
         if self._w is None or self._sub is None or not isinstance(self._inputs, dict) or not self._outputs:
             log.debug("signature runner without the expected internals: using its own call")
             self._w = None
@@ -101,7 +103,7 @@ class Signature:
         """A copy of an output of the last ``invoke``."""
         if self._w is None:
             return np.array(self._last[name])
-        return self._w.GetTensor(dict(self._outputs)[name], self._sub)
+        return self._w.GetTensor(self._out_index[name], self._sub)
 
     def held(self, name: str) -> np.ndarray:
         """A copy of the value an input holds."""
@@ -114,9 +116,13 @@ class Signature:
         if self._w is None:
             self._held.update({n: self._last[n] for n in names})
             return
-        outs = dict(self._outputs)
-        for n in names:
-            self._w.SetTensor(self._inputs[n], self._view(outs[n]), self._sub)
+        key = tuple(names)
+        pairs = self._carry_pairs.get(key)
+        if pairs is None:
+            pairs = self._carry_pairs[key] = [(self._inputs[n], self._out_index[n]) for n in names]
+        w, sub = self._w, self._sub
+        for i, o in pairs:
+            w.SetTensor(i, self._view(o), sub)
 
     def copy_inputs(self, other: "Signature", names: list[str]) -> None:
         """Input ``name`` of this signature takes the value input ``name`` of ``other`` holds."""

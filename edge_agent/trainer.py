@@ -205,14 +205,22 @@ class TFLiteTrainer:
         for n in self._zeroed:  # np.zeros: pages the OS maps on use, not a model-size allocation
             self._train.feed(**{n: np.zeros(details[n]["shape"], self._dtypes[n])})
 
+    def prepare(self) -> None:
+        """Put the weights set into the train signature now (else the first step does): after this the
+        trainer holds no reference to the arrays given to ``set_weights``."""
+        self._need_weights()
+        if self._pending is not None:
+            self._feed_train()
+
     def step(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray, lr: float, mu: float = 0.0) -> float:
         """One optimizer step on a full batch (``x`` of ``batch_size`` rows); returns its loss."""
-        self._need_weights()
-        feed = {"x": x, "y": y, "mask": mask, "lr": np.float32(lr)}
-        if self.prox:
-            feed["mu"] = np.float32(mu)
+        if self.interp is None or not self._version:
+            self._need_weights()
         gen = self._train.generation
-        self._train.feed(**feed)
+        if self.prox:
+            self._train.feed(x=x, y=y, mask=mask, lr=np.float32(lr), mu=np.float32(mu))
+        else:
+            self._train.feed(x=x, y=y, mask=mask, lr=np.float32(lr))
         if self._pending is not None:
             self._feed_train()
         elif self._train.generation != gen:  # cannot happen with a fixed batch: the state would be lost

@@ -27,6 +27,8 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"broker": "fedmq/broker", "edge_agent": "fedmq/edge_agent", "aggregator": "fedmq/aggregator"}
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# the one copy of the version: a literal in broker/__init__.py, which pyproject.toml reads (dynamic)
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (ROOT / "broker" / "__init__.py").read_text(), re.M).group(1)
 
 
 def _run(cmd, timeout=300, **kw) -> subprocess.CompletedProcess:
@@ -58,7 +60,7 @@ def dist_info(wheel, names) -> str:
 def test_the_only_top_level_name_is_fedmq(names, dist_info):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"fedmq", dist_info}
-    assert dist_info == f"fedmq-{PYPROJECT['project']['version']}.dist-info"
+    assert dist_info == f"fedmq-{VERSION}.dist-info"
     # fedmq itself is a namespace (no fedmq/__init__.py); its children are the three folders
     assert {n.split("/")[1] for n in names if n.startswith("fedmq/")} == {"broker", "edge_agent", "aggregator"}
 
@@ -151,7 +153,7 @@ def test_help_and_version_work_without_extras(bare, command):
     r = _cmd(bare, command, "--help")
     assert r.returncode == 0 and "usage:" in r.stdout and not r.stderr, r.stderr
     r = _cmd(bare, command, "--version")
-    assert r.returncode == 0 and r.stdout.split() == [command, "(fedmq)", PYPROJECT["project"]["version"]], r
+    assert r.returncode == 0 and r.stdout.split() == [command, "(fedmq)", VERSION], r
 
 
 def test_the_contract_imports_without_any_extra(bare):
@@ -161,7 +163,7 @@ def test_the_contract_imports_without_any_extra(bare):
             "assert 'cryptography' not in sys.modules; print(fedmq.broker.__version__)")
     r = _run([str(bare / "python"), "-c", code], env=_env(), cwd="/")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == PYPROJECT["project"]["version"]
+    assert r.stdout.strip() == VERSION
 
 
 def _assert_missing_extra(r: subprocess.CompletedProcess, extra: str, module: str) -> None:
@@ -249,18 +251,22 @@ def test_datasets_without_their_extra_name_it(bare, loader, module):
 
 
 def test_one_version_read_from_the_distribution_metadata():
-    """pyproject.toml holds the only copy; the package and every --version read the installed metadata."""
+    """broker/__init__.py holds the only copy (no importlib.metadata at import: ~1 MB per process);
+    pyproject.toml reads it, so the installed metadata and every --version agree with it."""
     from importlib import metadata
 
     import fedmq.broker
 
-    version = PYPROJECT["project"]["version"]
+    version = VERSION
+    assert PYPROJECT["project"]["dynamic"] == ["version"] and "version" not in PYPROJECT["project"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fedmq.broker.__version__"}
     assert fedmq.broker.__version__ == metadata.version("fedmq") == version
     assignment = re.compile(r"""version_*\s*[=:]\s*["']\d+\.\d+""", re.IGNORECASE)
     hardcoded = []
     for folder in (*FOLDERS, "docker"):
         for p in (ROOT / folder).rglob("*"):
-            if p.is_file() and p.suffix in (".py", ".toml", ".yaml", ".yml", ".Dockerfile", ".in"):
+            if p.is_file() and p.suffix in (".py", ".toml", ".yaml", ".yml", ".Dockerfile", ".in") \
+                    and p != ROOT / "broker" / "__init__.py":
                 text = p.read_text(errors="replace")
                 if version in text or assignment.search(text):
                     hardcoded.append(str(p.relative_to(ROOT)))

@@ -148,3 +148,26 @@ def test_check_exits_2_naming_the_crashing_runtime(artifact, tmp_path, broken_li
     bad = agent_check(tmp_path / "bad", artifact, "ai_edge_litert")
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert "ai_edge_litert" in bad.stderr and "SIGSEGV" in bad.stderr and "agent.runtime" in bad.stderr
+
+
+def test_runtime_versions_read_without_importlib_metadata():
+    """The self-test's cache key names each runtime's version as the installed metadata does, read from
+    its .dist-info directory: the agent process never imports importlib.metadata (~1 MB on a device)."""
+    code = ("import sys, json\nimport fedmq.edge_agent.cli, fedmq.edge_agent.service\n"
+            "from fedmq.edge_agent import selftest\n"
+            "v = {n: selftest._runtime_version(n) for n in ('ai_edge_litert', 'tflite_runtime', 'tensorflow')}\n"
+            "print(json.dumps([v, 'importlib.metadata' in sys.modules]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    got, imported = json.loads(r.stdout)
+    assert imported is False
+    for name, dist in (("ai_edge_litert", "ai-edge-litert"), ("tflite_runtime", "tflite-runtime"),
+                       ("tensorflow", "tensorflow")):
+        try:
+            want = version(dist)
+        except PackageNotFoundError:
+            want = "?"
+        assert got[name] == want
+    assert got["ai_edge_litert"] != "?"  # positive control: the runtime this environment has
