@@ -209,7 +209,8 @@ class LocalModel:
         self._verify(payload, g, trainer)
         trainer.set_weights([g.tensors[n] for n in trainer.weight_names], copy=False)  # g is dropped below
         self._trainer = trainer
-        # keep only the metadata: the weights now live in the interpreter (no second copy)
+        # keep only the metadata: the trainer holds the weights (these arrays, views into the payload) until the
+        # inference signature takes its own copy of them at the first prediction
         self._global = GlobalModel(g.round, g.model_id, {}, g.created, g.run)
         log.info("global model of run %s round %d loaded (model %s, %s)", g.run, g.round, g.model_id[:12],
                  trainer.runtime)

@@ -2,8 +2,10 @@
 
 Single protocol thread (paho's thread only enqueues). State that matters is on disk: the model
 artifact cache (by id), the outbox of finished updates (by run, model and round), the top-k
-error-feedback residual, the latest accepted global (``global.msgpack``, for on-device predictions)
-and the run this agent follows with the highest round it has seen of it (``run.json``).
+error-feedback residual, the latest accepted global (``global.msgpack``, for on-device predictions,
+and read back while training: the agent drops its in-memory copy once the weights are in the
+interpreter) and the run this agent follows with the highest round it has seen of it (``run.json``).
+Training runs from ``step`` once the received messages are handled, never inside a handler.
 
 What it will not do:
 * go back: within the run it follows, a global or announcement older than one it already had is
@@ -262,7 +264,8 @@ class AgentService:
                 return
             new = self.global_msg is None or (self.global_msg.run, self.global_msg.round) != (msg.run, msg.round)
             note(f"global {msg.round} received")
-            self.global_msg = msg
+            if new or self.global_msg is None or not self.global_msg.tensors:
+                self.global_msg = msg  # a re-delivered copy of the one we hold (a reconnect) changes nothing
             self.outbox.drop_before(msg.run, msg.round + 1)  # rounds up to this one are closed
             if new and got.payload is not None:
                 self._global_on_disk = None
@@ -497,7 +500,11 @@ class AgentService:
     def _train(self, ann: RoundAnnouncement) -> None:
         cfg = ann.config
         self._status("training")
-        payload, steps, seconds, loss = self._train_and_encode(ann)  # its model-size temporaries are gone
+        try:
+            payload, steps, seconds, loss = self._train_and_encode(ann)  # its model-size temporaries are gone
+        except Exception:
+            self._status("idle")  # the round is tried again when a message asks for work (step() counts this)
+            raise
         note(f"round {ann.round} encoded")
         self.outbox.put(OutboxKey(ann.run, ann.model_id, ann.round, ann.base_round), payload)  # on disk first
         self.rounds_trained += 1
@@ -525,9 +532,27 @@ class AgentService:
         the delta, after the interpreter is gone): one model-size buffer less at the peak."""
         t = self.trainer
         names = t.weight_names
+        cfg = ann.config
+        if cfg.mu and not t.prox:  # what fit would refuse, refused before the global is spilled
+            raise ArtifactError(f"round {ann.round} asks for FedProx (mu = {cfg.mu}) but model {t.model_id[:12]} "
+                                "was exported without it")
         t.set_weights([np.asarray(self.global_msg.tensors[n], dtype=np.float32) for n in names], copy=False)
         t.prepare()
         spilled = self._spill_global()
+        try:
+            return self._fit_and_encode(ann, spilled)
+        except BaseException:
+            t.release()  # no interpreter, and no reference to the trained weights, left behind
+            if spilled is not None and self.global_msg is not None and not self.global_msg.tensors:
+                try:
+                    self._unspill_global(spilled)
+                except RuntimeError as e:
+                    log.error("%s", e)
+            raise
+
+    def _fit_and_encode(self, ann: RoundAnnouncement, spilled) -> tuple[bytes, int, float, float]:
+        t = self.trainer
+        names = t.weight_names
         cfg = ann.config
         r = t.fit(self.x, self.y, epochs=cfg.epochs, lr=cfg.lr, mu=cfg.mu, seed=cfg.seed * 1000 + zlib.crc32(self.id.encode()) % 1000)
         metrics = {"loss": r.loss, "train_seconds": r.seconds}
@@ -581,11 +606,22 @@ class AgentService:
         except (OSError, ValueError, FedmqError) as e:
             self.global_msg = None  # fetched again (retained), and the round trained again
             self._global_on_disk = None
+            self._refetch_global()
             raise RuntimeError(f"the global of round {key[1]} cannot be read back from {path} ({e}): this "
                                "round's update is not sent") from None
         if self.global_msg is not None and (self.global_msg.run, self.global_msg.round) == key[:2]:
             self.global_msg = m
         return m
+
+    def _refetch_global(self) -> None:
+        """Subscribe to the global afresh: the broker sends the retained one again."""
+        t = self.topics
+        old = {"full": t.global_(), "delta": t.delta()}.get(self._global_subscribed)
+        if old is not None:
+            for f in t.with_chunks(old):
+                self.client.unsubscribe(f)
+        self._global_subscribed = "off"
+        self._subscribe_global(True)
 
     def _send(self, key: tuple[int, float], payload: bytes) -> None:
         """Hand an update to paho without waiting; it stays in the outbox until its round closes.

@@ -86,6 +86,8 @@ class Signature:
             self._w.SetTensor(self._inputs[name], value, self._sub)
 
     def _allocate(self) -> None:
+        if self._w is None:
+            return
         if not self._allocated:
             self._w.AllocateTensors(self._sub)
             self._allocated = True

@@ -107,7 +107,15 @@ class TFLiteTrainer:
         self._synced: dict[int, tuple[int, int]] = {}  # id(signature) -> (weights version, its generation)
 
     def _layout(self) -> None:
-        """Read the state layout from the signatures and refuse what does not fit it."""
+        """Read the state layout from the signatures and refuse what does not fit it (ArtifactError)."""
+        try:
+            self._check_layout()
+        except ArtifactError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError) as e:  # a hostile or odd flatbuffer
+            raise ArtifactError(f"artifact's signatures do not fit the trainer: {type(e).__name__}: {e}") from None
+
+    def _check_layout(self) -> None:
         tin, tout = self._train.get_input_details(), self._train.get_output_details()
         for key in ("x", "y", "mask", "lr"):
             if key not in tin:
@@ -134,18 +142,29 @@ class TFLiteTrainer:
         for n in self._carried:
             if tuple(tout[n]["shape"]) != tuple(tin[n]["shape"]) or tout[n]["dtype"] != tin[n]["dtype"]:
                 raise ArtifactError(f"artifact's train output {n!r} does not match its input")
-        for key, sig in (("evaluate", self._eval), ("infer", self._infer)):
+        for a, n in zip(self._anchor, self.weight_names):
+            if a != "a" + n[1:] or tuple(tin[a]["shape"]) != tuple(tin[n]["shape"]) or tin[a]["dtype"] != tin[n]["dtype"]:
+                raise ArtifactError(f"artifact's FedProx anchor {a!r} does not match weight {n!r}")
+        if not set(self._zeroed) <= set(self._carried):
+            raise ArtifactError("artifact's train signature takes optimizer state it does not return")
+        if len(self.x_shape) < 1 or tuple(tin["y"]["shape"]) != (self.batch_size,):
+            raise ArtifactError(f"artifact's train batch has shapes x {tuple(xin['shape'])}, y {tuple(tin['y']['shape'])}")
+        for key, sig, extra, outs in (("evaluate", self._eval, {"x", "y"}, {"loss_sum", "correct"}),
+                                      ("infer", self._infer, {"x"}, {"output"})):
             d = sig.get_input_details()
-            if any(n not in d or tuple(int(x) for x in d[n]["shape"]) != self.weight_shapes[n]
-                   for n in self.weight_names):
-                raise ArtifactError(f"artifact's {key} signature does not take the training weights")
+            if set(d) != extra | set(self.weight_names) or not outs <= set(sig.get_output_details()) or any(
+                    tuple(int(x) for x in d[n]["shape"]) != self.weight_shapes[n] or d[n]["dtype"] != tin[n]["dtype"]
+                    for n in self.weight_names):
+                raise ArtifactError(f"artifact's {key} signature does not take the training weights "
+                                    f"(inputs {sorted(d)[:12]})")
         self._dtypes = {n: tin[n]["dtype"] for n in tin}
         self.num_classes = int(self._infer.get_output_details()["output"]["shape"][-1])
 
     def release(self, keep_weights: bool = False) -> None:
         """Drop the interpreter and its buffers (weights, training temporaries): the process gives
         them back to the OS. The next call loads the artifact again; with ``keep_weights`` the
-        current weights are kept as one numpy copy and used then, else set them first (training or
+        current weights are kept as one numpy copy and used then (as by ``set_weights``: the optimizer
+        state starts again at zero and the FedProx anchor becomes these weights), else set them first (training or
         evaluating without weights raises ArtifactError: the artifact holds none). The agent calls
         this between training and evaluating (one signature's buffers at a time) and, in
         ``low_memory`` mode, after each round: an idle device holds no model-size buffers."""
@@ -187,23 +206,26 @@ class TFLiteTrainer:
             want = self.weight_shapes[n]
             if tuple(np.shape(w)) != want:
                 raise ArtifactError(f"weight {n} has shape {np.shape(w)}, the model expects {want}")
-            a = np.ascontiguousarray(w, dtype=self._dtypes[n])
+            a = np.require(np.asarray(w, dtype=self._dtypes[n]), requirements="C")  # 0-d stays 0-d
             held.append(a.copy() if copy and a is w else a)
         self._pending = held
         self._version += 1
 
     def _feed_train(self) -> None:
         """Move held weights into the train signature, with the anchor and a fresh optimizer state."""
-        held, self._pending = self._pending, None
+        held = self._pending
         assert held is not None
-        feed = dict(zip(self.weight_names, held))
-        self._train.feed(**feed)
-        for a, n in zip(self._anchor, self.weight_names):
-            self._train.feed(**{a: feed[n]})
-        del feed, held
         details = self._train.get_input_details()
+        feed = dict(zip(self.weight_names, held))
+        feed.update({a: feed[n] for a, n in zip(self._anchor, self.weight_names)})
         for n in self._zeroed:  # np.zeros: pages the OS maps on use, not a model-size allocation
-            self._train.feed(**{n: np.zeros(details[n]["shape"], self._dtypes[n])})
+            feed[n] = np.zeros(details[n]["shape"], self._dtypes[n])
+        self._train._allocate()  # the one allocation, before anything is set
+        gen = self._train.generation
+        self._train.feed(**feed)  # raises (the weights stay pending) on a dtype or shape the runtime refuses
+        if self._train.generation != gen:
+            raise ArtifactError("the train signature was allocated again while its state was set")
+        self._pending = None
 
     def prepare(self) -> None:
         """Put the weights set into the train signature now (else the first step does): after this the

@@ -341,6 +341,12 @@ class RoundingEvent:
     def weights_numpy(self):
         return [w + self.dupdate * (w - s) for w, s in zip(self.module.weights_numpy(), self.start)]
 
+    def evaluate(self, *args):
+        return self.module.evaluate(*args)
+
+    def infer(self, *args):
+        return self.module.infer(*args)
+
 
 @pytest.mark.parametrize("dloss, dupdate, refused", [
     (5e-4, 0.05, None),  # a rounding event (seen: up to ~3e-4 and ~2%): a correct artifact, accepted
@@ -408,3 +414,25 @@ def test_release_gives_the_interpreter_memory_back_and_training_resumes_identica
     assert again.loss == first.loss
     for a, b in zip(first.weights, again.weights):
         assert np.array_equal(a, b)
+
+
+def test_a_scalar_weight_exports_and_trains():
+    """A 0-d trainable weight (add_weight(shape=())) stays 0-d through the trainer (numpy's
+    ascontiguousarray would make it 1-d and the verification would refuse the artifact)."""
+
+    class Scale(keras.layers.Layer):
+        def build(self, input_shape):
+            self.s = self.add_weight(name="s", shape=(), initializer="ones")
+
+        def call(self, x):
+            return x * self.s
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), Scale(), keras.layers.Dense(3)])
+    ex = export_model(model, TrainSpec(batch_size=4), verify_steps=5)
+    assert ex.weights[0].shape == () and ex.verification["steps"] == 5
+    t = TFLiteTrainer(ex.artifact)
+    assert t.weight_shapes[t.weight_names[0]] == ()
+    rng = np.random.default_rng(0)
+    r = t.fit(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 3, 8), lr=0.1, weights=ex.initial_weights)
+    assert r.weights[0].shape == () and float(r.weights[0]) != 1.0  # it trained the scalar

@@ -6,7 +6,9 @@ only, then refuses the artifact unless:
 1. it needs no Flex/custom op (else ExportError names the ops and the replacement layers);
 2. it holds no variable (weights and optimizer state go through the signatures: a variable would be
    Keras state captured by the model, which devices could neither set nor federate);
-3. a set/get round trip through the device's own trainer (``edge_agent.trainer``) is bit-identical;
+3. weights set in the device's own trainer (``edge_agent.trainer``) come back bit-identical from the
+   train signature's inputs and, after a step with lr = 0, from its outputs; ``evaluate`` and ``infer``
+   given the weights agree with TensorFlow's within ``tolerance``;
 4. on the same batches, the TFLite ``train`` losses equal TensorFlow's within ``tolerance``
    (1e-3), and the weight update after the steps equals TensorFlow's within ``update_tolerance``
    (10% of its norm). Correct artifacts agree to ~1e-6 on both, except when a ReLU input or a
@@ -262,17 +264,33 @@ def verify(module: TrainableModule, ex: Exported, steps: int, tolerance: float, 
         raise ExportError(f"the device trainer refuses the artifact: {e}") from None
     runtime = trainer.runtime
     rng = np.random.default_rng(seed)
-    # 1. set/get round trip, bit-identical
+    b = ex.spec.batch_size
+    num_classes = module.num_classes
+    # 1. the weights in and out of the interpreter, bit-identical: set/get through the train signature's
+    # inputs, and a step with lr = 0 must return them unchanged through its outputs
     probe = [rng.normal(size=w.shape).astype(np.float32) for w in ex.weights]
     trainer.set_weights(probe)
-    for w, p, got in zip(ex.weights, probe, trainer.get_weights()):
-        if not np.array_equal(got, p):
-            raise ExportError(f"set/get round trip is not bit-identical for {w.name}")
-    # 2. same batches, same losses: TFLite vs TensorFlow
-    b = ex.spec.batch_size
+    trainer.prepare()
+    x0 = rng.normal(size=(b, *module.x_shape)).astype(np.float32)
+    y0 = rng.integers(0, num_classes, size=b).astype(np.int32)
+    for what in ("set/get round trip", "a step with lr = 0"):
+        for w, p, got in zip(ex.weights, probe, trainer.get_weights()):
+            if not np.array_equal(got, p):
+                raise ExportError(f"{what} is not bit-identical for {w.name}")
+        if what == "set/get round trip":
+            trainer.step(x0, y0, np.ones(b, np.float32), 0.0, 0.0)
+    # 2. evaluate and infer with given weights: TFLite vs TensorFlow
     trainer.set_weights(ex.initial_weights)
     module.set_weights(*[tf.constant(i) for i in ex.initial_weights])
-    num_classes = module.num_classes
+    lite_loss, _ = trainer.evaluate(x0, y0)  # (accuracy: an argmax tie may round either way in one runtime)
+    ref_loss = float(module.evaluate(x0, y0)["loss_sum"]) / b
+    if not abs(lite_loss - ref_loss) <= tolerance * max(1.0, abs(ref_loss)):
+        raise ExportError(f"TFLite evaluate loss {lite_loss:.6f} differs from TensorFlow's {ref_loss:.6f} ({runtime})")
+    lite_p, ref_p = trainer.predict(x0), module.infer(x0)["output"].numpy()
+    if lite_p.shape != ref_p.shape or not np.allclose(lite_p, ref_p, atol=tolerance):
+        raise ExportError(f"TFLite infer differs from TensorFlow's by {float(np.max(np.abs(lite_p - ref_p))):.2e} "
+                          f"({runtime})")
+    # 3. same batches, same losses: TFLite vs TensorFlow
     worst = 0.0
     # small: at 0.01 a ReLU input rounding to the other side of 0 in one runtime (the CNN, step 12 of
     # seed 0) already moved the losses apart by 2e-4; at 0.001 the 20-step losses agree to ~5e-7
@@ -293,7 +311,7 @@ def verify(module: TrainableModule, ex: Exported, steps: int, tolerance: float, 
         if worst > tolerance:
             raise ExportError(f"TFLite loss {lite:.6f} differs from TensorFlow's {ref:.6f} by {worst:.2e} "
                               f"(> {tolerance}) at step {_ + 1} ({runtime})")
-    # 3. the update the steps made, TFLite vs TensorFlow, relative to its size
+    # 4. the update the steps made, TFLite vs TensorFlow, relative to its size
     lite_w, tf_w = trainer.get_weights(), module.weights_numpy()
     num = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(lite_w, tf_w))
     den = sum(float(np.sum((b.astype(np.float64) - i) ** 2)) for b, i in zip(tf_w, ex.initial_weights))
