@@ -618,9 +618,11 @@ class AggregatorService:
         marker, nonce = t.status(self.cfg.service.id), f"scan-{uuid.uuid4().hex}".encode()
         filters = {f"{s}/chunk/+": s for s in (t.model(), t.global_(), t.delta())}
         found: dict[str, int] = {}
+        # nothing here waits for an acknowledgement: a wait reads on without pausing (behind a restart's
+        # flood of retained statuses, ~N messages) and may fill the inbox; the marker's arrival is the ack
         for f in filters:
-            self.client.subscribe(f, qos=1)
-        self.client.publish(marker, nonce, qos=1, retain=False, timeout=self.cfg.service.publish_timeout_s)
+            self.client.subscribe(f, qos=1, wait=False)
+        self.client.publish(marker, nonce, qos=1, retain=False, wait=False)
         end = time.monotonic() + timeout
         done = False
         while not done and time.monotonic() < end:

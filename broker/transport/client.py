@@ -271,6 +271,8 @@ class MqttClient:
                                                        else _Inbox(config.inbox_size))
         self._waiting = 0  # pumped: waits for an acknowledgement under way (reading never pauses in one)
         self._in_pump = False
+        self._pumps = 0  # pumps so far; _lost_in: the pump that last reported a lost connection
+        self._lost_in = -1
         self._retry_at = 0.0  # pumped: when the next (re)connect attempt is due (monotonic)
         self._delay = 0.0  # pumped: the current backoff delay
         self._handler = on_message
@@ -427,6 +429,10 @@ class MqttClient:
 
     def _on_disconnect(self, c: mqtt.Client, ud: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
         self._connected.clear()
+        if not self.own_thread:  # a PUBACK write that fails inside a read reports the loss, then the read again
+            if self._lost_in == self._pumps:
+                return
+            self._lost_in = self._pumps
         if not self._closing.is_set() and self._fatal is None:
             self._next_delay()
             log.warning("disconnected from broker: %s; reconnecting with backoff", rc)
@@ -485,6 +491,7 @@ class MqttClient:
         if self.own_thread or self._in_pump:
             return
         self._in_pump = True
+        self._pumps += 1
         try:
             self._pump(timeout)
         finally:
