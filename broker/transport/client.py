@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -483,7 +483,7 @@ class MqttClient:
     # -- the pumped network loop (own_thread=False) ---------------------------------------------
     def _hold(self) -> bool:
         """Pause reading: a batch is in the inbox and nobody waits for an acknowledgement."""
-        return not self._waiting and len(self.inbox) >= self.cfg.read_batch
+        return not self._waiting and self.inbox.qsize() >= self.cfg.read_batch
 
     def pump(self, timeout: float = 0.0) -> None:
         """One pass of network work on this thread: wait up to ``timeout`` for the socket, read, write,
@@ -645,10 +645,10 @@ class MqttClient:
         ``own_thread=False``: pumps the network while the inbox is empty (``timeout=None``: until a message)."""
         if self.own_thread:
             try:
-                return self.inbox.get(timeout=timeout)
+                return cast("queue.Queue[InMessage]", self.inbox).get(timeout=timeout)
             except queue.Empty:
                 return None
-        box = self.inbox
+        box = cast(_Inbox, self.inbox)
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             if box:
