@@ -41,6 +41,7 @@ import numpy as np
 
 from fedmq.broker import __version__
 from fedmq.broker.contract import codec
+from fedmq.broker.contract.downlink import weights_digest
 from fedmq.broker.contract.messages import (
     GlobalDelta,
     GlobalModel,
@@ -74,16 +75,6 @@ def _update_id(payload: bytes) -> str:
     """The update_id of an encoded update of ours (read back from the outbox bytes)."""
     m = codec.decode(payload)
     return getattr(m, "update_id", "")
-
-
-def _tensors_digest(tensors: dict[str, np.ndarray]) -> bytes:
-    """sha256 over the tensors in name order (name, dtype, shape, bytes), without copying them."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(memoryview(a.reshape(-1)).cast("B"))
-    return h.digest()
 
 
 class AgentService:
@@ -371,11 +362,12 @@ class AgentService:
                 self._save_run_state()
         return True
 
-    def _subscribe_global(self, on: bool, delta: bool = False) -> None:
+    def _subscribe_global(self, on: bool, delta: bool = False, force: bool = False) -> None:
         """Subscribe to the global only while it is needed: the full keyframe, or (``delta``) only the
-        compressed delta from the copy we hold (plain topic first, then its chunks)."""
+        compressed delta from the copy we hold (plain topic first, then its chunks). ``force``:
+        unsubscribe and subscribe again even when subscribed (the retained message comes again)."""
         want = "off" if not on else ("delta" if delta else "full")
-        if want == self._global_subscribed:
+        if want == self._global_subscribed and not force:
             return
         t = self.topics
         topics = {"full": t.global_(), "delta": t.delta()}
@@ -588,7 +580,7 @@ class AgentService:
         g = self.global_msg
         if g is None or self._global_on_disk != (g.run, g.round, g.model_id):
             return None
-        key, digest = (g.run, g.round, g.model_id), _tensors_digest(g.tensors)
+        key, digest = (g.run, g.round, g.model_id), weights_digest(g.tensors)
         self.global_msg = GlobalModel(g.round, g.model_id, {}, g.created, g.run)  # its metadata only
         return key, digest
 
@@ -601,27 +593,17 @@ class AgentService:
             if isinstance(m, Signed):  # verified when it arrived; the digest below says it is the same
                 m = codec.decode(m.body, self.receiver.limits, expect=GlobalModel)
             if not isinstance(m, GlobalModel) or (m.run, m.round, m.model_id) != key \
-                    or _tensors_digest(m.tensors) != digest:
+                    or weights_digest(m.tensors) != digest:
                 raise ValueError("it holds another global")
         except (OSError, ValueError, FedmqError) as e:
             self.global_msg = None  # fetched again (retained), and the round trained again
             self._global_on_disk = None
-            self._refetch_global()
+            self._subscribe_global(True, force=True)  # the broker sends the retained global again
             raise RuntimeError(f"the global of round {key[1]} cannot be read back from {path} ({e}): this "
                                "round's update is not sent") from None
         if self.global_msg is not None and (self.global_msg.run, self.global_msg.round) == key[:2]:
             self.global_msg = m
         return m
-
-    def _refetch_global(self) -> None:
-        """Subscribe to the global afresh: the broker sends the retained one again."""
-        t = self.topics
-        old = {"full": t.global_(), "delta": t.delta()}.get(self._global_subscribed)
-        if old is not None:
-            for f in t.with_chunks(old):
-                self.client.unsubscribe(f)
-        self._global_subscribed = "off"
-        self._subscribe_global(True)
 
     def _send(self, key: tuple[int, float], payload: bytes) -> None:
         """Hand an update to paho without waiting; it stays in the outbox until its round closes.

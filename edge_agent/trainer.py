@@ -177,9 +177,7 @@ class TFLiteTrainer:
 
     def _ready(self) -> None:
         if self.interp is None:
-            version = self._version
             self._load()
-            self._version = version
 
     def _need_weights(self) -> None:
         if not self._version:
@@ -236,8 +234,7 @@ class TFLiteTrainer:
 
     def step(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray, lr: float, mu: float = 0.0) -> float:
         """One optimizer step on a full batch (``x`` of ``batch_size`` rows); returns its loss."""
-        if self.interp is None or not self._version:
-            self._need_weights()
+        self._need_weights()
         gen = self._train.generation
         if self.prox:
             self._train.feed(x=x, y=y, mask=mask, lr=np.float32(lr), mu=np.float32(mu))

@@ -27,7 +27,7 @@ def weights_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name], dtype="<f4")
         h.update(f"{name}|float32|{tuple(a.shape)}|".encode())
-        h.update(a.tobytes())  # a copy, but mypy-clean and only at publish time
+        h.update(a.reshape(-1).data.cast("B"))  # the same bytes as a.tobytes(), without the copy
     return h.digest()
 
 
