@@ -74,15 +74,17 @@ class RoundsSection:
     on_timeout: str = "abandon"  # abandon | extend
     max_extensions: int = 3
     seed: int = 0
-    upload_window_s: float = 0.0  # agents spread their uploads over this many seconds (0 = at once)
+    upload_window_s: float = 0.0  # agents spread their uploads over at least this many seconds (0 = at once)
+    upload_rate: float = 2000.0  # ... and over at least asked / upload_rate seconds (0 = no pacing by size)
     participants_listed: int = 1000  # ids listed in a metrics message / history row (all go to participants.jsonl)
     exclude_after: int = 3  # rounds in a row with only refused updates before a device is no longer asked; 0 = never
     exclude_s: float = 3600.0  # an excluded device is asked again after this long (probation); 0 = until it restarts
 
     def validate(self, section: str) -> None:
-        if self.upload_window_s < 0 or self.participants_listed < 0 or self.exclude_after < 0 or self.exclude_s < 0:
-            raise ConfigError(f"{section}.upload_window_s, participants_listed, exclude_after and exclude_s must "
-                              "be >= 0")
+        if (self.upload_window_s < 0 or self.upload_rate < 0 or self.participants_listed < 0 or self.exclude_after < 0
+                or self.exclude_s < 0):
+            raise ConfigError(f"{section}.upload_window_s, upload_rate, participants_listed, exclude_after and "
+                              "exclude_s must be >= 0")
         if self.select not in ("all", "fraction", "list"):
             raise ConfigError(f"{section}.select must be all, fraction or list")
         if self.select == "list" and not self.agents:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from pathlib import Path
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ REPORTED_ERROR = "reported error"
 MAX_REASONS = 64  # distinct reason labels kept per device (labels come from fedmq.broker.contract.reasons)
 
 
-@dataclass
+@dataclass(slots=True)  # ~40 % smaller rows: a 10,000-device table is per-device state the aggregator keeps
 class Device:
     agent: str
     state: str = "unknown"  # the last status: online | idle | training | error | offline
@@ -104,9 +107,12 @@ class FleetTable:
         with self.lock:
             d = self._get(agent, now)
             was = d.state
-            d.state, d.last_seen = state, now
+            # interned: a fleet reports a handful of distinct states, runtimes and versions, each decoded anew
+            # per status (the lengths are bounded by the schema)
+            d.state, d.last_seen = sys.intern(state), now
             if state != "offline":
-                d.runtime, d.interpreter, d.version, d.num_samples = runtime, interpreter, version, num_samples
+                d.runtime, d.interpreter, d.version = sys.intern(runtime), sys.intern(interpreter), sys.intern(version)
+                d.num_samples = num_samples
             if error:
                 d.last_error = error
                 if d.excluded != REPORTED_ERROR:
@@ -200,10 +206,22 @@ class FleetTable:
 
     # -- persistence (so `fedmq-aggregator status` can read it with no service running) --------
     def save(self, path: Path, extra: dict | None = None) -> None:
+        """``{"ts": ..., **extra, "devices": [rows sorted by id]}``, written row batch by row batch: the
+        whole table is never one list of dicts and one string in memory (at 10,000 devices that was a
+        peak of ~36 MB of RSS every 30 s). Called on the protocol thread, the only writer of the rows."""
         from fedmq.broker.storage import atomic_write
 
-        doc = {"ts": time.time(), **(extra or {}), "devices": self.snapshot()}
-        atomic_write(path, json.dumps(doc, separators=(",", ":")).encode())
+        atomic_write(path, self._json_chunks(extra))
+
+    def _json_chunks(self, extra: dict | None, batch: int = 256) -> Iterator[bytes]:
+        with self.lock:
+            devices = sorted(self.devices.values(), key=attrgetter("agent"))
+        head = json.dumps({"ts": time.time(), **(extra or {})}, separators=(",", ":"))
+        yield (head[:-1] + ',"devices":[').encode()
+        for i in range(0, len(devices), batch):
+            rows = ",".join(json.dumps(d.to_json(), separators=(",", ":")) for d in devices[i:i + batch])
+            yield ((i and "," or "") + rows).encode()
+        yield b"]}"
 
     def load(self, path: Path) -> None:
         """Restore counters of a previous process (states are not restored: statuses re-arrive)."""

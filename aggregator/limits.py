@@ -9,12 +9,13 @@ agent segment: the broker's ACL lets a client publish only under its own usernam
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 
-@dataclass
+@dataclass(slots=True)  # two per device that ever sent: ~110 B each instead of ~380 with a __dict__
 class Bucket:
     rate: float
     capacity: float
@@ -44,6 +45,7 @@ class AgentLimiter:
     def _pair(self, key: str, now: float) -> tuple[Bucket, Bucket]:
         pair = self._buckets.get(key)
         if pair is None:
+            key = sys.intern(key)  # the same str the fleet table and the round hold for this device
             if len(self._buckets) >= self.max_agents:  # never grows without bound: forget the oldest
                 self._buckets.pop(next(iter(self._buckets)))
             pair = (Bucket(self.msgs[0], self.msgs[1], self.msgs[1], now),

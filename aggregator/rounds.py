@@ -16,7 +16,7 @@ import logging
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fedmq.broker.contract.messages import RoundAnnouncement, Sample, TrainConfig, Update, sampled
 
@@ -65,6 +65,15 @@ def quorum_for(n_asked: int, cfg: RoundsSection) -> int:
     return max(1, math.ceil(cfg.quorum_fraction * n_asked))
 
 
+def upload_window(n_asked: int, cfg: RoundsSection, configured: float) -> float:
+    """The announced upload window: at least ``configured``, and long enough that ``n_asked`` uploads
+    spread over it arrive at no more than ``cfg.upload_rate`` per second (so one aggregator is never
+    handed a whole fleet's burst at once: the backlog, and the time from the last update to the global,
+    stay short). The paced part is capped at half the deadline, so that paced uploads still make it."""
+    paced = n_asked / cfg.upload_rate if cfg.upload_rate > 0 else 0.0
+    return max(configured, round(min(paced, cfg.deadline_s / 2), 3))
+
+
 class RoundController:
     def __init__(self, strategy: Strategy, cfg: RoundsSection, rejects: BoundedLog | None = None) -> None:
         self.strategy = strategy
@@ -84,6 +93,7 @@ class RoundController:
         skip = set(excluded or ())
         asked = select_agents([a for a in online if a not in skip], self.cfg, round_no)
         q = quorum_for(len(asked), self.cfg)
+        train = replace(train, upload_window_s=upload_window(len(asked), self.cfg, train.upload_window_s))
         sample, listed = None, None
         if self.cfg.select == "list":
             listed = asked

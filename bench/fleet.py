@@ -90,6 +90,9 @@ class BenchSpec:
     model_cache: Path | None = None
     scenarios: tuple[str, ...] = SCENARIOS
     upload_window_s: float = 0.0
+    #: [rounds] upload_rate: None = the product's default (uploads paced to it, sized from the round); 0 = one burst
+    upload_rate: float | None = None
+    plots: bool = True  # [service] plots (the product's default)
     #: give the aggregator one core of its own (the others: broker, generators, this process), so that
     #: its intake is measured, not its share of a machine the load generators saturate
     pin: bool = False
@@ -151,6 +154,8 @@ class RoundRecord:
     reconnect_s: float | None = None  # broker restart: until every agent's status is PUBACKed again
     seen_after_restart_s: float | None = None  # until the aggregator reports N online again
     stopped_s: float | None = None  # drain: how long the aggregator was stopped while the backlog formed
+    window_s: float | None = None  # the upload window the round's announcement carried
+    agg_rss_at_open_mb: float | None = None  # the aggregator's RSS when the round was announced
 
 
 def lost_count(acked: set[str], participants: list[str], rejected: int) -> int:
@@ -323,7 +328,9 @@ class Bench:
         rounds = {"rounds": 0, "min_agents": s.n, "quorum": s.n, "deadline_s": s.deadline_s, "grace_s": s.grace_s}
         if s.upload_window_s:
             rounds["upload_window_s"] = s.upload_window_s
-        self.agg = self.fleet.start_aggregator(service={"prometheus_port": self.prom_port}, rounds=rounds)
+        if s.upload_rate is not None:
+            rounds["upload_rate"] = s.upload_rate
+        self.agg = self.fleet.start_aggregator(service={"prometheus_port": self.prom_port, "plots": s.plots}, rounds=rounds)
         if s.pin:
             pin(self.agg.popen.pid, pin_sets()[0])
 
@@ -563,6 +570,13 @@ class Bench:
         rec.broker_peak_rss_mb = max((s["broker_rss"] for s in win), default=0) / 2**20
         with self.obs.lock:
             t_open = min((t for t, m in self.obs.rounds if m.get("run") == run and m.get("round") == r), default=None)
+            anns = [m for _, m in self.obs.rounds if m.get("run") == run and m.get("round") == r]
+        cfg = anns[0].get("config") if anns else None
+        if isinstance(cfg, dict):
+            rec.window_s = cfg.get("upload_window_s", 0.0)
+        if t_open is not None:  # what the fleet's statuses and the previous rounds left, before this round's uploads
+            before = [s["agg_rss"] for s in win if s["t"] <= t_open and s["agg_rss"]]
+            rec.agg_rss_at_open_mb = before[-1] / 2**20 if before else None
         if got is not None and t_open is not None:
             cw = [s for s in self.samples if t_open - 0.15 <= s["t"] <= got[0] + 0.15]
             rec.agg_cpu_pct = self._cpu_pct(cw, "agg")
@@ -602,7 +616,7 @@ class Bench:
     def run(self) -> dict:
         s = self.spec
         out: dict[str, Any] = {"n": s.n, "chunked": s.chunked, "secure": s.secure, "receipts": s.receipts,
-                               "upload_window_s": s.upload_window_s,
+                               "upload_window_s": s.upload_window_s, "upload_rate": s.upload_rate, "plots": s.plots,
                                "records": [], "errors": []}
         poller = threading.Thread(target=self.poll, daemon=True)
         try:
@@ -736,7 +750,7 @@ def export_model(cache: Path) -> Path:
 
 
 COLS = ("scenario", "round", "outcome", "online_seen", "asked", "sent", "acked", "accepted", "rejected", "lost",
-        "no_receipt", "broker_dropped", "timer_resent", "global_ok", "round_s", "last_update_to_global_s", "updates_per_s", "intake_per_s", "agg_peak_rss_mb", "agg_cpu_pct",
+        "no_receipt", "broker_dropped", "timer_resent", "global_ok", "round_s", "window_s", "last_update_to_global_s", "updates_per_s", "intake_per_s", "agg_rss_at_open_mb", "agg_peak_rss_mb", "agg_cpu_pct",
         "broker_peak_rss_mb", "broker_cpu_pct", "downlink_bytes", "uplink_bytes", "error")
 
 
@@ -744,7 +758,10 @@ def table(results: list[dict]) -> str:
     lines = ["| N | mode | " + " | ".join(COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
     for res in results:
         mode = ("chunked" if res["chunked"] else "plain") + ("+TLS/ACL" if res["secure"] else "") + \
-            (f" window {res['upload_window_s']:g}s" if res.get("upload_window_s") else "")
+            (f" window {res['upload_window_s']:g}s" if res.get("upload_window_s") else "") + \
+            ("" if res.get("upload_rate") is None else
+             " burst" if res["upload_rate"] == 0 else f" paced {res['upload_rate']:g}/s") + \
+            ("" if res.get("plots", True) else " no plots")
         for r in res["records"]:
             cells = []
             for c in COLS:
@@ -767,7 +784,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--secure", type=int, nargs="*", default=[], help="also run these N with TLS + passwords + ACL")
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS + EXTRA_SCENARIOS)
     ap.add_argument("--deadline", type=float, default=120.0)
-    ap.add_argument("--upload-window", type=float, default=0.0, help="[rounds] upload_window_s (0 = one burst)")
+    ap.add_argument("--upload-window", type=float, default=0.0, help="[rounds] upload_window_s")
+    ap.add_argument("--upload-rate", type=float, default=None,
+                    help="[rounds] upload_rate (default: the product's, pacing sized from the round; 0 = one burst)")
+    ap.add_argument("--no-plots", action="store_true", help="[service] plots = false")
     ap.add_argument("--workdir", default="/tmp/fedmq-fleet-bench")
     ap.add_argument("--json", default="")
     ap.add_argument("--pin", action="store_true", help="the aggregator on a core of its own (the last one); the broker, "
@@ -787,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("=== N=%d chunked=%s secure=%s (%s)", n, chunked, secure, d)
         res = Bench(BenchSpec(n, d, chunked=chunked, secure=secure, model_cache=cache, deadline_s=args.deadline,
                               scenarios=tuple(args.scenarios), upload_window_s=args.upload_window,
+                              upload_rate=args.upload_rate, plots=not args.no_plots,
                               pin=args.pin)).run()
         results.append(res)
         if args.json:

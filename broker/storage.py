@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 
 def fsync_dir(directory: Path) -> None:
@@ -25,8 +26,10 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path | str, data: bytes | bytearray | memoryview, mode: int | None = None) -> Path:
-    """Replace ``path`` with ``data`` atomically and durably; returns the path.
+def atomic_write(path: Path | str, data: bytes | bytearray | memoryview | Iterable[bytes],
+                 mode: int | None = None) -> Path:
+    """Replace ``path`` with ``data`` (bytes, or an iterable of byte chunks written in turn, so that a
+    large file need not be one buffer) atomically and durably; returns the path.
 
     ``mode``: the new file's permission bits (0o600 for secrets: the temporary file is created
     with them, so the data is never readable by others, even for an instant). ``None`` keeps the
@@ -45,7 +48,11 @@ def atomic_write(path: Path | str, data: bytes | bytearray | memoryview, mode: i
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)  # mkstemp creates 0600; exactly ``mode``, whatever the umask
-            f.write(data)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                for chunk in data:
+                    f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

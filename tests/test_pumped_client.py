@@ -112,3 +112,60 @@ def test_reconnects_and_resubscribes_after_broker_restart(own_broker, topics):
     finally:
         sub.close()
         pub.close()
+
+
+def test_coalesced_writes_reach_the_peer_exactly_and_in_order():
+    """The pumped client's writes: gathered and handed over in few sends, the byte stream exact, also
+    when the peer does not read for a while (the kernel buffer fills: flush keeps the rest, never blocks)."""
+    import os
+    import socket
+
+    a, b = socket.socketpair()
+    try:
+        b.setblocking(False)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        w = _BufferedReads(b, coalesce=True)
+        stream = os.urandom(3_000_000)
+        pos, sent, got, refused = 0, 0, bytearray(), 0
+        while len(got) < len(stream):
+            full = False
+            if pos < len(stream):
+                n = min(len(stream) - pos, 1 + (pos * 7919) % 3000)  # packets of odd sizes, as paho's
+                try:
+                    assert w.send(stream[pos:pos + n]) == n  # taken whole, or refused whole
+                    pos += n
+                    sent += 1
+                except BlockingIOError:  # OUT_MAX gathered and the peer is not reading: paho keeps the packet
+                    assert w.unsent >= _BufferedReads.OUT_MAX
+                    full, refused = True, refused + 1
+            if full or sent % 50 == 0 or pos >= len(stream):  # a pump pass: flush, then the peer reads some
+                w.flush()
+                a.settimeout(0.5)
+                try:
+                    got += a.recv(16384)  # slower than 50 sends add: the buffers fill
+                except TimeoutError:
+                    pass
+        assert bytes(got) == stream and w.unsent == 0
+        assert refused > 0  # the full-buffer path was taken
+        plain = _BufferedReads(b)  # not coalescing (the threaded client): send is the socket's
+        assert plain.send(b"xyz") == 3 and a.recv(3) == b"xyz" and plain.unsent == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_publishes_nobody_waits_for_leave_nothing_behind(broker, topics):
+    """QoS 0 and wait=False publishes (the receipts): their acknowledgements are dropped, not kept for a
+    waiter that never comes (paho's ReasonCode is ~2.4 KB: 10,000 receipts held 24 MB); a waited publish
+    after them is still acknowledged, and every message arrives."""
+    with pumped(broker) as c, threaded(broker) as sub:
+        sub.subscribe(topics.base + "/agents/+/receipt", qos=1)
+        for i in range(3000):
+            c.publish(topics.receipt(f"a{i % 50}"), b"r", qos=i % 2, wait=False)
+        assert c.publish(topics.metrics(), b"m", qos=1, timeout=10).reason_code < 0x80  # pumps: acks come in
+        pump_until(c, lambda: not c._unwaited, "the QoS 1 acknowledgements nobody waits for")
+        assert not c._early and not c._pending
+        got = []
+        wait_until(lambda: (got.extend(iter(lambda: sub.get(timeout=0), None)), len(got) >= 3000)[1], 20,
+                   what="all 3,000 publishes delivered")
+        assert len(got) == 3000

@@ -155,3 +155,20 @@ def test_a_copy_of_an_update_the_last_round_counted_is_told_it_counted():
     c.open(2, MID, 1, G, ["a", "b"], TrainConfig(), now=3.0, run=RUN)
     assert c.on_update(ub, 100, 3.5) == "duplicate" and c.holds(ub)  # while the next round is open
     assert c.on_update(other, 100, 3.5) == "late" and not c.holds(other)
+
+
+def test_upload_window_is_paced_by_the_number_asked():
+    """The announced window spreads the asked agents' uploads to at most ``upload_rate`` per second,
+    never shorter than the configured window, at most half the deadline for the paced part."""
+    many = [f"a{i:05d}" for i in range(10_000)]
+    c, _ = controller(upload_rate=2000.0)
+    assert c.open(1, MID, 0, G, many, TrainConfig(), now=0.0, run=RUN).config.upload_window_s == 5.0  # 10,000 / 2,000
+    c, _ = controller(upload_rate=2000.0, select="fraction", fraction=0.1, seed=3)
+    ann = c.open(1, MID, 0, G, many, TrainConfig(), now=0.0, run=RUN)
+    assert ann.config.upload_window_s == round(len(c.current.asked) / 2000.0, 3) < 1.0  # the asked, not the online
+    c, _ = controller(upload_rate=2000.0)
+    assert c.open(1, MID, 0, G, many, TrainConfig(upload_window_s=30.0), now=0.0, run=RUN).config.upload_window_s == 30.0
+    c, _ = controller(upload_rate=10.0, deadline_s=100)  # 1,000 s paced: capped at half the deadline
+    assert c.open(1, MID, 0, G, many, TrainConfig(), now=0.0, run=RUN).config.upload_window_s == 50.0
+    c, _ = controller(upload_rate=0.0)  # off: the configured window alone
+    assert c.open(1, MID, 0, G, many, TrainConfig(), now=0.0, run=RUN).config.upload_window_s == 0.0

@@ -151,6 +151,9 @@ class _Waiter:
         self.value: Any = None
 
 
+_NONE = object()  # "no entry" (acknowledgement values may be anything)
+
+
 class _BufferedReads:
     """paho's socket, read through a 64 KiB buffer.
 
@@ -162,18 +165,69 @@ class _BufferedReads:
     that buffered bytes are there (it does not wait in select() while they are, as for TLS).
     Everything else is the wrapped socket's. Installed on the network thread, after each CONNACK,
     before paho has read anything past it.
+
+    ``coalesce`` (the pumped client): writes are gathered too. paho sends every packet with its own
+    ``send`` (a PUBACK per update received, a receipt per update answered: two system calls per
+    update); here they go to a buffer that ``flush`` hands to the kernel in one call at the end of
+    each pump pass. Up to ``OUT_MAX`` bytes are gathered; past that, a ``send`` that cannot flush
+    raises BlockingIOError and paho keeps the packet queued, as for a full kernel buffer. ``close``
+    flushes what it can first (a DISCONNECT paho closes the socket right after).
     """
 
-    __slots__ = ("_sock", "_buf", "_pos", "hold")
+    __slots__ = ("_sock", "_buf", "_pos", "hold", "coalesce", "_out")
     CHUNK = 65536
+    OUT_MAX = 1 << 20
 
-    def __init__(self, sock: Any, hold: Callable[[], bool] | None = None) -> None:
+    def __init__(self, sock: Any, hold: Callable[[], bool] | None = None, coalesce: bool = False) -> None:
         self._sock = sock
         self._buf = b""
         self._pos = 0
         #: when it returns True, reads that would need the socket act as if nothing had arrived yet
         #: (paho stops reading; what the broker sends meanwhile stays in the kernel's buffer and its queue)
         self.hold = hold
+        self.coalesce = coalesce
+        self._out = bytearray()
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        if not self.coalesce:
+            return int(self._sock.send(data))
+        if len(self._out) >= self.OUT_MAX:
+            self.flush()
+            if len(self._out) >= self.OUT_MAX:
+                raise BlockingIOError("write buffer full")
+        self._out += data
+        return len(data)
+
+    @property
+    def unsent(self) -> int:
+        """Bytes gathered and not yet taken by the kernel."""
+        return len(self._out)
+
+    def flush(self) -> None:
+        """Hand the gathered bytes to the kernel, as many as it takes now (never blocks)."""
+        while self._out:
+            try:
+                n = self._sock.send(self._out)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError, InterruptedError):
+                return
+            except OSError:  # the connection is gone: paho's next read reports it
+                self._out.clear()
+                return
+            if n <= 0:
+                return
+            del self._out[:n]
+
+    def close(self) -> None:
+        end = time.monotonic() + 1.0
+        self.flush()
+        while self._out and time.monotonic() < end:
+            try:
+                select.select([], [self._sock], [], max(0.0, end - time.monotonic()))
+            except (OSError, ValueError):
+                break
+            self.flush()
+        self._out.clear()
+        self._sock.close()
 
     def recv(self, n: int) -> bytes:
         avail = len(self._buf) - self._pos
@@ -257,7 +311,10 @@ class MqttClient:
         self._c.on_connect_fail = self._on_connect_fail
         self._lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
-        self._early: dict[int, Any] = {}
+        self._early: dict[int, Any] = {}  # acknowledgements that came before their waiter registered
+        #: mids of publishes nobody waits for (QoS 0, wait=False): their acknowledgements are dropped, not
+        #: kept in _early (a paho ReasonCode is ~2.4 KB: 10,000 receipts held 24 MB there)
+        self._unwaited: dict[int, None] = {}
         self._subs: dict[str, tuple[int, bool]] = {}  # topic -> (qos, no_local)
         self._resub: dict[int, str] = {}  # mid -> topic of re-subscriptions made on (re)connect
         self._connected = threading.Event()
@@ -402,7 +459,7 @@ class MqttClient:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.cfg.rcvbuf)
                 except OSError as e:
                     log.warning("socket receive buffer of %d bytes not set: %s", self.cfg.rcvbuf, e)
-            c._sock = _BufferedReads(sock, None if self.own_thread else self._hold)
+            c._sock = _BufferedReads(sock, None if self.own_thread else self._hold, coalesce=not self.own_thread)
         self.broker_max_packet = None
         if props is not None and hasattr(props, "MaximumPacketSize"):
             self.broker_max_packet = int(props.MaximumPacketSize)
@@ -445,8 +502,10 @@ class MqttClient:
         with self._lock:
             w = self._pending.pop(mid, None)
             if w is None:
+                if self._unwaited.pop(mid, _NONE) is not _NONE:
+                    return
                 self._early[mid] = value
-                if len(self._early) > 10_000:  # QoS 0 publishes nobody waits for
+                if len(self._early) > 1000:  # bounded whatever happens (a waiter registers within one call)
                     self._early.pop(next(iter(self._early)))
                 return
         w.value = value
@@ -518,11 +577,15 @@ class MqttClient:
             sock = c.socket()
             if sock is None:
                 return
+        buffered = sock if isinstance(sock, _BufferedReads) else None
+        if buffered is not None:
+            buffered.flush()  # what was published since the last pass (receipts), in one send
         pending = sock.pending() if hasattr(sock, "pending") else 0
         readable = pending > 0
         if not readable:
             try:
-                r, _, _ = select.select([sock], [sock] if c.want_write() else [], [], timeout)
+                w = c.want_write() or (buffered is not None and buffered.unsent > 0)
+                r, _, _ = select.select([sock], [sock] if w else [], [], timeout)
                 readable = bool(r)
             except (OSError, ValueError, TypeError):
                 readable = True  # a closed socket: the read reports the loss
@@ -531,6 +594,8 @@ class MqttClient:
             rc = c.loop_write()
         if rc == mqtt.MQTT_ERR_SUCCESS and c.socket() is not None:
             c.loop_misc()
+        if buffered is not None and c.socket() is sock:
+            buffered.flush()  # the PUBACKs this pass's reads queued, in one send
         if c.socket() is None:  # lost (paho called on_disconnect): the next attempt after the backoff
             self._retry_at = time.monotonic() + self._delay
 
@@ -555,6 +620,7 @@ class MqttClient:
     # -- operations ---------------------------------------------------------------------------
     def _wait(self, mid: int, w: _Waiter, timeout: float, what: str) -> Any:
         with self._lock:
+            self._unwaited.pop(mid, None)  # a reused mid: this one is waited for
             if mid in self._early:
                 return self._early.pop(mid)
             self._pending[mid] = w
@@ -593,6 +659,11 @@ class MqttClient:
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise MqttError(f"publish to {topic} refused: client queue full")
         if qos == 0 or not wait:
+            with self._lock:  # nobody waits: drop its acknowledgement (already here, or when it comes)
+                if self._early.pop(info.mid, _NONE) is _NONE:
+                    self._unwaited[info.mid] = None
+                    if len(self._unwaited) > 65_535:  # more than paho's mids: the oldest were never acknowledged
+                        self._unwaited.pop(next(iter(self._unwaited)))
             return PublishResult(info.mid, 0, info)
         rc = self._wait(info.mid, _Waiter(), timeout, f"publish to {topic}")
         if rc.is_failure:
