@@ -14,6 +14,12 @@ from fedmq.broker.errors import ConfigError
 from .strategies import build_strategy
 from .strategies.registry import KEYS as STRATEGY_KEYS
 
+#: [service] read_batch: at most this many messages read ahead (each may be a model-size update)
+MAX_READ_BATCH = 100_000
+#: [service] rcvbuf_bytes other than 0: at least 64 KiB (one buffered read), at most what setsockopt takes (a C int)
+MIN_RCVBUF = 65536
+MAX_RCVBUF = 2**31 - 1
+
 
 @dataclass
 class ServiceSection:
@@ -25,11 +31,17 @@ class ServiceSection:
     prometheus_port: int = 0  # the older name of http_port (used when http_port is 0)
     prometheus_addr: str = "127.0.0.1"  # the older name of http_addr
     export_final: bool = True  # write final .keras + inference .tflite when the run ends
-    plots: bool = True  # redraw state_dir/plots/*.png after every round (background thread; needs matplotlib)
+    plots: bool = True  # redraw state_dir/plots/*.png after every round (a child process; needs matplotlib)
     #: the fleet's Ed25519 model-signing key (PEM; `fedmq-broker provision` writes aggregator/signing.key):
     #: model, global, round and service messages are signed with it; "" = unsigned
     signing_key: str = ""
     publish_timeout_s: float = 30.0  # wait for the broker's PUBACK of one retained publish before retrying later
+    #: intake (docs/configuration.md, "Intake"): messages the pumped client reads ahead of the protocol loop;
+    #: the rest of a backlog waits in the socket buffer and the broker's per-client queue
+    read_batch: int = 64
+    #: SO_RCVBUF of the aggregator's connection, bytes (0 = the kernel's default; Linux caps it at
+    #: net.core.rmem_max): the broker hands over a backlog without waiting for the aggregator to be scheduled
+    rcvbuf_bytes: int = 4 << 20
 
     def validate(self, section: str) -> None:
         if not NAME_RE.match(self.id):
@@ -39,6 +51,12 @@ class ServiceSection:
                 raise ConfigError(f"{section}.{key} must be 0 (off) or a TCP port")
         if not self.publish_timeout_s > 0:
             raise ConfigError(f"{section}.publish_timeout_s must be > 0 seconds")
+        if not (1 <= self.read_batch <= MAX_READ_BATCH):
+            raise ConfigError(f"{section}.read_batch = {self.read_batch}: use 1 to {MAX_READ_BATCH} messages "
+                              "(default 64)")
+        if self.rcvbuf_bytes != 0 and not (MIN_RCVBUF <= self.rcvbuf_bytes <= MAX_RCVBUF):
+            raise ConfigError(f"{section}.rcvbuf_bytes = {self.rcvbuf_bytes}: use 0 (the kernel's default) or "
+                              f"{MIN_RCVBUF} to {MAX_RCVBUF} bytes (default 4194304 = 4 MiB)")
 
 
 @dataclass

@@ -64,10 +64,6 @@ SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 RETRY_REASONS = frozenset({"no_open_round", "future"})
 #: a step handles messages for at most this long before its timers and round checks run
 STEP_SLICE_S = 0.25
-#: the client reads at most this many messages ahead of the protocol (docs/configuration.md, "intake")
-READ_BATCH = 64
-#: the aggregator's socket receive buffer (bytes): the kernel's read-ahead while a batch is handled
-RCVBUF = 4 << 20
 
 
 def load_eval(cfg: AggregatorConfig):
@@ -116,8 +112,9 @@ class AggregatorService:
         # our own client admits messages as paho reads them: a flooder's messages are dropped by its
         # rate limit before they take a place in the inbox (and the read batch) the honest fleet shares
         self.run_id = ""  # set by _restore: from the checkpoint, or new for a fresh state_dir
-        # pumped client: a read batch of 64 updates (~1 MB for sensor1d), a 4 MiB kernel receive buffer
-        mqtt_cfg = cfg.broker.mqtt(cfg.service.id, resume_session=True, read_batch=READ_BATCH, rcvbuf=RCVBUF)
+        # pumped client: [service] read_batch (64 updates, ~1 MB for sensor1d) and rcvbuf_bytes (4 MiB kernel buffer)
+        mqtt_cfg = cfg.broker.mqtt(cfg.service.id, resume_session=True, read_batch=cfg.service.read_batch,
+                                   rcvbuf=cfg.service.rcvbuf_bytes)
         # the last will marks us offline (retained); its run id is filled in once known (start)
         self.client = client or MqttClient(mqtt_cfg, on_message=self._admit, own_thread=False)
         self._admits = client is None

@@ -90,9 +90,8 @@ def mqtt_drain_us(n: int, own_thread: bool) -> tuple[float, float, int, int]:
 
     with LocalBroker(fleet_size=n) as b, tempfile.TemporaryDirectory() as d:
         svc, agents = service(n, d)
-        from fedmq.aggregator.service import RCVBUF, READ_BATCH
-
-        mc = svc.cfg.broker.mqtt("aggregator", resume_session=True, read_batch=READ_BATCH, rcvbuf=RCVBUF)
+        sc = svc.cfg.service  # [service] read_batch / rcvbuf_bytes, as the service's own client has them
+        mc = svc.cfg.broker.mqtt("aggregator", resume_session=True, read_batch=sc.read_batch, rcvbuf=sc.rcvbuf_bytes)
         mc.host, mc.port, mc.clean_start, mc.session_expiry = b.host, b.port, mqtt.MQTT_CLEAN_START_FIRST_ONLY, 600
         first = MqttClient(mc, own_thread=own_thread)
         first.connect()

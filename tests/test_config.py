@@ -320,6 +320,49 @@ def test_doc_defaults_equal_the_dataclass_defaults():
                 f"[{table}] {f.name}: docs say {text}, the code's default is {d!r}"
 
 
+# -- [service] read_batch / rcvbuf_bytes: the aggregator's intake bounds ----------------------------
+def test_intake_keys_defaults_toml_and_env(monkeypatch, tmp_path):
+    assert (AggregatorConfig().service.read_batch, AggregatorConfig().service.rcvbuf_bytes) == (64, 4194304)
+    cfg = load_aggregator(None)
+    assert (cfg.service.read_batch, cfg.service.rcvbuf_bytes) == (64, 4 << 20)
+    p = tmp_path / "aggregator.toml"
+    p.write_text("[service]\nread_batch = 512\nrcvbuf_bytes = 0\n")  # 0 = the kernel's default
+    cfg = load_aggregator(str(p))
+    assert (cfg.service.read_batch, cfg.service.rcvbuf_bytes) == (512, 0)
+    monkeypatch.setenv("FEDMQ_SERVICE_READ_BATCH", "8")  # the variable wins over the file
+    monkeypatch.setenv("FEDMQ_SERVICE_RCVBUF_BYTES", "65536")
+    cfg = load_aggregator(str(p))
+    assert (cfg.service.read_batch, cfg.service.rcvbuf_bytes) == (8, 65536)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("read_batch", 0, r"service\.read_batch = 0: use 1 to 100000"),
+    ("read_batch", -1, r"service\.read_batch = -1"),
+    ("read_batch", 100_001, r"service\.read_batch = 100001"),
+    ("rcvbuf_bytes", 1000, r"service\.rcvbuf_bytes = 1000: use 0 \(the kernel's default\) or 65536"),
+    ("rcvbuf_bytes", -1, r"service\.rcvbuf_bytes = -1"),
+    ("rcvbuf_bytes", 2**31, r"service\.rcvbuf_bytes = 2147483648"),  # setsockopt takes a C int
+])
+def test_intake_keys_refuse_bad_values(monkeypatch, key, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_aggregator(None, {"service": {key: value}})
+    monkeypatch.setenv(env_name("service", key), str(value))  # the same check for an override
+    with pytest.raises(ConfigError, match=needle):
+        load_aggregator(None)
+
+
+def test_intake_keys_reach_the_services_mqtt_client(tmp_path):
+    """What the service's pumped client is built with (not started: nothing connects)."""
+    from fedmq.aggregator.service import AggregatorService
+
+    for over, want in (({}, (64, 4194304)), ({"read_batch": 7, "rcvbuf_bytes": 1 << 20}, (7, 1 << 20)),
+                       ({"rcvbuf_bytes": 0}, (64, 0))):
+        cfg = load_aggregator(None, {"service": {"state_dir": str(tmp_path / "state"), **over}})
+        svc = AggregatorService(cfg)
+        assert svc.client.own_thread is False  # the pumped client: the only one that uses both
+        assert (svc.client.cfg.read_batch, svc.client.cfg.rcvbuf) == want
+
+
 # -- [broker] session_expiry: the aggregator's session survives a short connection loss -------------
 class CuttableLink:
     """A TCP relay between one client and the broker that the test can cut and restore (a real
