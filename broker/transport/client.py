@@ -198,6 +198,14 @@ class _BufferedReads:
         self._out += data
         return len(data)
 
+    def gather(self, *parts: bytes | bytearray) -> bool:
+        """Add one whole packet (in parts) to the gathered writes; False (nothing added) when full."""
+        if not self.coalesce or len(self._out) >= self.OUT_MAX:
+            return False
+        for p in parts:
+            self._out += p
+        return True
+
     @property
     def unsent(self) -> int:
         """Bytes gathered and not yet taken by the kernel."""
@@ -337,6 +345,7 @@ class MqttClient:
         self.on_connected: Callable[[bool], None] | None = None
         self.dropped = 0
         self.reconnects = 0
+        self.direct_writes = 0  # QoS 0 publishes framed by _write_qos0 instead of paho
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> "MqttClient":
@@ -653,6 +662,8 @@ class MqttClient:
             raise PayloadTooLarge(
                 f"payload of {len(data)} bytes exceeds the maximum of {limit} for {topic} "
                 f"(broker max packet {self.broker_max_packet}, configured {self.cfg.max_payload or 'none'}): chunk it")
+        if qos == 0 and not retain and self._write_qos0(topic, data):
+            return PublishResult(0, 0)
         info = self._c.publish(topic, data, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_QUEUE_SIZE):
             raise MqttError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
@@ -670,6 +681,37 @@ class MqttClient:
             raise PublishRejected(f"broker rejected publish to {topic}: {rc} (0x{rc.value:02x})",
                                   reason=f"puback_0x{rc.value:02x}")
         return PublishResult(info.mid, rc.value)
+
+    def _write_qos0(self, topic: str, data: bytes | bytearray) -> bool:
+        """A QoS 0 PUBLISH framed here and added to the gathered writes (pumped client only): False when
+        paho must send it instead (threaded, not connected, paho has packets queued: order is kept).
+
+        The aggregator sends one receipt per update; through paho each costs a message object, a
+        packet queue entry and an ``on_publish`` callback that builds a Properties and a ReasonCode
+        (~18 % of the whole intake per update at 10,000 agents). A QoS 0 packet has no state to keep:
+        fixed header, remaining length, topic, (MQTT 5) an empty property length, payload
+        (MQTT 5.0 section 3.3; tests/test_pumped_client.py checks it against paho's own bytes)."""
+        c = self._c
+        sock = c._sock  # paho private: the socket (our wrapper) and its queue of unsent packets
+        if (self.own_thread or not isinstance(sock, _BufferedReads) or not sock.coalesce or c._out_packet
+                or not self._connected.is_set()):
+            return False
+        t = topic.encode()
+        if not t or len(t) > 65_535 or "+" in topic or "#" in topic or "\0" in topic:
+            return False  # paho refuses it with its own error
+        props = b"\x00" if self._v5 else b""
+        n = 2 + len(t) + len(props) + len(data)
+        head = bytearray(b"\x30")  # PUBLISH, QoS 0, no DUP, no RETAIN
+        while True:  # remaining length: 7 bits per byte, least significant first
+            n, digit = divmod(n, 128)
+            head.append(digit | 0x80 if n else digit)
+            if not n:
+                break
+        head += len(t).to_bytes(2, "big")
+        if not sock.gather(head, t, props, data):
+            return False
+        self.direct_writes += 1
+        return True
 
     def _sub_args(self, qos: int, no_local: bool) -> dict[str, Any]:
         if self._v5:
