@@ -66,6 +66,38 @@ def test_table_excludes_after_refused_rounds_and_readmits_on_reconnect():
     assert row["rejections"] == {"late": 2, "stale_base": 2, "wrong_model": 2} and row["rounds_asked"] == 4
 
 
+def test_fleet_json_round_trips_row_by_row_and_reads_the_older_layout(tmp_path):
+    """save writes one JSON document with one row per line; load reads it back row by row (a torn line
+    costs that row only) and still reads a file of the older one-line layout whole."""
+    t = FleetTable()
+    for i in range(600):  # more than one write batch
+        a = f"agent-{i:04d}"
+        t.on_status(a, "online", "litert", "ai-edge-litert 2.3", "0.9", 10 + i, "", 100.0 + i)
+        t.on_update(a, None if i % 3 else "late", 200.0 + i)
+    p = tmp_path / "fleet.json"
+    t.save(p, {"service": {"id": "agg"}})
+    doc = json.loads(p.read_text())  # one JSON document (fedmq-aggregator status reads it whole)
+    assert doc["service"] == {"id": "agg"} and [r["agent"] for r in doc["devices"]] == sorted(t.devices)
+    lines = p.read_text().splitlines()
+    assert len(lines) == 600 + 2  # head, a row per line, tail
+
+    def restored(path):
+        u = FleetTable()
+        u.load(path)
+        return {a: (d.num_samples, d.last_seen, dict(d.rejections), d.runtime, d.state) for a, d in u.devices.items()}
+
+    want = {a: (d.num_samples, d.last_seen, dict(d.rejections), d.runtime, "unknown") for a, d in t.devices.items()}
+    assert restored(p) == want
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(doc, separators=(",", ":")))  # the layout before: one line
+    assert restored(old) == want
+    torn = tmp_path / "torn.json"
+    torn.write_text("\n".join(lines[:5] + [lines[5][:20]] + lines[6:]))
+    assert set(restored(torn)) == set(want) - {doc["devices"][4]["agent"]}
+    (tmp_path / "bad.json").write_text("{not json")
+    assert restored(tmp_path / "bad.json") == {} and restored(tmp_path / "missing.json") == {}
+
+
 def test_probation_readmits_after_exclude_s():
     t = FleetTable(exclude_after=1)
     t.on_status("d", "idle", "", "", "", 1, "", 0.0)
