@@ -662,7 +662,8 @@ class AggregatorService:
     def _receipt(self, u: Update, reason: str | None) -> None:
         """Tell the agent whether we hold its update (never blocks).
 
-        QoS 0: a lost receipt costs the agent one re-send after ``resend_s`` (answered ``duplicate``); at
+        QoS 0: a lost receipt costs the agent one re-send (answered ``duplicate``; soon after its reconnect,
+        else after ``resend_s``); at
         QoS 1 each would cost a PUBACK to read, and paho's window of 20 unacknowledged publishes would
         hold the global behind thousands of receipts at the end of a large round (0.8 s at 10,000)."""
         accepted = reason is None or (reason == "duplicate" and self.controller.holds(u))

@@ -308,6 +308,12 @@ class Agent:
             subs.append((f"{b}/model/chunk/+", 1))
         c.subscribe(subs)
         self.publish_status()
+        spec, now = self.gen.spec, time.monotonic()
+        for key, s in self.rounds.items():  # docs: after a reconnect, re-send what has no receipt within the jitter
+            if spec.receipts and s.receipt is None and s.last_send and not s.wait_reannounce:
+                wait = min(spec.resend_s * 2 ** max(0, s.attempts - 1), 8 * spec.resend_s)
+                jitter = spec.presence_jitter_s * zlib.crc32(f"{self.id}/{key[1]}/resend".encode()) / 2**32
+                s.last_send = min(s.last_send, now + jitter - wait)
 
     def publish_status(self) -> None:
         topic = f"{self.gen.spec.base}/agents/{self.id}/status"

@@ -197,6 +197,7 @@ class AgentService:
         if self._reannounce.is_set():
             self._reannounce.clear()
             self._status(self.state if self.state != "offline" else "online")
+            self._resend_soon()
             self._maybe_work()  # after a reconnect: re-send from the outbox if the round is open
         self._check_pending()
         self._timers()
@@ -644,6 +645,18 @@ class AgentService:
                         rc.reason)
             self.outbox.drop(okey)
             self.delivered.add(okey)
+
+    def _resend_soon(self) -> None:
+        """After a (re)connect: an update still without its receipt is re-sent within a seeded delay of
+        ``presence_jitter_s`` instead of after ``resend_s``. Receipts are QoS 0: one the aggregator sent
+        while we were away (a broker restart) is lost, and the fleet would otherwise wait out resend_s."""
+        inf = self.inflight
+        if inf is None or inf[0] in self.delivered or inf[0] in self.wait_reannounce:
+            return
+        okey, uid, last, attempts = inf
+        wait = min(self.cfg.agent.resend_s * 2 ** (attempts - 1), 8 * self.cfg.agent.resend_s)
+        jitter = self.cfg.agent.presence_jitter_s * (zlib.crc32(f"{self.id}/{okey.round}/resend".encode()) / 2**32)
+        self.inflight = (okey, uid, min(last, time.monotonic() + jitter - wait), attempts)
 
     def _timers(self) -> None:
         """Due uploads (upload window), presence re-sync, and re-sends of updates without a receipt."""
