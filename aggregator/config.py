@@ -99,6 +99,8 @@ class RoundsSection:
     exclude_s: float = 3600.0  # an excluded device is asked again after this long (probation); 0 = until it restarts
 
     def validate(self, section: str) -> None:
+        if self.upload_window_s > 86_400:
+            raise ConfigError(f"{section}.upload_window_s must be at most 86400 (what agents accept)")
         if (self.upload_window_s < 0 or self.upload_rate < 0 or self.participants_listed < 0 or self.exclude_after < 0
                 or self.exclude_s < 0):
             raise ConfigError(f"{section}.upload_window_s, upload_rate, participants_listed, exclude_after and "

@@ -257,10 +257,10 @@ class FleetTable:
             for r in _rows(f):
                 if not isinstance(r, dict) or not isinstance(r.get("agent"), str):
                     continue
-                d = self._get(r["agent"], float(r.get("first_seen", 0.0) or 0.0))
+                d = self._get(sys.intern(r["agent"]), float(r.get("first_seen", 0.0) or 0.0))
                 for k in ("runtime", "interpreter", "version", "last_rejection", "last_error", "excluded"):
                     if isinstance(r.get(k), str):
-                        setattr(d, k, r[k])
+                        setattr(d, k, sys.intern(r[k]) if k in ("runtime", "interpreter", "version") else r[k])
                 for k in ("num_samples", "rounds_asked", "rounds_contributed", "last_round", "refused_streak"):
                     if isinstance(r.get(k), int):
                         setattr(d, k, r[k])

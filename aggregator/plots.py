@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -26,6 +27,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FILES = ("accuracy_loss.png", "bytes.png", "participants.png")
+#: the history fields the plots read (what the renderer child is sent)
+PLOTTED = ("round", "outcome", "eval_accuracy", "train_loss", "eval_loss", "bytes_received", "asked", "participants")
 
 
 def write_plots(history: list[dict], out_dir: Path) -> list[Path]:
@@ -125,17 +128,25 @@ class PlotWriter:
                 child.wait()
 
     def _spawn(self) -> subprocess.Popen:
+        # its own session: a Ctrl-C or a group SIGTERM meant for the aggregator does not kill it mid-redraw
+        # (close() ends it by closing its stdin)
         return subprocess.Popen([sys.executable, "-m", "fedmq.aggregator.plots", "--serve", str(self.out_dir)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                start_new_session=True)
 
     def _draw(self, rows: list[dict]) -> None:
         """One redraw by the child (started or restarted here); sets ``drawn`` or ``failed``."""
         if self._child is None or self._child.poll() is not None:
+            if self._stop and self._child is not None:
+                return  # stopping: no new renderer for a last redraw
             self._child = self._spawn()
         child = self._child
         assert child.stdin is not None and child.stdout is not None
         try:
-            child.stdin.write(json.dumps(rows, separators=(",", ":"), default=float) + "\n")
+            # only what the plots read: a row also holds up to 1,000 participant ids, the rejections and the
+            # strategy's parameters, and the whole history goes each time
+            slim = [{k: r[k] for k in PLOTTED if k in r} for r in rows]
+            child.stdin.write(json.dumps(slim, separators=(",", ":"), default=str) + "\n")
             child.stdin.flush()
             answer = child.stdout.readline().strip()
         except (OSError, ValueError):
@@ -175,7 +186,13 @@ class PlotWriter:
 
 
 def serve(out_dir: Path) -> int:
-    """The child: one JSON list of history rows per stdin line -> the plots -> one answer line."""
+    """The child: one JSON list of history rows per stdin line -> the plots -> one answer line.
+
+    Answers go to a copy of the original stdout; fd 1 itself then points at stderr, so that nothing a
+    library prints can be taken for an answer."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     for line in sys.stdin:
         try:
             rows = json.loads(line)
@@ -187,8 +204,8 @@ def serve(out_dir: Path) -> int:
             answer = "no-matplotlib"
         except Exception as e:  # noqa: BLE001 - answered, and the next redraw is tried
             answer = f"error {type(e).__name__}: {e}".replace("\n", " ")
-        sys.stdout.write(answer + "\n")
-        sys.stdout.flush()
+        answers.write(answer + "\n")
+        answers.flush()
     return 0
 
 

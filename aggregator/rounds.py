@@ -65,13 +65,16 @@ def quorum_for(n_asked: int, cfg: RoundsSection) -> int:
     return max(1, math.ceil(cfg.quorum_fraction * n_asked))
 
 
+MAX_UPLOAD_WINDOW_S = 86_400.0  # what agents accept in an announcement (docs/protocol.md)
+
+
 def upload_window(n_asked: int, cfg: RoundsSection, configured: float) -> float:
     """The announced upload window: at least ``configured``, and long enough that ``n_asked`` uploads
     spread over it arrive at no more than ``cfg.upload_rate`` per second (so one aggregator is never
     handed a whole fleet's burst at once: the backlog, and the time from the last update to the global,
     stay short). The paced part is capped at half the deadline, so that paced uploads still make it."""
     paced = n_asked / cfg.upload_rate if cfg.upload_rate > 0 else 0.0
-    return max(configured, round(min(paced, cfg.deadline_s / 2), 3))
+    return min(MAX_UPLOAD_WINDOW_S, max(configured, round(min(paced, cfg.deadline_s / 2), 3)))
 
 
 class RoundController:

@@ -445,9 +445,9 @@ class AggregatorService:
             except Exception as e:  # noqa: BLE001 - stopping anyway
                 log.warning("could not publish our offline status before stopping: %s", e)
         self.client.close()
+        self._save_fleet()  # before the plots' last redraw (up to seconds): a kill meanwhile keeps the table
         if self._plots is not None:
             self._plots.close()
-        self._save_fleet()
         if self.http is not None:
             self.http.close()
 

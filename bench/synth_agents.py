@@ -232,7 +232,8 @@ class Sent:
     counted: bool = False  # its first receipt went into the round's stats
     last_send: float = 0.0
     attempts: int = 0  # sends since the last announcement (the resend timer doubles up to 8 x)
-    due: float = 0.0  # upload window: monotonic time of the first send
+    due: float = 0.0  # upload window: monotonic time of the first send (or of a re-send into a re-announced round)
+    due_resend: bool = False  # the due send is a re-send
     whole: bytes = b""  # the encoded update (chunked or not)
     chunk_data: int = 0  # chunk data size when chunked
 
@@ -308,8 +309,12 @@ class Agent:
             subs.append((f"{b}/model/chunk/+", 1))
         c.subscribe(subs)
         self.publish_status()
+        self.resend_soon()
+
+    def resend_soon(self) -> None:
+        """docs: after our reconnect or the aggregator's, re-send what has no receipt within the jitter."""
         spec, now = self.gen.spec, time.monotonic()
-        for key, s in self.rounds.items():  # docs: after a reconnect, re-send what has no receipt within the jitter
+        for key, s in self.rounds.items():
             if spec.receipts and s.receipt is None and s.last_send and not s.wait_reannounce:
                 wait = min(spec.resend_s * 2 ** max(0, s.attempts - 1), 8 * spec.resend_s)
                 jitter = spec.presence_jitter_s * zlib.crc32(f"{self.id}/{key[1]}/resend".encode()) / 2**32
@@ -369,6 +374,7 @@ class Agent:
                 self.presence_due = time.monotonic() + jitter
                 g.timers.add(self)
                 g.stats["presence_resyncs"] += 1
+                self.resend_soon()
             elif msg.retain:
                 self.service_ts = m.get("ts")
         elif t == "model" or t.startswith("model/chunk/"):
@@ -405,9 +411,15 @@ class Agent:
             else:
                 self.send(key, first=True)
         elif s.opened != opened and s.due == 0.0:
-            # re-announced (e.g. a restarted aggregator): re-send, even with a receipt from before
+            # re-announced (e.g. a restarted aggregator): re-send, even with a receipt from before; docs: within
+            # the re-announcement's upload window, as a first upload (not the whole fleet at once)
             s.opened, s.receipt, s.wait_reannounce, s.attempts = opened, None, False, 0
-            self.send(key, first=False)
+            window = upload_window(m)
+            if window > 0:
+                s.due, s.due_resend = time.monotonic() + window * zlib.crc32(f"{self.id}/{key[1]}".encode()) / 2**32, True
+                g.timers.add(self)
+            else:
+                self.send(key, first=False)
 
     def build(self, key: tuple[str, int], base: int, opened: float) -> None:
         g = self.gen
@@ -498,9 +510,12 @@ class Agent:
         pending = False
         for key, s in self.rounds.items():
             if s.due:
-                if now >= s.due:
+                if now >= s.due and not self.connected:
+                    pending = True  # due while the broker is away: sent once connected again (not dropped)
+                elif now >= s.due:
                     s.due = 0.0
-                    self.send(key, first=True)
+                    self.send(key, first=not s.due_resend)
+                    s.due_resend = False
                 else:
                     pending = True
         if self.presence_due:

@@ -236,6 +236,7 @@ class AgentService:
                 # a (re)connected aggregator: republish our status within the jitter window
                 jitter = self.cfg.agent.presence_jitter_s * (zlib.crc32(f"{self.id}/{msg.ts}".encode()) / 2**32)
                 self._presence_due = time.monotonic() + jitter
+                self._resend_soon()  # receipts it sent before its link dropped may be lost (QoS 0)
             return
         if ch is Channel.RECEIPT and isinstance(msg, Receipt):
             self._on_receipt(msg)
@@ -472,7 +473,11 @@ class AgentService:
             self._announced_at = key[1]
             self.delivered.discard(okey)  # a re-announced round: the aggregator may have restarted
             self.wait_reannounce.discard(okey)
-            self._send(key, stored)
+            delay = self._upload_delay(ann)  # the re-announcement's window too: not the whole fleet at once
+            if delay > 0:
+                self.scheduled = (time.monotonic() + delay, key, stored)
+            else:
+                self._send(key, stored)
             return
         if key in self.sent:
             return
@@ -491,7 +496,6 @@ class AgentService:
         self._train(ann)
 
     def _train(self, ann: RoundAnnouncement) -> None:
-        cfg = ann.config
         self._status("training")
         try:
             payload, steps, seconds, loss = self._train_and_encode(ann)  # its model-size temporaries are gone
@@ -501,8 +505,7 @@ class AgentService:
         note(f"round {ann.round} encoded")
         self.outbox.put(OutboxKey(ann.run, ann.model_id, ann.round, ann.base_round), payload)  # on disk first
         self.rounds_trained += 1
-        window = cfg.upload_window_s
-        delay = window * (zlib.crc32(f"{self.id}/{ann.round}".encode()) / 2**32) if window > 0 else 0.0
+        delay = self._upload_delay(ann)
         log.info("round %d: trained %d steps in %.1fs, loss %.4f; sending %d bytes%s", ann.round, steps, seconds,
                  loss, len(payload), f" in {delay:.1f}s (upload window)" if delay else "")
         self._announced_at = ann.opened
@@ -646,10 +649,16 @@ class AgentService:
             self.outbox.drop(okey)
             self.delivered.add(okey)
 
+    def _upload_delay(self, ann: RoundAnnouncement) -> float:
+        """Seconds after training (or after a re-announcement, for a re-send) before uploading: the
+        round's upload window x crc32("<agent>/<round>") / 2**32 (docs/protocol.md)."""
+        window = ann.config.upload_window_s
+        return window * (zlib.crc32(f"{self.id}/{ann.round}".encode()) / 2**32) if window > 0 else 0.0
+
     def _resend_soon(self) -> None:
-        """After a (re)connect: an update still without its receipt is re-sent within a seeded delay of
-        ``presence_jitter_s`` instead of after ``resend_s``. Receipts are QoS 0: one the aggregator sent
-        while we were away (a broker restart) is lost, and the fleet would otherwise wait out resend_s."""
+        """After our (re)connect or the aggregator's: an update still without its receipt is re-sent within
+        a seeded delay of ``presence_jitter_s`` instead of after ``resend_s``. Receipts are QoS 0: one sent
+        while either link was down (a broker restart) is lost, and the fleet would otherwise wait out resend_s."""
         inf = self.inflight
         if inf is None or inf[0] in self.delivered or inf[0] in self.wait_reannounce:
             return
@@ -669,8 +678,9 @@ class AgentService:
             self._presence_due = None
             self._status(self.state if self.state != "offline" else "online")
         inf, ann = self.inflight, self.announcement
-        if inf is None or ann is None or self.pending is not None or not self.client.connected:
-            return
+        if inf is None or ann is None or self.pending is not None or self.scheduled is not None \
+                or not self.client.connected:
+            return  # (an upload is due within the window: no re-send before it)
         okey, uid, last, attempts = inf
         if okey in self.delivered or okey in self.wait_reannounce:
             return

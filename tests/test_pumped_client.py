@@ -198,3 +198,21 @@ def test_qos0_packets_framed_without_paho_arrive_exactly(broker, topics, protoco
             want = [(t, b) for t, b, qq in sent if qq == q]
             assert [(m.topic, m.payload) for m in got if m.qos == q] == want
         assert c.connected  # a malformed packet would have made the broker close the connection
+
+
+def test_a_late_acknowledgement_after_a_timeout_is_not_handed_to_a_reused_mid():
+    """A waited publish that timed out: its acknowledgement, when it comes, is dropped, not kept for the next
+    publish that draws the same mid (which would then report the old answer); a fresh wait still gets its own."""
+    from fedmq.broker.errors import MqttTimeout
+    from fedmq.broker.transport.client import _Waiter
+
+    c = MqttClient(MqttConfig("127.0.0.1", 1, client_id="p-unit"), own_thread=False)  # never connected
+    with pytest.raises(MqttTimeout):
+        c._wait(7, _Waiter(), 0.01, "publish to x")
+    c._resolve(7, "late")  # the timed-out publish's PUBACK
+    assert 7 not in c._early and 7 not in c._unwaited
+    w = _Waiter()
+    with c._lock:
+        c._pending[7] = w  # a later publish with mid 7 waits
+    c._resolve(7, "fresh")
+    assert w.event.is_set() and w.value == "fresh"

@@ -172,3 +172,12 @@ def test_upload_window_is_paced_by_the_number_asked():
     assert c.open(1, MID, 0, G, many, TrainConfig(), now=0.0, run=RUN).config.upload_window_s == 50.0
     c, _ = controller(upload_rate=0.0)  # off: the configured window alone
     assert c.open(1, MID, 0, G, many, TrainConfig(), now=0.0, run=RUN).config.upload_window_s == 0.0
+    c, _ = controller(upload_rate=0.001, deadline_s=10**7)  # never more than agents accept (86,400 s)
+    assert c.open(1, MID, 0, G, many, TrainConfig(), now=0.0, run=RUN).config.upload_window_s == 86_400.0
+    import pytest
+
+    from fedmq.broker.errors import ConfigError
+    with pytest.raises(ConfigError):
+        RoundsSection(upload_window_s=90_000).validate("rounds")
+    with pytest.raises(ConfigError):
+        RoundsSection(upload_rate=-1).validate("rounds")

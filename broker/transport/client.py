@@ -603,8 +603,9 @@ class MqttClient:
             rc = c.loop_write()
         if rc == mqtt.MQTT_ERR_SUCCESS and c.socket() is not None:
             c.loop_misc()
-        if buffered is not None and c.socket() is sock:
-            buffered.flush()  # the PUBACKs this pass's reads queued, in one send
+        now_sock = c.socket()  # (a new connection's wrapper is installed by this pass's CONNACK)
+        if isinstance(now_sock, _BufferedReads):
+            now_sock.flush()  # the PUBACKs (and re-subscriptions) this pass queued, in one send
         if c.socket() is None:  # lost (paho called on_disconnect): the next attempt after the backoff
             self._retry_at = time.monotonic() + self._delay
 
@@ -635,7 +636,8 @@ class MqttClient:
             self._pending[mid] = w
         if not self._pump_until(w.event, timeout):
             with self._lock:
-                self._pending.pop(mid, None)
+                if self._pending.pop(mid, None) is not None:  # its late acknowledgement: dropped, not kept
+                    self._unwaited[mid] = None                # for a later publish that reuses the mid
             raise MqttTimeout(f"{what} not acknowledged within {timeout}s")
         return w.value
 
@@ -671,7 +673,7 @@ class MqttClient:
             raise MqttError(f"publish to {topic} refused: client queue full")
         if qos == 0 or not wait:
             with self._lock:  # nobody waits: drop its acknowledgement (already here, or when it comes)
-                if self._early.pop(info.mid, _NONE) is _NONE:
+                if info.rc == mqtt.MQTT_ERR_SUCCESS and self._early.pop(info.mid, _NONE) is _NONE:
                     self._unwaited[info.mid] = None
                     if len(self._unwaited) > 65_535:  # more than paho's mids: the oldest were never acknowledged
                         self._unwaited.pop(next(iter(self._unwaited)))
