@@ -232,8 +232,7 @@ class Sent:
     counted: bool = False  # its first receipt went into the round's stats
     last_send: float = 0.0
     attempts: int = 0  # sends since the last announcement (the resend timer doubles up to 8 x)
-    due: float = 0.0  # upload window: monotonic time of the first send (or of a re-send into a re-announced round)
-    due_resend: bool = False  # the due send is a re-send
+    due: float = 0.0  # upload window: monotonic time of the first send
     whole: bytes = b""  # the encoded update (chunked or not)
     chunk_data: int = 0  # chunk data size when chunked
 
@@ -312,7 +311,7 @@ class Agent:
         self.resend_soon()
 
     def resend_soon(self) -> None:
-        """docs: after our reconnect or the aggregator's, re-send what has no receipt within the jitter."""
+        """docs: after a reconnect, re-send what has no receipt within the jitter."""
         spec, now = self.gen.spec, time.monotonic()
         for key, s in self.rounds.items():
             if spec.receipts and s.receipt is None and s.last_send and not s.wait_reannounce:
@@ -374,7 +373,6 @@ class Agent:
                 self.presence_due = time.monotonic() + jitter
                 g.timers.add(self)
                 g.stats["presence_resyncs"] += 1
-                self.resend_soon()
             elif msg.retain:
                 self.service_ts = m.get("ts")
         elif t == "model" or t.startswith("model/chunk/"):
@@ -411,15 +409,9 @@ class Agent:
             else:
                 self.send(key, first=True)
         elif s.opened != opened and s.due == 0.0:
-            # re-announced (e.g. a restarted aggregator): re-send, even with a receipt from before; docs: within
-            # the re-announcement's upload window, as a first upload (not the whole fleet at once)
+            # re-announced (e.g. a restarted aggregator): re-send, even with a receipt from before
             s.opened, s.receipt, s.wait_reannounce, s.attempts = opened, None, False, 0
-            window = upload_window(m)
-            if window > 0:
-                s.due, s.due_resend = time.monotonic() + window * zlib.crc32(f"{self.id}/{key[1]}".encode()) / 2**32, True
-                g.timers.add(self)
-            else:
-                self.send(key, first=False)
+            self.send(key, first=False)
 
     def build(self, key: tuple[str, int], base: int, opened: float) -> None:
         g = self.gen
@@ -514,8 +506,7 @@ class Agent:
                     pending = True  # due while the broker is away: sent once connected again (not dropped)
                 elif now >= s.due:
                     s.due = 0.0
-                    self.send(key, first=not s.due_resend)
-                    s.due_resend = False
+                    self.send(key, first=True)
                 else:
                     pending = True
         if self.presence_due:

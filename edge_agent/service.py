@@ -236,7 +236,6 @@ class AgentService:
                 # a (re)connected aggregator: republish our status within the jitter window
                 jitter = self.cfg.agent.presence_jitter_s * (zlib.crc32(f"{self.id}/{msg.ts}".encode()) / 2**32)
                 self._presence_due = time.monotonic() + jitter
-                self._resend_soon()  # receipts it sent before its link dropped may be lost (QoS 0)
             return
         if ch is Channel.RECEIPT and isinstance(msg, Receipt):
             self._on_receipt(msg)
@@ -473,11 +472,7 @@ class AgentService:
             self._announced_at = key[1]
             self.delivered.discard(okey)  # a re-announced round: the aggregator may have restarted
             self.wait_reannounce.discard(okey)
-            delay = self._upload_delay(ann)  # the re-announcement's window too: not the whole fleet at once
-            if delay > 0:
-                self.scheduled = (time.monotonic() + delay, key, stored)
-            else:
-                self._send(key, stored)
+            self._send(key, stored)
             return
         if key in self.sent:
             return
@@ -650,15 +645,15 @@ class AgentService:
             self.delivered.add(okey)
 
     def _upload_delay(self, ann: RoundAnnouncement) -> float:
-        """Seconds after training (or after a re-announcement, for a re-send) before uploading: the
-        round's upload window x crc32("<agent>/<round>") / 2**32 (docs/protocol.md)."""
+        """Seconds after training before uploading: the round's upload window x crc32("<agent>/<round>")
+        / 2**32 (docs/protocol.md)."""
         window = ann.config.upload_window_s
         return window * (zlib.crc32(f"{self.id}/{ann.round}".encode()) / 2**32) if window > 0 else 0.0
 
     def _resend_soon(self) -> None:
-        """After our (re)connect or the aggregator's: an update still without its receipt is re-sent within
-        a seeded delay of ``presence_jitter_s`` instead of after ``resend_s``. Receipts are QoS 0: one sent
-        while either link was down (a broker restart) is lost, and the fleet would otherwise wait out resend_s."""
+        """After our (re)connect: an update still without its receipt is re-sent within a seeded delay of
+        ``presence_jitter_s`` instead of after ``resend_s``. Receipts are QoS 0: one the aggregator sent
+        while we were away (a broker restart) is lost, and the fleet would otherwise wait out resend_s."""
         inf = self.inflight
         if inf is None or inf[0] in self.delivered or inf[0] in self.wait_reannounce:
             return
