@@ -159,6 +159,9 @@ class AggregatorService:
         self._republish = threading.Event()
         self._republish.set()  # the first connection publishes everything we own
         self._next_republish = 0.0
+        #: (topic, mid, waiter) of the retained state _republish_state handed over; checked by _check_tracked
+        self._tracked: list = []
+        self._tracked_until = 0.0
         self._guarded: tuple[str, ...] = ()
         self.foreign_writes = 0
         self._scanned = False  # stale chunk topics of an earlier process cleared (once, at first connect)
@@ -453,6 +456,7 @@ class AggregatorService:
 
     # -- the protocol step -----------------------------------------------------------------------------
     def step(self, timeout: float = 0.05) -> None:
+        self._check_tracked()
         if self._republish.is_set() and self.client.connected and time.monotonic() >= self._next_republish:
             self._republish.clear()  # after a (re)connect: the broker may have lost retained state
             self._republish_state()
@@ -584,25 +588,54 @@ class AggregatorService:
             if not self._scanned:
                 self._clear_stale_chunks()
                 self._scanned = True
-            t, to = self.topics, self.cfg.service.publish_timeout_s
-            self.publisher.publish(t.service(), self._service_status("online"), retain=True, timeout=to)
-            self.publisher.publish(t.model(), self.served.manifest(self.run_id), retain=True, timeout=to)
+            t = self.topics
+            # not waited for: a wait reads on, and after a restart what waits in our session (the uploads of
+            # our dead time, the fleet's retained statuses) would pile up in the inbox (~30 MB at 10,000
+            # devices); the broker's answers are checked in _tick (_check_tracked)
+            track = self._tracked
+            self.publisher.publish(t.service(), self._service_status("online"), retain=True, wait=False, track=track)
+            self.publisher.publish(t.model(), self.served.manifest(self.run_id), retain=True, wait=False, track=track)
             if self._delta is not None and self._delta.round == self.global_round:
-                self.publisher.publish(t.delta(), self._delta, retain=True, timeout=to)
+                self.publisher.publish(t.delta(), self._delta, retain=True, wait=False, track=track)
             self.publisher.publish(t.global_(), GlobalModel(self.global_round, self.served.model_id,
                                                             self.global_weights, time.time(), run=self.run_id),
-                                   retain=True, timeout=to)
+                                   retain=True, wait=False, track=track)
             if self.controller.current is not None:
                 # a fresh "opened" re-announces the round: agents re-send their finished update from
                 # their outbox (updates sent while we were away may have reached nobody)
                 ann = self.controller.current.ann
                 ann.opened = time.time()
-                self.publisher.publish(t.round(), ann, retain=True, timeout=to)
-            log.info("model, global (round %d) and round state published", self.global_round)
+                self.publisher.publish(t.round(), ann, retain=True, wait=False, track=track)
+            self._tracked_until = time.monotonic() + self.cfg.service.publish_timeout_s
+            log.info("model, global (round %d) and round state handed to the broker", self.global_round)
         except FedmqError as e:
             log.warning("publishing the retained state failed (%s); retrying in 2 s", e)
             self._next_republish = time.monotonic() + 2.0
             self._republish.set()
+
+    def _check_tracked(self) -> None:
+        """The broker's answers to the retained state published by _republish_state: a refusal or no
+        answer within ``publish_timeout_s`` means publishing it again (in 2 s), as a failed wait did."""
+        if not self._tracked:
+            return
+        refused = [(topic, w.value) for topic, _, w in self._tracked
+                   if w.event.is_set() and getattr(w.value, "is_failure", False)]
+        done = all(w.event.is_set() for _, _, w in self._tracked)
+        late = not done and time.monotonic() > self._tracked_until
+        if not (done or late or refused):
+            return
+        for _, mid, w in self._tracked:
+            if not w.event.is_set():
+                self.client.forget(mid)
+        self._tracked = []
+        if refused or late:
+            what = (f"refused: {', '.join(f'{tp} ({rc})' for tp, rc in refused[:5])}" if refused
+                    else f"not acknowledged within {self.cfg.service.publish_timeout_s}s")
+            log.warning("publishing the retained state failed (%s); retrying in 2 s", what)
+            self._next_republish = time.monotonic() + 2.0
+            self._republish.set()
+        else:
+            log.info("retained state acknowledged by the broker (global round %d)", self.global_round)
 
     def _clear_stale_chunks(self, timeout: float = 10.0) -> None:
         """Find the retained chunk topics an earlier process left (model, global) so our publishes clear them.

@@ -47,7 +47,7 @@ class CountingClient:
     def __init__(self) -> None:
         self.published = 0
 
-    def publish(self, topic, payload, qos=1, retain=False, wait=True, timeout=30.0):
+    def publish(self, topic, payload, qos=1, retain=False, wait=True, timeout=30.0, track=False):
         self.published += 1
 
 

@@ -216,3 +216,18 @@ def test_a_late_acknowledgement_after_a_timeout_is_not_handed_to_a_reused_mid():
         c._pending[7] = w  # a later publish with mid 7 waits
     c._resolve(7, "fresh")
     assert w.event.is_set() and w.value == "fresh"
+
+
+def test_a_tracked_publish_returns_at_once_and_its_answer_comes_with_a_later_pump(broker, topics):
+    """track=True (the aggregator's retained state): no wait, no read-ahead while waiting; the broker's
+    PUBACK sets the waiter when a later pump reads it; forget() drops an answer nobody wants any more."""
+    with pumped(broker) as c:
+        r = c.publish(topics.metrics(), b"m", qos=1, wait=False, track=True)
+        assert r.waiter is not None and r.mid in c._pending
+        pump_until(c, lambda: r.waiter.event.is_set(), "the tracked publish's PUBACK")
+        assert r.waiter.value.value < 0x80 and r.mid not in c._pending
+        r2 = c.publish(topics.metrics(), b"n", qos=1, wait=False, track=True)
+        c.forget(r2.mid)
+        assert r2.mid not in c._pending and r2.mid in c._unwaited
+        pump_until(c, lambda: r2.mid not in c._unwaited, "the forgotten publish's PUBACK, dropped")
+        assert not c._early and not r2.waiter.event.is_set()

@@ -119,6 +119,8 @@ class PublishResult:
     mid: int
     reason_code: int
     info: Any = None  # paho's MQTTMessageInfo (``is_published()``) for a publish nobody waited for
+    #: ``track=True``: set (``.event``) when the broker's acknowledgement arrives, its ReasonCode in ``.value``
+    waiter: Any = None
 
 
 def backoff_delays(min_s: float, max_s: float, rng: random.Random | None = None):
@@ -650,8 +652,11 @@ class MqttClient:
         return min(limits) - PUBLISH_OVERHEAD - len(topic.encode())
 
     def publish(self, topic: str, payload: bytes | bytearray | memoryview, qos: int = 1, retain: bool = False,
-                timeout: float = 30.0, wait: bool = True) -> PublishResult:
+                timeout: float = 30.0, wait: bool = True, track: bool = False) -> PublishResult:
         """Publish and (QoS > 0, ``wait``) wait for the broker's acknowledgement.
+
+        ``track`` (QoS > 0, no ``wait``): return at once with ``waiter``, which the acknowledgement sets
+        when it comes (read by a later pump); ``forget(mid)`` when no longer interested.
 
         Raises PayloadTooLarge before sending, PublishRejected on a failure reason code,
         MqttTimeout when not acknowledged in time (paho keeps it queued and retries).
@@ -671,6 +676,17 @@ class MqttClient:
             raise MqttError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise MqttError(f"publish to {topic} refused: client queue full")
+        if track and qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            w = _Waiter()  # NO_CONN: paho keeps it and sends it after the reconnect
+            with self._lock:
+                self._unwaited.pop(info.mid, None)
+                early = self._early.pop(info.mid, _NONE)
+                if early is _NONE:
+                    self._pending[info.mid] = w
+                else:
+                    w.value = early
+                    w.event.set()
+            return PublishResult(info.mid, 0, info, waiter=w)
         if qos == 0 or not wait:
             with self._lock:  # nobody waits: drop its acknowledgement (already here, or when it comes)
                 if info.rc == mqtt.MQTT_ERR_SUCCESS and self._early.pop(info.mid, _NONE) is _NONE:
@@ -683,6 +699,13 @@ class MqttClient:
             raise PublishRejected(f"broker rejected publish to {topic}: {rc} (0x{rc.value:02x})",
                                   reason=f"puback_0x{rc.value:02x}")
         return PublishResult(info.mid, rc.value)
+
+    def forget(self, mid: int) -> None:
+        """Stop tracking ``mid`` (a ``track``ed publish given up on): its acknowledgement, if it still comes,
+        is dropped."""
+        with self._lock:
+            if self._pending.pop(mid, None) is not None:
+                self._unwaited[mid] = None
 
     def _write_qos0(self, topic: str, data: bytes | bytearray) -> bool:
         """A QoS 0 PUBLISH framed here and added to the gathered writes (pumped client only): False when

@@ -37,28 +37,34 @@ class Publisher:
         self.bytes_out = 0
 
     def publish(self, topic: str, msg: Message, *, retain: bool = False, qos: int = 1,
-                timeout: float = 60.0, wait: bool = True) -> int:
+                timeout: float = 60.0, wait: bool = True, track: list | None = None) -> int:
         """Publish ``msg`` (signed on the signed channels when a signer is set); return the packets used."""
         payload: bytes | memoryview = self._encoder.encode(msg)
         channel = self._signed.get(topic)
         if self.signer is not None and channel is not None:
             payload = self.signer.wrap(channel, payload)
-        return self.publish_payload(topic, payload, retain=retain, qos=qos, timeout=timeout, wait=wait)
+        return self.publish_payload(topic, payload, retain=retain, qos=qos, timeout=timeout, wait=wait, track=track)
 
     def publish_payload(self, topic: str, payload: bytes | memoryview, *, retain: bool = False, qos: int = 1,
-                        timeout: float = 60.0, wait: bool = True, infos: list | None = None) -> int:
+                        timeout: float = 60.0, wait: bool = True, infos: list | None = None,
+                        track: list | None = None) -> int:
         """Publish an encoded payload, chunked when it does not fit one packet.
 
         ``wait=False`` hands every packet to paho without waiting for PUBACKs (paho re-sends after
-        a reconnect); pass a list as ``infos`` to collect their ``MQTTMessageInfo`` handles.
+        a reconnect); pass a list as ``infos`` to collect their ``MQTTMessageInfo`` handles. ``track``
+        (a list): nothing waits either, and ``(topic, mid, waiter)`` of every packet is appended to it,
+        for the caller to check the broker's answers later (MqttClient.publish ``track``).
         """
         payload = memoryview(payload)
         limit = self.client.max_payload(topic + "/chunk/999999")
 
         def send(target: str, data: bytes | memoryview, keep: bool) -> None:
-            r = self.client.publish(target, data, qos=qos, retain=keep, timeout=timeout, wait=wait)
+            r = self.client.publish(target, data, qos=qos, retain=keep, timeout=timeout, wait=wait and track is None,
+                                    track=track is not None)
             if infos is not None and r.info is not None:
                 infos.append(r.info)
+            if track is not None and r.waiter is not None:
+                track.append((target, r.mid, r.waiter))
 
         if payload.nbytes <= limit:
             if retain:
