@@ -221,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         return serve(Path(args.serve))
     if not args.history or not args.out:
         ap.error("give --serve DIR, or --history FILE --out DIR")
-    rows = [json.loads(x) for x in Path(args.history).read_text().splitlines() if x.strip()]
+    from .state import HistoryLog
+
+    history = HistoryLog(Path(args.history).parent)
+    history.jsonl = Path(args.history)  # the file given, whatever its name
+    rows, _ = history.read()  # torn and unreadable lines dropped, as at a restart
     for p in write_plots(rows, Path(args.out)):
         print(p)
     return 0

@@ -591,7 +591,7 @@ class AggregatorService:
             t = self.topics
             # not waited for: a wait reads on, and after a restart what waits in our session (the uploads of
             # our dead time, the fleet's retained statuses) would pile up in the inbox (~30 MB at 10,000
-            # devices); the broker's answers are checked in _tick (_check_tracked)
+            # devices); the broker's answers are checked by step (_check_tracked)
             track = self._tracked
             self.publisher.publish(t.service(), self._service_status("online"), retain=True, wait=False, track=track)
             self.publisher.publish(t.model(), self.served.manifest(self.run_id), retain=True, wait=False, track=track)
@@ -696,9 +696,9 @@ class AggregatorService:
         """Tell the agent whether we hold its update (never blocks).
 
         QoS 0: a lost receipt costs the agent one re-send (answered ``duplicate``; soon after its reconnect,
-        else after ``resend_s``); at
-        QoS 1 each would cost a PUBACK to read, and paho's window of 20 unacknowledged publishes would
-        hold the global behind thousands of receipts at the end of a large round (0.8 s at 10,000)."""
+        else after ``resend_s``); at QoS 1 each would cost a PUBACK to read, and paho's window of 20
+        unacknowledged publishes would hold the global behind thousands of receipts at the end of a large
+        round (0.8 s at 10,000)."""
         accepted = reason is None or (reason == "duplicate" and self.controller.holds(u))
         msg = Receipt(u.run if u.run else self.run_id, u.round, u.agent, u.update_id, accepted, reason or "",
                       reason in RETRY_REASONS)

@@ -137,6 +137,11 @@ def unwrap(m: dict | None) -> dict | None:
     return m
 
 
+def resend_wait(spec: Any, attempts: int) -> float:
+    """docs: no receipt resend_s after a send (doubling up to 8 x): re-send."""
+    return min(spec.resend_s * 2 ** max(0, attempts - 1), 8 * spec.resend_s)
+
+
 def upload_window(ann: dict) -> float:
     cfg = ann.get("config")
     w = cfg.get("upload_window_s", 0.0) if isinstance(cfg, dict) else 0.0
@@ -315,7 +320,7 @@ class Agent:
         spec, now = self.gen.spec, time.monotonic()
         for key, s in self.rounds.items():
             if spec.receipts and s.receipt is None and s.last_send and not s.wait_reannounce:
-                wait = min(spec.resend_s * 2 ** max(0, s.attempts - 1), 8 * spec.resend_s)
+                wait = resend_wait(spec, s.attempts)
                 jitter = spec.presence_jitter_s * zlib.crc32(f"{self.id}/{key[1]}/resend".encode()) / 2**32
                 s.last_send = min(s.last_send, now + jitter - wait)
 
@@ -493,7 +498,7 @@ class Agent:
         deadline = self.ann.get("deadline")
         if isinstance(deadline, (int, float)) and time.time() > deadline:
             return
-        if now - s.last_send >= min(spec.resend_s * 2 ** max(0, s.attempts - 1), 8 * spec.resend_s):
+        if now - s.last_send >= resend_wait(spec, s.attempts):
             self.gen.round_stats(key)["timer_resent"] += 1
             self.send(key, first=False)
 

@@ -658,9 +658,13 @@ class AgentService:
         if inf is None or inf[0] in self.delivered or inf[0] in self.wait_reannounce:
             return
         okey, uid, last, attempts = inf
-        wait = min(self.cfg.agent.resend_s * 2 ** (attempts - 1), 8 * self.cfg.agent.resend_s)
+        wait = self._resend_wait(attempts)
         jitter = self.cfg.agent.presence_jitter_s * (zlib.crc32(f"{self.id}/{okey.round}/resend".encode()) / 2**32)
         self.inflight = (okey, uid, min(last, time.monotonic() + jitter - wait), attempts)
+
+    def _resend_wait(self, attempts: int) -> float:
+        """How long after a send without a receipt it is re-sent: resend_s, doubling up to 8x."""
+        return min(self.cfg.agent.resend_s * 2 ** (attempts - 1), 8 * self.cfg.agent.resend_s)
 
     def _timers(self) -> None:
         """Due uploads (upload window), presence re-sync, and re-sends of updates without a receipt."""
@@ -673,17 +677,15 @@ class AgentService:
             self._presence_due = None
             self._status(self.state if self.state != "offline" else "online")
         inf, ann = self.inflight, self.announcement
-        if inf is None or ann is None or self.pending is not None or self.scheduled is not None \
-                or not self.client.connected:
-            return  # (an upload is due within the window: no re-send before it)
+        if inf is None or ann is None or self.pending is not None or not self.client.connected:
+            return
         okey, uid, last, attempts = inf
         if okey in self.delivered or okey in self.wait_reannounce:
             return
         if (ann.run, ann.model_id, ann.round, ann.base_round) != (okey.run, okey.model_id, okey.round,
                                                                  okey.base_round) or time.time() > ann.deadline:
             return  # its round closed: nothing to re-send into
-        wait = min(self.cfg.agent.resend_s * 2 ** (attempts - 1), 8 * self.cfg.agent.resend_s)
-        if now - last < wait:
+        if now - last < self._resend_wait(attempts):
             return
         stored = self.outbox.get(okey)
         if stored is None:
