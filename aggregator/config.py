@@ -42,8 +42,14 @@ class ServiceSection:
     #: SO_RCVBUF of the aggregator's connection, bytes (0 = the kernel's default; Linux caps it at
     #: net.core.rmem_max): the broker hands over a backlog without waiting for the aggregator to be scheduled
     rcvbuf_bytes: int = 4 << 20
+    #: the open round's journal (aggregator/journal.py): "fsync" (an update is on disk before its receipt
+    #: and its MQTT acknowledgement), "write" (in the kernel: survives a crash of the process, not of the
+    #: host), "off" (a restart re-opens the round and every asked agent re-sends)
+    journal: str = "fsync"
 
     def validate(self, section: str) -> None:
+        if self.journal not in ("fsync", "write", "off"):
+            raise ConfigError(f"{section}.journal = {self.journal!r}: use fsync, write or off")
         if not NAME_RE.match(self.id):
             raise ConfigError(f"{section}.id = {self.id!r}: use [a-z0-9-] (it is the MQTT username and client id)")
         for key in ("http_port", "prometheus_port"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -116,6 +117,16 @@ class RoundController:
         log.info("round %d open: %d agents asked, quorum %d, deadline in %.0fs", round_no, len(asked), q,
                  self.cfg.deadline_s)
         return ann
+
+    def resume(self, ann: RoundAnnouncement, asked: list[str], quorum: int, started: float,
+               global_weights: dict) -> OpenRound:
+        """Go on with a round an earlier process opened (taken back from its journal): the same
+        announcement, asked agents and quorum; its updates are then fed again through ``on_update``."""
+        self.current = OpenRound(ann, list(asked), quorum, started=started, asked_set=frozenset(asked))
+        self.strategy.begin_round(global_weights, ann.round)
+        log.info("round %d resumed: %d agents asked, quorum %d, deadline in %.0fs", ann.round, len(asked), quorum,
+                 ann.deadline - time.time())
+        return self.current
 
     def _reject(self, reason: str, u: Update) -> str:
         self.rejected[reason] += 1

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import numpy as np
 
 from fedmq.broker import __version__
@@ -33,6 +34,7 @@ from fedmq.broker.contract.chunking import ReassemblyLimits
 from fedmq.broker.contract.messages import (
     GlobalModel,
     Receipt,
+    RoundAnnouncement,
     RoundMetrics,
     ServiceStatus,
     Status,
@@ -48,6 +50,7 @@ from fedmq.broker.transport.receiver import Receiver
 
 from .config import AggregatorConfig
 from .fleet import FleetTable
+from .journal import RoundJournal
 from .limits import AgentLimiter, agent_of
 from .model_store import ServedModel, export_final, load_or_export
 from .ratelog import BoundedLog
@@ -113,8 +116,10 @@ class AggregatorService:
         # rate limit before they take a place in the inbox (and the read batch) the honest fleet shares
         self.run_id = ""  # set by _restore: from the checkpoint, or new for a fresh state_dir
         # pumped client: [service] read_batch (64 updates, ~1 MB for sensor1d) and rcvbuf_bytes (4 MiB kernel buffer)
+        # manual_ack: a message is acknowledged to the broker once handled (an accepted update: once in the
+        # round's journal), so what this process read but did not handle before dying is redelivered
         mqtt_cfg = cfg.broker.mqtt(cfg.service.id, resume_session=True, read_batch=cfg.service.read_batch,
-                                   rcvbuf=cfg.service.rcvbuf_bytes)
+                                   rcvbuf=cfg.service.rcvbuf_bytes, manual_ack=True)
         # the last will marks us offline (retained); its run id is filled in once known (start)
         self.client = client or MqttClient(mqtt_cfg, on_message=self._admit, own_thread=False)
         self._admits = client is None
@@ -166,6 +171,14 @@ class AggregatorService:
         self.foreign_writes = 0
         self._scanned = False  # stale chunk topics of an earlier process cleared (once, at first connect)
         self.quorum_to_publish: tuple[int, float] | None = None
+        #: the open round's journal ([service] journal; None = off): a restart goes on with the round
+        self.journal: RoundJournal | None = (RoundJournal(self.state_dir / "round.journal", cfg.service.journal)
+                                             if cfg.service.journal != "off" else None)
+        self.journal_errors = 0
+        self._fresh_run = False
+        self.resumed: tuple[int, int] | None = None  #: (round, updates) taken back from the journal at start
+        self._unacked: list = []  # messages handled since the last commit (acknowledged by _commit)
+        self._receipts: list[tuple[str, bytes]] = []  # receipts of those messages (sent by _commit)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _count_reject(self, reason: str) -> None:
@@ -186,10 +199,12 @@ class AggregatorService:
             if agent is not None and not lim.allow(agent, len(m.payload)):
                 self._limited[agent] = self._limited.get(agent, 0) + 1
                 self._limited_total += 1
+                self.client.ack(m)  # dropped for good (counted): it must not hold a place in the broker's window
                 return
         try:
             self.client.inbox.put_nowait(m)
         except queue.Full:
+            self.client.ack(m)
             self.client.dropped += 1
             if self.client.dropped == 1 or self.client.dropped % 1000 == 0:
                 log.warning("inbox full: dropped %d messages so far", self.client.dropped)
@@ -296,6 +311,7 @@ class AggregatorService:
             self.global_weights = self.served.initial_weights()
             self.history = self.history_log.restore(None)
             self.run_id = uuid.uuid4().hex[:16]
+            self._fresh_run = True  # a journal of this run's first round may name the run (_resume_round)
             log.info("new run %s", self.run_id)
             return
         self.run_id = ck.run or uuid.uuid4().hex[:16]  # a checkpoint from before run ids: name its run now
@@ -350,6 +366,9 @@ class AggregatorService:
 
             self._evaluator = TFLiteTrainer(self.served.artifact, self.served.model_id)
         self.fleet.load(self.fleet_path)
+        if self._resume_round() and self._admits and self.client.cfg.session_expiry > 0:
+            # the round goes on: what the fleet sent while we were down waits in our session (QoS 1)
+            self.client.cfg.clean_start = False
         port = self.cfg.service.http_port or self.cfg.service.prometheus_port
         if port:
             from .http_api import StatusServer
@@ -363,7 +382,9 @@ class AggregatorService:
             self.client.set_will(Will(t.service(), codec.encode(self._service_status("offline"))))
         self.client.on_connected = lambda reconnect: self._republish.set()
         self.client.subscribe(t.all_updates(), qos=1)  # remembered: made on every (re)connect
-        self.client.subscribe(t.all_statuses(), qos=1)
+        # retained statuses only for a new subscription: a resumed session queued the changes instead (and
+        # the agents' presence re-sync follows our "online"), so a reconnect is not 10,000 statuses again
+        self.client.subscribe(t.all_statuses(), qos=1, retain_handling=1)
         self.client.subscribe(SYS_DROPPED, qos=0)  # Mosquitto's drop counter (refused by other brokers: logged)
         # our own retained topics, to notice anyone else writing them (a leaked password, a bad ACL): the
         # agents refuse what we did not sign, and we put our state back (No Local: our own writes stay away)
@@ -462,14 +483,19 @@ class AggregatorService:
             self._republish_state()
         m = self.client.get(timeout=timeout)
         end = time.monotonic() + STEP_SLICE_S  # a steady stream must not hold off the round's checks
+        batch = self.cfg.service.read_batch
         while m is not None:
             try:
                 self._handle(m.topic, m.payload, m.retain)
             except Exception as e:  # noqa: BLE001 - one message never ends the service
                 self._internal(f"handling a message on {m.topic[:200]!r}", e)
+            self._unacked.append(m)
             if time.monotonic() >= end:
                 break
+            if len(self._unacked) >= batch:
+                self._commit()  # group commit: one fdatasync per read batch, then its acknowledgements and receipts
             m = self.client.get(timeout=0)
+        self._commit()  # nothing more to read now (or the slice is over): what was handled is answered
         self._tick()
         self._count_limited(summary=False)
         now = time.time()
@@ -483,6 +509,7 @@ class AggregatorService:
         elif state == "timeout":
             ann = c.extend(now)
             if ann is not None:
+                self._journal_append(b"D", msgpack.packb(ann.deadline))
                 self._publish_retained(self.topics.round(), ann)
             else:
                 r = c.abandon()
@@ -491,9 +518,141 @@ class AggregatorService:
                                                f"{len(r.received)}/{r.quorum} updates by the deadline")
                 self.next_round = r.ann.round + 1
                 self._checkpoint()
+                self._journal_end()
                 self._publish_metrics(metrics)
                 self._submit_plots()
                 self._check_done(values)
+
+    def _commit(self) -> None:
+        """The handled batch is ours: its journal records on disk (one fdatasync in fsync mode), then the
+        broker's acknowledgements (it stops holding the messages for us) and the agents' receipts."""
+        j = self.journal
+        if j is not None and j.active:
+            try:
+                j.sync()
+            except OSError as e:
+                self._journal_failed("syncing", e)
+        if self._unacked:
+            ack = getattr(self.client, "ack", None)
+            if ack is not None:
+                for m in self._unacked:
+                    ack(m)
+            self._unacked.clear()
+        if self._receipts:
+            pending, self._receipts = self._receipts, []
+            for topic, data in pending:
+                try:
+                    self.client.publish(topic, data, qos=0, wait=False)
+                except Exception as e:  # noqa: BLE001 - a receipt must never stop the round loop
+                    self.bounded_log.reject(topic, "receipt", "receipt on %s not handed over: %s", topic[:200], e)
+
+    def _journal_failed(self, what: str, e: BaseException) -> None:
+        """The journal cannot be written: go on without it for this round (a restart then re-opens the
+        round and the agents re-send, as with ``journal = off``); the file is removed so that it is never
+        taken back with updates missing."""
+        self.journal_errors += 1
+        self.telemetry.rejected.labels("journal_error").inc()
+        log.error("round journal: %s failed (%s): this round goes on without it; a restart would have the agents "
+                  "re-send (free disk space under %s)", what, e, self.state_dir)
+        if self.journal is not None:
+            try:
+                self.journal.discard()
+            except OSError as e2:
+                log.error("round journal %s could not be removed either (%s): remove it before restarting",
+                          self.journal.path, e2)
+
+    def _journal_begin(self, ann, asked: list[str], quorum: int, now: float) -> None:
+        if self.journal is None:
+            return
+        header = {"format": 1, "run": ann.run, "round": ann.round, "model_id": ann.model_id,
+                  "base_round": ann.base_round, "ann": codec.encode(ann), "asked": asked, "quorum": quorum,
+                  "started": now}
+        try:
+            self.journal.begin(header)
+        except OSError as e:
+            self._journal_failed("starting", e)
+
+    def _journal_append(self, kind: bytes, body) -> None:
+        j = self.journal
+        if j is None or not j.active:
+            return
+        try:
+            j.append(kind, body)
+        except OSError as e:
+            self._journal_failed("writing", e)
+
+    def _journal_end(self) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.discard()
+            except OSError as e:
+                self._journal_failed("removing", e)
+
+    def _resume_round(self) -> bool:
+        """At start: go on with the round the journal holds, if it is the one the checkpoint expects next
+        (same run, round, model and base); anything else there is stale and removed."""
+        j = self.journal
+        if j is None:
+            path = self.state_dir / "round.journal"
+            if path.exists():  # journal = off now: an old journal would miss this process's updates
+                path.unlink()
+            return False
+        got = j.read_header()
+        if got is None:
+            j.discard()
+            return False
+        h, offset = got
+        if self._fresh_run and h.get("round") == 1 and h.get("base_round") == 0 and not self.history \
+                and h.get("model_id") == self.served.model_id and isinstance(h.get("run"), str) and h["run"]:
+            # the first round of a run: no checkpoint names the run yet, its journal does
+            self.run_id = h["run"]
+            log.info("run %s: its first round is in the journal", self.run_id)
+        want = {"run": self.run_id, "round": self.next_round, "model_id": self.served.model_id,
+                "base_round": self.global_round}
+        if self._done or any(h.get(k) != v for k, v in want.items()):
+            log.info("round journal of round %s (run %s) is stale: the checkpoint expects round %d; removed",
+                     h.get("round"), h.get("run"), self.next_round)
+            j.discard()
+            return False
+        t0 = time.monotonic()
+        try:
+            ann = codec.decode(h["ann"])
+            asked = [sys.intern(a) for a in h["asked"]]
+            if not isinstance(ann, RoundAnnouncement) or not all(isinstance(a, str) for a in asked):
+                raise ValueError("header does not hold an announcement and the asked ids")
+            self.controller.resume(ann, asked, int(h["quorum"]), float(h.get("started", ann.opened)),
+                                   self.global_weights)
+            replayed, refused = 0, Counter()
+            now = time.time()
+            for rec in j.replay(offset):
+                if rec.kind == b"D":
+                    ann.deadline = float(msgpack.unpackb(rec.body))
+                    self.controller.current.extensions += 1
+                    continue
+                u = codec.decode(rec.body, self.receiver.limits)
+                if not isinstance(u, Update):
+                    raise ValueError(f"a {type(u).__name__} record where an update belongs")
+                reason = self.controller.on_update(u, len(rec.body), now)
+                if reason is None:
+                    replayed += 1
+                    self.fleet.on_update(u.agent, None, now)
+                else:
+                    refused[reason] += 1
+        except Exception as e:  # noqa: BLE001 - a journal we cannot take back: the round is opened afresh
+            log.error("round journal %s could not be taken back (%s: %s): round %d is opened afresh and its agents "
+                      "re-send", j.path, type(e).__name__, e, self.next_round)
+            self.controller.current = None
+            j.discard()
+            return False
+        r = self.controller.current
+        self.resumed = (ann.round, replayed)
+        self.telemetry.round.set(ann.round)
+        self._size_reassembly(len(asked))
+        log.info("round %d taken back from its journal: %d of %d asked updates held (%.2fs)%s", ann.round, replayed,
+                 len(asked), time.monotonic() - t0, f"; refused on replay: {dict(refused)}" if refused else "")
+        if r is not None and r.quorum_at is not None:
+            log.info("round %d: its quorum %d was already reached", ann.round, r.quorum)
+        return True
 
     def _tick(self) -> None:
         """About once a second: expire incomplete blobs, flush rejection summaries, export gauges."""
@@ -601,11 +760,12 @@ class AggregatorService:
                                                             self.global_weights, time.time(), run=self.run_id),
                                    retain=True, wait=False, track=track)
             if self.controller.current is not None:
-                # a fresh "opened" re-announces the round: agents re-send their finished update from
-                # their outbox (updates sent while we were away may have reached nobody)
-                ann = self.controller.current.ann
-                ann.opened = time.time()
-                self.publisher.publish(t.round(), ann, retain=True, wait=False, track=track)
+                # the same announcement (same "opened"): we still hold every update we sent a receipt for
+                # (in memory, and in the round's journal across a restart), so nobody is asked to re-send
+                # those. An update the broker took but we never got (its queue for us lost with a broker
+                # restart, or our session expired) has no receipt: its agent re-sends it soon after its own
+                # reconnect, else after resend_s (docs/protocol.md, Receipts)
+                self.publisher.publish(t.round(), self.controller.current.ann, retain=True, wait=False, track=track)
             self._tracked_until = time.monotonic() + self.cfg.service.publish_timeout_s
             log.info("model, global (round %d) and round state handed to the broker", self.global_round)
         except FedmqError as e:
@@ -659,7 +819,11 @@ class AggregatorService:
         while not done and time.monotonic() < end:
             m = self.client.get(timeout=0.1)
             if m is None:
+                self._commit()
                 continue
+            self._unacked.append(m)  # acknowledged (with its receipt, if an update) by the next _commit
+            if len(self._unacked) >= 64:
+                self._commit()
             if m.topic == marker and m.payload == nonce:
                 done = True
             elif "/chunk/" in m.topic and m.topic.rsplit("/chunk/", 1)[0] in filters.values():
@@ -671,6 +835,7 @@ class AggregatorService:
                     self._handle(m.topic, m.payload, m.retain)
                 except Exception as e:  # noqa: BLE001 - one message never ends the service
                     self._internal(f"handling a message on {m.topic[:200]!r}", e)
+        self._commit()
         for f in filters:
             self.client.unsubscribe(f)
         for stream, n in found.items():
@@ -702,10 +867,8 @@ class AggregatorService:
         accepted = reason is None or (reason == "duplicate" and self.controller.holds(u))
         msg = Receipt(u.run if u.run else self.run_id, u.round, u.agent, u.update_id, accepted, reason or "",
                       reason in RETRY_REASONS)
-        try:
-            self.client.publish(self.topics.receipt(u.agent), codec.encode(msg), qos=0, wait=False)
-        except Exception as e:  # noqa: BLE001 - a receipt must never stop the round loop
-            self.bounded_log.reject(u.agent, "receipt", "receipt to %s not handed over: %s", u.agent, e)
+        # sent by _commit, after the batch's journal records are on disk (a receipt is never ahead of them)
+        self._receipts.append((self.topics.receipt(u.agent), codec.encode(msg)))
 
     def _on_own_topic(self, topic: str, payload: bytes, retained: bool) -> None:
         """A message on a retained topic we own: if it is not what we last put there, put our state back."""
@@ -759,6 +922,7 @@ class AggregatorService:
             reason = self.controller.on_update(msg, got.nbytes, time.time())
             self.fleet.on_update(msg.agent, reason, time.time())
             if reason is None:
+                self._journal_append(b"U", got.payload if got.payload is not None else payload)
                 self.telemetry.accepted.inc()
                 self.telemetry.bytes_in.inc(got.nbytes)
             else:
@@ -784,6 +948,7 @@ class AggregatorService:
                                    list(self.online), train, now, run=self.run_id, excluded=excluded)
         if self.controller.current is not None:
             self.fleet.on_open(self.controller.current.asked)
+            self._journal_begin(ann, self.controller.current.asked, self.controller.current.quorum, now)
         self.telemetry.round.set(self.next_round)
         self._size_reassembly(len(self.controller.current.asked) if self.controller.current else 0)
         self._publish_retained(self.topics.round(), ann)
@@ -803,6 +968,7 @@ class AggregatorService:
             self.global_weights, self.global_round, self.next_round, n, self._delta = before
             del self.history[n:]
             raise
+        self._journal_end()  # the checkpoint counts the round: its journal is done
         if result.weights is not None:
             b0 = self.publisher.bytes_out
             if self._delta is not None:

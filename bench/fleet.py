@@ -677,6 +677,7 @@ class Bench:
             elif name != "first":
                 # the next round is open and uploads are arriving: kill then
                 self.wait(lambda: self.uploads_under_way(last_round), s.phase_timeout_s, "the next round's uploads")
+                t_kill0 = time.time()  # the round under way is the one measured (it may close before all are seen)
                 if name == "aggregator_restart":
                     self.agg.kill(signal.SIGKILL)
                     self.start_aggregator()
@@ -693,7 +694,7 @@ class Bench:
                     extra["reconnect_s"] = time.monotonic() - t_k
                     self.wait(lambda: self.online() >= s.n, s.phase_timeout_s, f"the aggregator to see {s.n}")
                     extra["seen_after_restart_s"] = time.monotonic() - t_k
-                t_start = time.time()
+                t_start = t_kill0
             if name == "first":
                 t_start = 0.0
             row = self.wait(lambda: self.aggregated_after(last_round, t_start) or

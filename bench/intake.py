@@ -1,7 +1,8 @@
 """bench/intake: the aggregator's protocol-thread cost per update, without the network.
 
-``AggregatorService._handle`` (topic parse, decode under the limits, schema, the round's checks, the
-strategy's norm and fold, the fleet table, telemetry, the receipt's encoding) over N valid encoded
+``AggregatorService._handle`` and ``_commit`` (topic parse, decode under the limits, schema, the round's checks, the
+strategy's norm and fold, the fleet table, telemetry, the receipt's encoding, the round journal's record
+and its fdatasync per batch of 64 with ``--journal fsync``, the default) over N valid encoded
 updates of the sensor1d shapes, one open round asking all N agents; the client is a stub that only
 counts publishes (so paho's own cost is not in the figure: see bench/fleet.py for the whole path).
 Also the decode alone: msgpack's C unpacker without hooks (the floor), ``unpack_fast`` (the same
@@ -51,12 +52,12 @@ class CountingClient:
         self.published += 1
 
 
-def service(n: int, state_dir: str):
+def service(n: int, state_dir: str, journal: str = "fsync"):
     from fedmq.aggregator.config import load_config
     from fedmq.aggregator.service import AggregatorService
     from fedmq.broker.contract.messages import TrainConfig
 
-    cfg = load_config(None, {"service": {"state_dir": state_dir},
+    cfg = load_config(None, {"service": {"state_dir": state_dir, "journal": journal},
                              "rounds": {"min_agents": 1, "quorum": n, "deadline_s": 3600}})
     served = types.SimpleNamespace(model_id="a" * 64,
                                    initial_weights=lambda: {k: np.zeros(s, np.float32) for k, s in SHAPES})
@@ -64,8 +65,19 @@ def service(n: int, state_dir: str):
     svc._restore()
     svc.global_weights = served.initial_weights()
     agents = [f"agent-{i:05d}" for i in range(n)]
-    svc.controller.open(1, served.model_id, 0, svc.global_weights, agents, TrainConfig(), time.time(), run=svc.run_id)
+    ann = svc.controller.open(1, served.model_id, 0, svc.global_weights, agents, TrainConfig(), time.time(),
+                              run=svc.run_id)
+    svc._journal_begin(ann, agents, n, time.time())  # as _maybe_open does: accepted updates are journaled
     return svc, agents
+
+
+def handle_batches(svc, items, batch: int = 64) -> None:
+    """The service's step in batches: handle, then _commit (journal sync, acknowledgements, receipts)."""
+    for i, (tp, p) in enumerate(items, 1):
+        svc._handle(tp, p, False)
+        if i % batch == 0:
+            svc._commit()
+    svc._commit()
 
 
 def payloads(svc, agents: list[str], seed: int = 0) -> list[tuple[str, bytes]]:
@@ -81,7 +93,7 @@ def payloads(svc, agents: list[str], seed: int = 0) -> list[tuple[str, bytes]]:
     return out
 
 
-def mqtt_drain_us(n: int, own_thread: bool) -> tuple[float, float, int, int]:
+def mqtt_drain_us(n: int, own_thread: bool, journal: str = "fsync") -> tuple[float, float, int, int]:
     """Wall and CPU µs per update of the service's intake from a backlog queued in a real broker."""
     import paho.mqtt.client as mqtt
 
@@ -89,9 +101,10 @@ def mqtt_drain_us(n: int, own_thread: bool) -> tuple[float, float, int, int]:
     from fedmq.broker.transport.client import MqttClient
 
     with LocalBroker(fleet_size=n) as b, tempfile.TemporaryDirectory() as d:
-        svc, agents = service(n, d)
+        svc, agents = service(n, d, journal)
         sc = svc.cfg.service  # [service] read_batch / rcvbuf_bytes, as the service's own client has them
-        mc = svc.cfg.broker.mqtt("aggregator", resume_session=True, read_batch=sc.read_batch, rcvbuf=sc.rcvbuf_bytes)
+        mc = svc.cfg.broker.mqtt("aggregator", resume_session=True, read_batch=sc.read_batch, rcvbuf=sc.rcvbuf_bytes,
+                                 manual_ack=True)
         mc.host, mc.port, mc.clean_start, mc.session_expiry = b.host, b.port, mqtt.MQTT_CLEAN_START_FIRST_ONLY, 600
         first = MqttClient(mc, own_thread=own_thread)
         first.connect()
@@ -110,11 +123,15 @@ def mqtt_drain_us(n: int, own_thread: bool) -> tuple[float, float, int, int]:
         r = svc.controller.current
         t0, c0 = time.perf_counter(), time.process_time()
         svc.client.start()
-        while len(r.received) < n:
+        while len(r.received) < n:  # AggregatorService.step's loop
             m = svc.client.get(timeout=10)
             if m is None:
                 break
             svc._handle(m.topic, m.payload, m.retain)
+            svc._unacked.append(m)
+            if len(svc._unacked) >= svc.cfg.service.read_batch:
+                svc._commit()
+        svc._commit()
         t1, c1 = time.perf_counter(), time.process_time()
         got = len(r.received)
         svc.client.close()
@@ -134,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="repeats; the table shows the best")
     ap.add_argument("--mqtt", action="store_true", help="through a real broker, from a queued backlog")
     ap.add_argument("--own-thread", action="store_true", help="--mqtt with paho's network thread and the inbox")
+    ap.add_argument("--journal", choices=("fsync", "write", "off"), default="fsync",
+                    help="[service] journal (default fsync, the product's)")
     args = ap.parse_args(argv)
     if args.mqtt:
-        runs = [mqtt_drain_us(args.n, args.own_thread) for _ in range(args.repeat)]
+        runs = [mqtt_drain_us(args.n, args.own_thread, args.journal) for _ in range(args.repeat)]
         wall, cpu, got, dropped = min(runs)
-        print(f"## bench/intake --mqtt{' --own-thread' if args.own_thread else ''} — {now()}\n\nMachine: {machine()}\n")
+        print(f"## bench/intake --mqtt{' --own-thread' if args.own_thread else ''} --journal {args.journal} — {now()}"
+              f"\n\nMachine: {machine()}\n")
         print(f"{args.n:,} updates queued in Mosquitto, then taken in; best of {args.repeat} (wall µs per update: "
               f"{', '.join(f'{r[0]:.0f}' for r in runs)}). Accepted {got:,}, inbox drops {dropped}.\n")
         print(f"| client | wall µs per update | updates/s | CPU µs per update |\n|---|---:|---:|---:|\n"
@@ -151,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     accepted = receipts = 0
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory() as d:
-            svc, agents = service(args.n, d)
+            svc, agents = service(args.n, d, args.journal)
             items = payloads(svc, agents)
             raw = [p for _, p in items]
             lim = ReadLimits()
@@ -159,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                 "msgpack.unpackb (no limits, no hooks)": per_call_us(msgpack.unpackb, raw),
                 "unpack_fast (fedmq's limits)": per_call_us(lambda p: unpack_fast(p, lim), raw),
                 "codec.decode (+ schema, tensor views)": per_call_us(codec.decode, raw),
-                "AggregatorService._handle (whole protocol path)": per_call_us(lambda tp: svc._handle(tp[0], tp[1], False),
-                                                                               items),
+                "AggregatorService._handle + _commit (whole protocol path)": per_call_us(
+                    lambda b: handle_batches(svc, b), [items]) / len(items),
             }
             accepted, receipts = len(svc.controller.current.received), svc.client.published
             for k, v in figures.items():
                 best[k] = min(best.get(k, float("inf")), v)
-    print(f"## bench/intake — {now()}\n\nMachine: {machine()}\n")
+    print(f"## bench/intake --journal {args.journal} — {now()}\n\nMachine: {machine()}\n")
     print(f"{args.n:,} valid updates ({len(raw[0]):,} bytes each, sensor1d shapes), one open round; best of "
           f"{args.repeat}. Accepted {accepted:,}, receipts {receipts:,}.\n")
     print("| step | µs per update | updates/s |")

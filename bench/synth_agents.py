@@ -378,6 +378,7 @@ class Agent:
                 self.presence_due = time.monotonic() + jitter
                 g.timers.add(self)
                 g.stats["presence_resyncs"] += 1
+                self.resend_soon()  # docs: and an update still without its receipt, within the jitter
             elif msg.retain:
                 self.service_ts = m.get("ts")
         elif t == "model" or t.startswith("model/chunk/"):

@@ -20,9 +20,9 @@ What it will not do:
   it holds it; without one it is re-sent from the outbox (same ``update_id``, capped backoff from
   ``[agent] resend_s``) until the round closes; a refusal that cannot change drops the entry;
 * burst: with the round's ``upload_window_s`` it uploads at a seeded moment within that window, and
-  when a (re)started aggregator announces itself it republishes its status after a seeded delay
-  within ``[agent] presence_jitter_s`` (a presence re-sync that never relies on every retained status
-  fitting the aggregator's broker queue at once);
+  when a (re)started aggregator announces itself it republishes its status (and re-sends an update
+  still without its receipt) after a seeded delay within ``[agent] presence_jitter_s`` (a presence
+  re-sync that never relies on every retained status fitting the aggregator's broker queue at once);
 * outlive refused credentials: the loop raises the client's AuthError (``fedmq-agent`` exits 3).
 """
 
@@ -233,9 +233,12 @@ class AgentService:
                 log.info("aggregator %s: %s (run %s, global round %d)", msg.service, msg.state, msg.run,
                          msg.global_round)
             if msg.state == "online" and not retained and (old is None or old.ts != msg.ts):
-                # a (re)connected aggregator: republish our status within the jitter window
+                # a (re)connected aggregator: republish our status within the jitter window, and re-send an
+                # update still without its receipt (what we sent before its subscriptions were back, e.g.
+                # after a broker restart, reached nobody)
                 jitter = self.cfg.agent.presence_jitter_s * (zlib.crc32(f"{self.id}/{msg.ts}".encode()) / 2**32)
                 self._presence_due = time.monotonic() + jitter
+                self._resend_soon()
             return
         if ch is Channel.RECEIPT and isinstance(msg, Receipt):
             self._on_receipt(msg)
@@ -651,9 +654,11 @@ class AgentService:
         return window * (zlib.crc32(f"{self.id}/{ann.round}".encode()) / 2**32) if window > 0 else 0.0
 
     def _resend_soon(self) -> None:
-        """After our (re)connect: an update still without its receipt is re-sent within a seeded delay of
-        ``presence_jitter_s`` instead of after ``resend_s``. Receipts are QoS 0: one the aggregator sent
-        while we were away (a broker restart) is lost, and the fleet would otherwise wait out resend_s."""
+        """After our (re)connect, or when a (re)connected aggregator announces itself: an update still
+        without its receipt is re-sent within a seeded delay of ``presence_jitter_s`` instead of after
+        ``resend_s``. Receipts are QoS 0: one the aggregator sent while we were away (a broker restart) is
+        lost; and an update sent before the aggregator's subscriptions were back reached nobody. The
+        fleet would otherwise wait out resend_s."""
         inf = self.inflight
         if inf is None or inf[0] in self.delivered or inf[0] in self.wait_reannounce:
             return

@@ -98,6 +98,10 @@ class MqttConfig:
     #: there at once instead of after a round trip to a broker that has to be scheduled first
     rcvbuf: int = 0
     will: Will | None = None
+    #: acknowledge QoS 1 messages only when the caller says it holds them (``ack``), not as they are read:
+    #: what was read but not yet handled when the process dies is redelivered from the session, and the
+    #: broker's window of unacknowledged messages bounds what waits in this process
+    manual_ack: bool = False
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return (f"MqttConfig(host={self.host!r}, port={self.port}, client_id={self.client_id!r}, "
@@ -112,6 +116,8 @@ class InMessage:
     qos: int
     retain: bool
     received: float = field(default_factory=time.monotonic)
+    mid: int = 0  #: the packet id (QoS 1), for ``MqttClient.ack``
+    conn: int = 0  #: the connection it arrived on: a mid means nothing on another one
 
 
 @dataclass
@@ -301,6 +307,7 @@ class MqttClient:
             client_id=config.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else bool(config.clean_start),  # 3.1.1: first-only is clean
+            manual_ack=config.manual_ack,
         )
         self._c.enable_logger(_PAHO_LOG)
         if config.username is not None:
@@ -325,7 +332,7 @@ class MqttClient:
         #: mids of publishes nobody waits for (QoS 0, wait=False): their acknowledgements are dropped, not
         #: kept in _early (a paho ReasonCode is ~2.4 KB: 10,000 receipts held 24 MB there)
         self._unwaited: dict[int, None] = {}
-        self._subs: dict[str, tuple[int, bool]] = {}  # topic -> (qos, no_local)
+        self._subs: dict[str, tuple[int, bool, int]] = {}  # topic -> (qos, no_local, retain_handling)
         self._resub: dict[int, str] = {}  # mid -> topic of re-subscriptions made on (re)connect
         self._connected = threading.Event()
         self._first = _Waiter()
@@ -348,6 +355,10 @@ class MqttClient:
         self.dropped = 0
         self.reconnects = 0
         self.direct_writes = 0  # QoS 0 publishes framed by _write_qos0 instead of paho
+        self.conn = 0  #: connections made so far (InMessage.conn)
+        #: the broker's answer to the last CONNECT: it still held our session (MQTT 5; None before one)
+        self.session_present: bool | None = None
+        self.acks_dropped = 0  #: manual_ack: acknowledgements for an earlier connection, not sent
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> "MqttClient":
@@ -474,11 +485,13 @@ class MqttClient:
         self.broker_max_packet = None
         if props is not None and hasattr(props, "MaximumPacketSize"):
             self.broker_max_packet = int(props.MaximumPacketSize)
+        self.conn += 1
+        self.session_present = bool(getattr(flags, "session_present", False))
         self._connected.set()  # first: a subscribe() from now on is sent by its caller (a double is harmless)
         with self._lock:
             subs = list(self._subs.items())
-        for topic, (qos, no_local) in subs:  # re-subscribe, in the order first made: the session may be gone
-            rc_, mid = c.subscribe(topic, **self._sub_args(qos, no_local))
+        for topic, (qos, no_local, rh) in subs:  # re-subscribe, in the order first made: the session may be gone
+            rc_, mid = c.subscribe(topic, **self._sub_args(qos, no_local, rh))
             if mid is not None:
                 with self._lock:
                     self._resub[mid] = topic
@@ -536,7 +549,7 @@ class MqttClient:
 
     def _on_message(self, c: mqtt.Client, ud: Any, msg: mqtt.MQTTMessage) -> None:
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)  # paho gives bytes
-        m = InMessage(msg.topic, payload, msg.qos, bool(msg.retain))
+        m = InMessage(msg.topic, payload, msg.qos, bool(msg.retain), mid=msg.mid, conn=self.conn)
         if self._handler is not None:
             try:
                 self._handler(m)
@@ -547,8 +560,22 @@ class MqttClient:
             self.inbox.put_nowait(m)
         except queue.Full:
             self.dropped += 1
+            self.ack(m)  # dropped for good (counted): an unacknowledged one would hold a place in the window
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("inbox full (%d): dropped %d messages so far", self.cfg.inbox_size, self.dropped)
+
+    def ack(self, m: InMessage) -> None:
+        """``manual_ack``: tell the broker we hold ``m`` (QoS 1). A message of an earlier connection is
+        not acknowledged (its packet id may name another message now; the broker redelivers it)."""
+        if not self.cfg.manual_ack or m.qos != 1:
+            return
+        if m.conn != self.conn or not self._connected.is_set():
+            self.acks_dropped += 1
+            return
+        try:
+            self._c.ack(m.mid, 1)
+        except Exception as e:  # noqa: BLE001 - a lost connection: the broker redelivers it
+            log.debug("acknowledging message %d failed: %s", m.mid, e)
 
     # -- the pumped network loop (own_thread=False) ---------------------------------------------
     def _hold(self) -> bool:
@@ -739,24 +766,26 @@ class MqttClient:
         self.direct_writes += 1
         return True
 
-    def _sub_args(self, qos: int, no_local: bool) -> dict[str, Any]:
+    def _sub_args(self, qos: int, no_local: bool, retain_handling: int = 0) -> dict[str, Any]:
         if self._v5:
             from paho.mqtt.subscribeoptions import SubscribeOptions
 
-            return {"options": SubscribeOptions(qos=qos, noLocal=no_local)}
+            return {"options": SubscribeOptions(qos=qos, noLocal=no_local, retainHandling=retain_handling)}
         return {"qos": qos}  # 3.1.1 has no No Local: the caller sees its own messages too
 
     def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0, no_local: bool = False,
-                  wait: bool = True) -> int:
+                  wait: bool = True, retain_handling: int = 0) -> int:
         """Subscribe (remembered for reconnects); return the granted QoS or raise SubscribeRejected.
 
         ``no_local`` (MQTT 5): the broker does not send us back what we publish on it ourselves.
+        ``retain_handling`` (MQTT 5): 0 = the retained messages on every subscribe, 1 = only when the
+        subscription is new (a resumed session, whose queue holds the changes, gets no second copy).
         """
         with self._lock:
-            self._subs[topic] = (qos, no_local)
+            self._subs[topic] = (qos, no_local, retain_handling)
         if not self._connected.is_set():
             return qos  # remembered: made (and its SUBACK checked) when the connection is up
-        rc, mid = self._c.subscribe(topic, **self._sub_args(qos, no_local))
+        rc, mid = self._c.subscribe(topic, **self._sub_args(qos, no_local, retain_handling))
         if rc == mqtt.MQTT_ERR_NO_CONN:
             return qos  # the connection just went: re-made on reconnect
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:

@@ -1,0 +1,183 @@
+"""The open round's journal (aggregator/journal.py): a restarted aggregator goes on with its round.
+
+Unit tests of the file format (round trip, a torn tail cut, a corrupt record ends the replay), then the
+real thing: Mosquitto, the aggregator process, and three plain paho clients posing as listed agents that
+never re-send anything. Two updates get their receipts, the aggregator is SIGKILLed, the third update is
+published while it is down (the broker PUBACKs it), the aggregator is started again. With the journal
+the round closes with all three, the global equals the weighted mean of the three known deltas (numpy),
+the round is not re-announced (same ``opened``: nobody is asked to re-send) and the third update gets its
+receipt. The positive control is the same run with ``[service] journal = "off"``: the restarted process
+opens the round afresh (a new ``opened``), holds none of the three, and the round is abandoned.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import numpy as np
+import pytest
+from conftest import needs_mosquitto, wait_until
+from test_faults import AllSeen, Plain, fleet, history, served_model  # noqa: F401 - the fleet fixture
+
+from fedmq.aggregator.journal import MAGIC, RoundJournal
+from fedmq.aggregator.state import Checkpoint
+from fedmq.broker.contract import codec
+from fedmq.broker.contract.messages import Update
+from fedmq.broker.contract.topics import Topics
+
+
+# -- the file ------------------------------------------------------------------------------------------
+def _journal(tmp_path, mode="fsync") -> RoundJournal:
+    j = RoundJournal(tmp_path / "round.journal", mode)
+    j.begin({"run": "r1", "round": 3, "asked": ["a", "b"]})
+    return j
+
+
+def test_records_come_back_in_order_and_appends_go_on_after_them(tmp_path):
+    j = _journal(tmp_path)
+    bodies = [os.urandom(n) for n in (0, 1, 1000, 70_000)]
+    for b in bodies:
+        j.append(b"U", b)
+    j.append(b"D", b"\xcb" + b"\0" * 8)
+    assert j.sync() is True and j.sync() is False  # one fdatasync per batch; nothing new: none
+    j.close()
+    r = RoundJournal(tmp_path / "round.journal")
+    header, off = r.read_header()
+    assert header == {"run": "r1", "round": 3, "asked": ["a", "b"]}
+    got = [(x.kind, x.body) for x in r.replay(off)]
+    assert got == [(b"U", b) for b in bodies] + [(b"D", b"\xcb" + b"\0" * 8)]
+    r.append(b"U", b"after")  # open for appending after the last record
+    r.close()
+    r2 = RoundJournal(tmp_path / "round.journal")
+    assert [x.body for x in r2.replay(r2.read_header()[1])][-1] == b"after"
+
+
+def test_a_torn_last_record_is_cut_and_the_rest_kept(tmp_path):
+    j = _journal(tmp_path, mode="write")
+    j.append(b"U", b"x" * 500)
+    j.append(b"U", b"y" * 500)
+    j.close()
+    p = tmp_path / "round.journal"
+    size = p.stat().st_size
+    with open(p, "r+b") as f:  # the process died in the middle of the second record
+        f.truncate(size - 100)
+    r = RoundJournal(p)
+    assert [x.body for x in r.replay(r.read_header()[1])] == [b"x" * 500]
+    r.append(b"U", b"z" * 10)
+    r.close()
+    assert p.stat().st_size == size - 500 - 9 + 10 + 9  # the torn bytes are gone, the new record follows
+    r2 = RoundJournal(p)
+    assert [x.body for x in r2.replay(r2.read_header()[1])] == [b"x" * 500, b"z" * 10]
+
+
+def test_a_corrupt_record_ends_the_replay(tmp_path):
+    j = _journal(tmp_path)
+    for c in b"abc":
+        j.append(b"U", bytes([c]) * 100)
+    j.close()
+    p = tmp_path / "round.journal"
+    data = bytearray(p.read_bytes())
+    data[data.index(b"b" * 100) + 50] ^= 0xFF  # a flipped bit in the second body: its crc fails
+    p.write_bytes(bytes(data))
+    r = RoundJournal(p)
+    assert [x.body for x in r.replay(r.read_header()[1])] == [b"a" * 100]
+
+
+def test_no_or_foreign_file_has_no_header(tmp_path):
+    assert RoundJournal(tmp_path / "none").read_header() is None
+    (tmp_path / "junk").write_bytes(b"not a journal at all")
+    assert RoundJournal(tmp_path / "junk").read_header() is None
+    (tmp_path / "half").write_bytes(MAGIC + b"H\x05")
+    assert RoundJournal(tmp_path / "half").read_header() is None
+
+
+# -- a restart in the middle of a round ------------------------------------------------------------------
+AGENTS = ["ghost-a", "ghost-b", "ghost-c"]
+SAMPLES = {"ghost-a": 10, "ghost-b": 30, "ghost-c": 20}
+STEP = {"ghost-a": 0.01, "ghost-b": -0.02, "ghost-c": 0.04}
+
+
+def _restart_round(f, model_cache, journal: str):
+    t = Topics(f.broker["fleet"])
+    served = served_model(model_cache)
+    init = served.initial_weights()
+    obs = AllSeen(f, receipts_of=tuple(AGENTS))
+    p = Plain(f.broker["host"], f.broker["port"])
+    rounds = {"rounds": 1, "select": "list", "agents": AGENTS, "quorum": 3, "grace_s": 60, "deadline_s": 25,
+              "on_timeout": "abandon"}
+    service = {"journal": journal}
+
+    def update(agent: str, run: str) -> Update:
+        delta = {n: np.full_like(w, STEP[agent], dtype=np.float32) for n, w in init.items()}
+        return Update(1, agent, served.model_id, uuid.uuid4().hex, SAMPLES[agent], delta, {"loss": 1.0},
+                      time.time(), base_round=0, run=run)
+
+    def receipts(uid: str):
+        obs.pump()
+        return [r for r in obs.receipts if r.update_id == uid]
+
+    try:
+        agg = f.start_aggregator(rounds=rounds, service=service)
+        obs.wait(lambda: any(r.round == 1 for r in obs.rounds), 60, "round 1 announced")
+        ann = obs.rounds[-1]
+        ups = {a: update(a, ann.run) for a in AGENTS}
+        for a in AGENTS[:2]:
+            p.publish(t.update(a), codec.encode(ups[a]))
+        for a in AGENTS[:2]:
+            wait_until(lambda: receipts(ups[a].update_id), 30, what=f"the receipt of {a}'s update")
+            assert receipts(ups[a].update_id)[0].accepted
+        agg.kill()
+        agg.popen.wait(10)
+        p.publish(t.update(AGENTS[2]), codec.encode(ups[AGENTS[2]]))  # PUBACKed by the broker: nobody read it
+        seen = len(obs.rounds)
+        agg2 = f.start_aggregator(rounds=rounds, service=service)
+        wait_until(lambda: any(r["round"] == 1 for r in history(f)), 90, interval=0.2, what="round 1 to close")
+        if journal == "off":  # the control: the restarted process announces round 1 afresh
+            obs.wait(lambda: len(obs.rounds) > seen, 10, "the round's announcement from the restarted process")
+        else:  # rounds = 1: done once round 1 is aggregated (its global is published before it exits)
+            wait_until(lambda: not agg2.alive(), 30, interval=0.2, what="the restarted aggregator to exit")
+        receipts("")  # everything that arrived until now
+        return agg2, ann, obs.rounds[seen:], ups, receipts, init
+    finally:
+        p.close()
+        obs.close()
+
+
+@pytest.mark.network
+@needs_mosquitto
+def test_a_restarted_aggregator_goes_on_with_its_round_from_the_journal(fleet, model_cache):  # noqa: F811
+    f = fleet()
+    agg2, ann, later, ups, receipts, init = _restart_round(f, model_cache, "fsync")
+    assert agg2.popen.returncode == 0, agg2.text()[-3000:]
+    h = history(f)
+    assert [(r["round"], r["outcome"], sorted(r["participants_list"])) for r in h] == [(1, "aggregated", AGENTS)], h
+    assert "taken back from its journal: 2 of 3" in agg2.text()
+    # no fresh announcement: agents that hold a receipt are not asked to re-send (the control sees one)
+    assert {a.opened for a in later if a.round == 1} <= {ann.opened}, later
+    # the update sent while the aggregator was down was delivered from its session, and answered
+    (rc,) = receipts(ups[AGENTS[2]].update_id)
+    assert rc.accepted and rc.reason == ""
+    assert [len(receipts(ups[a].update_id)) for a in AGENTS[:2]] == [1, 1]  # no second copy was needed
+    # the global: the sample-weighted mean of the three known deltas on the initial weights (float64)
+    ck = Checkpoint.load(f.tmp / "aggregator-state" / "checkpoint.npz")
+    assert ck.global_round == 1 and ck.next_round == 2
+    mean = sum(SAMPLES[a] * STEP[a] for a in AGENTS) / sum(SAMPLES.values())
+    for n, w in init.items():
+        np.testing.assert_allclose(ck.weights[n], w.astype(np.float64) + mean, rtol=0, atol=2e-7)
+    assert not (f.tmp / "aggregator-state" / "round.journal").exists()  # the round counts: its journal is gone
+
+
+@pytest.mark.network
+@needs_mosquitto
+def test_control_without_the_journal_the_round_starts_over_and_is_abandoned(fleet, model_cache):  # noqa: F811
+    f = fleet()
+    agg2, ann, later, ups, receipts, init = _restart_round(f, model_cache, "off")
+    h = history(f)
+    assert [(r["round"], r["outcome"]) for r in h] == [(1, "abandoned")], h
+    assert not h[0].get("participants_list"), h[0]  # it held none of the three
+    fresh = [a for a in later if a.round == 1]
+    assert fresh and all(a.opened != ann.opened for a in fresh)  # re-opened: every agent would have to re-send
+    assert "taken back from its journal" not in agg2.text()
+    assert not receipts(ups[AGENTS[2]].update_id)  # its update went with the clean session
