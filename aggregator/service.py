@@ -44,7 +44,7 @@ from fedmq.broker.contract.messages import (
 from fedmq.broker.contract.tensors import Compression
 from fedmq.broker.contract.topics import Channel
 from fedmq.broker.errors import FedmqError
-from fedmq.broker.transport.client import MqttClient, Will
+from fedmq.broker.transport.client import AckToken, MqttClient, Will
 from fedmq.broker.transport.publisher import Publisher
 from fedmq.broker.transport.receiver import Receiver
 
@@ -67,6 +67,10 @@ SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 RETRY_REASONS = frozenset({"no_open_round", "future"})
 #: a step handles messages for at most this long before its timers and round checks run
 STEP_SLICE_S = 0.25
+#: handled messages per group commit (one fdatasync of the journal, then their acknowledgements and receipts);
+#: fewer when nothing more is readable (the broker's in-flight window, 100-1,000, is exhausted or the stream
+#: paused) or the step slice ends. Bench: bench/intake.py --mqtt --journal fsync
+JOURNAL_GROUP = 256
 
 
 def load_eval(cfg: AggregatorConfig):
@@ -177,7 +181,8 @@ class AggregatorService:
         self.journal_errors = 0
         self._fresh_run = False
         self.resumed: tuple[int, int] | None = None  #: (round, updates) taken back from the journal at start
-        self._unacked: list = []  # messages handled since the last commit (acknowledged by _commit)
+        #: QoS 1 messages handled since the last commit (acknowledged by _commit; not their payloads)
+        self._unacked: list[AckToken] = []
         self._receipts: list[tuple[str, bytes]] = []  # receipts of those messages (sent by _commit)
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -483,13 +488,14 @@ class AggregatorService:
             self._republish_state()
         m = self.client.get(timeout=timeout)
         end = time.monotonic() + STEP_SLICE_S  # a steady stream must not hold off the round's checks
-        batch = self.cfg.service.read_batch
+        batch = max(self.cfg.service.read_batch, JOURNAL_GROUP)
         while m is not None:
             try:
                 self._handle(m.topic, m.payload, m.retain)
             except Exception as e:  # noqa: BLE001 - one message never ends the service
                 self._internal(f"handling a message on {m.topic[:200]!r}", e)
-            self._unacked.append(m)
+            if m.qos:
+                self._unacked.append(AckToken.of(m))
             if time.monotonic() >= end:
                 break
             if len(self._unacked) >= batch:
@@ -821,8 +827,9 @@ class AggregatorService:
             if m is None:
                 self._commit()
                 continue
-            self._unacked.append(m)  # acknowledged (with its receipt, if an update) by the next _commit
-            if len(self._unacked) >= 64:
+            if m.qos:  # acknowledged (with its receipt, if an update) by the next _commit
+                self._unacked.append(AckToken.of(m))
+            if len(self._unacked) >= JOURNAL_GROUP:
                 self._commit()
             if m.topic == marker and m.payload == nonce:
                 done = True

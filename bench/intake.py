@@ -2,7 +2,7 @@
 
 ``AggregatorService._handle`` and ``_commit`` (topic parse, decode under the limits, schema, the round's checks, the
 strategy's norm and fold, the fleet table, telemetry, the receipt's encoding, the round journal's record
-and its fdatasync per batch of 64 with ``--journal fsync``, the default) over N valid encoded
+and its fdatasync per group commit (JOURNAL_GROUP updates) with ``--journal fsync``, the default) over N valid encoded
 updates of the sensor1d shapes, one open round asking all N agents; the client is a stub that only
 counts publishes (so paho's own cost is not in the figure: see bench/fleet.py for the whole path).
 Also the decode alone: msgpack's C unpacker without hooks (the floor), ``unpack_fast`` (the same
@@ -71,8 +71,11 @@ def service(n: int, state_dir: str, journal: str = "fsync"):
     return svc, agents
 
 
-def handle_batches(svc, items, batch: int = 64) -> None:
+def handle_batches(svc, items, batch: int = 0) -> None:
     """The service's step in batches: handle, then _commit (journal sync, acknowledgements, receipts)."""
+    from fedmq.aggregator.service import JOURNAL_GROUP
+
+    batch = batch or JOURNAL_GROUP
     for i, (tp, p) in enumerate(items, 1):
         svc._handle(tp, p, False)
         if i % batch == 0:
@@ -97,8 +100,9 @@ def mqtt_drain_us(n: int, own_thread: bool, journal: str = "fsync") -> tuple[flo
     """Wall and CPU µs per update of the service's intake from a backlog queued in a real broker."""
     import paho.mqtt.client as mqtt
 
+    from fedmq.aggregator.service import JOURNAL_GROUP
     from fedmq.broker.ops.launcher import LocalBroker
-    from fedmq.broker.transport.client import MqttClient
+    from fedmq.broker.transport.client import AckToken, MqttClient
 
     with LocalBroker(fleet_size=n) as b, tempfile.TemporaryDirectory() as d:
         svc, agents = service(n, d, journal)
@@ -128,8 +132,8 @@ def mqtt_drain_us(n: int, own_thread: bool, journal: str = "fsync") -> tuple[flo
             if m is None:
                 break
             svc._handle(m.topic, m.payload, m.retain)
-            svc._unacked.append(m)
-            if len(svc._unacked) >= svc.cfg.service.read_batch:
+            svc._unacked.append(AckToken.of(m))
+            if len(svc._unacked) >= JOURNAL_GROUP:
                 svc._commit()
         svc._commit()
         t1, c1 = time.perf_counter(), time.process_time()

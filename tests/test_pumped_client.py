@@ -231,3 +231,41 @@ def test_a_tracked_publish_returns_at_once_and_its_answer_comes_with_a_later_pum
         assert r2.mid not in c._pending and r2.mid in c._unwaited
         pump_until(c, lambda: r2.mid not in c._unwaited, "the forgotten publish's PUBACK, dropped")
         assert not c._early and not r2.waiter.event.is_set()
+
+
+def test_manual_ack_what_was_not_acknowledged_comes_again_and_only_that(broker, topics):
+    """``manual_ack`` (the aggregator's): a QoS 1 message is acknowledged only by ``ack``; after the
+    connection is lost the broker redelivers the unacknowledged ones to the resumed session (what was
+    read but not handled), not the acknowledged ones. A token of the lost connection is not sent (its
+    packet id may name another message on the new one). The marker published after the reconnect is
+    the positive control: the broker redelivers a session's in-flight messages before anything new."""
+    import paho.mqtt.client as paho
+
+    from fedmq.broker.transport.client import AckToken
+
+    with threaded(broker) as pub, pumped(broker, manual_ack=True, session_expiry=600,
+                                         clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY, reconnect_min_s=0.1,
+                                         reconnect_max_s=0.2) as sub:
+        sub.subscribe(topics.all_updates(), qos=1)
+        for i in range(3):
+            pub.publish(topics.update(f"a{i}"), f"m{i}".encode(), qos=1)
+        got = [sub.get(timeout=10) for _ in range(3)]
+        assert [m.payload for m in got] == [b"m0", b"m1", b"m2"]
+        sub.ack(got[0])
+        sub.ack(AckToken.of(got[2]))
+        sub.pump(0.1)  # the acknowledgements go out with the next pump
+        sub._c._sock_close()  # paho private: the connection is lost (no DISCONNECT)
+        pump_until(sub, lambda: sub.reconnects >= 1 and sub.connected, "the reconnect")
+        assert sub.session_present is True
+        pub.publish(topics.update("marker"), b"marker", qos=1)
+        seen = []
+        while not seen or seen[-1].payload != b"marker":
+            m = sub.get(timeout=10)
+            assert m is not None, [x.payload for x in seen]
+            seen.append(m)
+        assert [m.payload for m in seen] == [b"m1", b"marker"]  # m0 and m2 were acknowledged
+        sub.ack(got[1])  # of the lost connection: not sent, counted
+        assert sub.acks_dropped == 1
+        for m in seen:
+            sub.ack(m)
+        assert sub.acks_dropped == 1

@@ -60,3 +60,66 @@ def test_control_without_re_sends_the_dropped_update_is_lost(fleet, tmp_path):  
     r1 = next(r for r in history(f) if r["round"] == 1)
     assert r1["rejected"].get("rate_limited", 0) >= 1
     assert r1["outcome"] == "abandoned" and len(r1["participants_list"]) < 2  # the update never arrived
+
+
+def test_an_update_without_receipt_is_re_sent_when_the_aggregator_announces_itself(fleet, tmp_path,  # noqa: F811
+                                                                                     model_cache):
+    """An update sent before the aggregator's subscriptions were back (a broker restart without
+    persistence) reached nobody and gets no receipt. The test plays the aggregator (fedmq's own
+    publisher: model, global, round, service) and never answers; the real agent, with ``resend_s`` an
+    hour, re-sends the same bytes (same update_id) once a live ``service`` says ``online`` with a new
+    ``ts`` (docs/protocol.md, Receipts): within ``presence_jitter_s``, not after resend_s."""
+    import time
+    import uuid
+
+    from test_faults import served_model
+
+    from fedmq.broker import __version__
+    from fedmq.broker.contract import codec
+    from fedmq.broker.contract.messages import GlobalModel, RoundAnnouncement, ServiceStatus, TrainConfig, Update
+    from fedmq.broker.contract.topics import Topics
+    from fedmq.broker.transport.client import MqttClient, MqttConfig
+    from fedmq.broker.transport.publisher import Publisher
+
+    f = fleet()
+    t = Topics(f.broker["fleet"])
+    served = served_model(model_cache)
+    run = uuid.uuid4().hex[:16]
+    c = MqttClient(MqttConfig(f.broker["host"], f.broker["port"], client_id="aggregator"))
+    c.connect()
+    try:
+        c.subscribe(t.all_updates())
+        pub = Publisher(c, t, None)
+        now = time.time()
+        pub.publish(t.model(), served.manifest(run), retain=True)
+        pub.publish(t.global_(), GlobalModel(0, served.model_id, served.initial_weights(), now, run=run), retain=True)
+        pub.publish(t.service(), ServiceStatus("aggregator", "online", now, run, served.model_id, 0, 1, __version__),
+                    retain=True)
+        pub.publish(t.round(), RoundAnnouncement(1, served.model_id, 0, now, now + 600,
+                                                 TrainConfig(1, served.batch_size, 0.05), ["agent-0"], 1, run=run),
+                    retain=True)
+        shards = watch_shards(["agent-0"], tmp_path, per_agent=100)
+        agent = f.start_agent("agent-0", shards["agent-0"], agent={"resend_s": 3600.0, "presence_jitter_s": 1.0})
+        copies: list[tuple[float, Update]] = []
+
+        def got(n: int) -> bool:
+            m = c.get(timeout=0.1)
+            while m is not None:
+                u = codec.decode(m.payload)
+                if isinstance(u, Update):
+                    copies.append((time.monotonic(), u))
+                m = c.get(timeout=0)
+            return len(copies) >= n
+
+        wait_until(lambda: got(1), 120, what="the agent's update")
+        assert agent.alive(), agent.text()[-3000:]
+        t_online = time.monotonic()
+        pub.publish(t.service(), ServiceStatus("aggregator", "online", time.time(), run, served.model_id, 0, 1,
+                                               __version__), retain=True)
+        wait_until(lambda: got(2), 30, what="the re-sent update")
+        (t1, u1), (t2, u2) = copies[:2]
+        assert u2.update_id == u1.update_id and u2.round == 1  # the same bytes from the outbox
+        assert t2 >= t_online  # caused by the announcement: resend_s is an hour
+        assert "re-sending from the outbox" in agent.text()
+    finally:
+        c.close()

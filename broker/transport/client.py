@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, cast
+from typing import Any, Callable, Iterator, NamedTuple, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -118,6 +118,18 @@ class InMessage:
     received: float = field(default_factory=time.monotonic)
     mid: int = 0  #: the packet id (QoS 1), for ``MqttClient.ack``
     conn: int = 0  #: the connection it arrived on: a mid means nothing on another one
+
+
+class AckToken(NamedTuple):
+    """What ``MqttClient.ack`` needs of a message (kept instead of the message: not its payload)."""
+
+    mid: int
+    qos: int
+    conn: int
+
+    @classmethod
+    def of(cls, m: InMessage) -> "AckToken":
+        return cls(m.mid, m.qos, m.conn)
 
 
 @dataclass
@@ -564,7 +576,7 @@ class MqttClient:
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("inbox full (%d): dropped %d messages so far", self.cfg.inbox_size, self.dropped)
 
-    def ack(self, m: InMessage) -> None:
+    def ack(self, m: InMessage | AckToken) -> None:
         """``manual_ack``: tell the broker we hold ``m`` (QoS 1). A message of an earlier connection is
         not acknowledged (its packet id may name another message now; the broker redelivers it)."""
         if not self.cfg.manual_ack or m.qos != 1:
