@@ -499,7 +499,7 @@ class AggregatorService:
             if time.monotonic() >= end:
                 break
             if len(self._unacked) >= batch:
-                self._commit()  # group commit: one fdatasync per read batch, then its acknowledgements and receipts
+                self._commit()  # group commit: one fdatasync per group, then its acknowledgements and receipts
             m = self.client.get(timeout=0)
         self._commit()  # nothing more to read now (or the slice is over): what was handled is answered
         self._tick()
@@ -544,7 +544,7 @@ class AggregatorService:
                 for m in self._unacked:
                     ack(m)
             self._unacked.clear()
-        if self._receipts:
+        if self._receipts and getattr(self.client, "connected", True):  # else kept: sent once connected
             pending, self._receipts = self._receipts, []
             for topic, data in pending:
                 try:
@@ -557,7 +557,7 @@ class AggregatorService:
         round and the agents re-send, as with ``journal = off``); the file is removed so that it is never
         taken back with updates missing."""
         self.journal_errors += 1
-        self.telemetry.rejected.labels("journal_error").inc()
+        self.telemetry.journal_errors.inc()
         log.error("round journal: %s failed (%s): this round goes on without it; a restart would have the agents "
                   "re-send (free disk space under %s)", what, e, self.state_dir)
         if self.journal is not None:
@@ -642,6 +642,9 @@ class AggregatorService:
                 if reason is None:
                     replayed += 1
                     self.fleet.on_update(u.agent, None, now)
+                    # its receipt again (sent once connected): the one of the last group before the crash
+                    # may never have left this process; a copy costs the agent nothing
+                    self._receipt(u, None)
                 else:
                     refused[reason] += 1
         except Exception as e:  # noqa: BLE001 - a journal we cannot take back: the round is opened afresh

@@ -23,6 +23,8 @@ class Telemetry:
                                     "Messages the broker dropped (full client queues; $SYS, Mosquitto)", registry=r)
         self.bytes_out = Counter("fedmq_global_bytes", "Bytes of published global models and deltas", registry=r)
         self.devices_known = Gauge("fedmq_devices_known", "Devices in the fleet table", registry=r)
+        self.journal_errors = Counter("fedmq_journal_errors", "Round journal writes that failed (the round went on "
+                                      "without one: a restart re-opens it)", registry=r)
         self.devices_excluded = Gauge("fedmq_devices_excluded",
                                       "Devices not asked: refused updates N rounds in a row or a reported error",
                                       registry=r)

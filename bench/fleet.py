@@ -151,6 +151,9 @@ class RoundRecord:
     timer_resent: int = 0  # re-sends because no receipt came within resend_s
     no_receipt_ids: list = field(default_factory=list)  # the first 20
     no_receipt: int = 0  # with receipts: agents whose update got a PUBACK and never a receipt
+    #: ... of those, the ones whose update did not count (a loss the agent was not told of: must be 0). One
+    #: that counted had its receipt lost (QoS 0, e.g. in a broker crash) and the round closed before its re-send
+    no_receipt_uncounted: int = 0
     reconnect_s: float | None = None  # broker restart: until every agent's status is PUBACKed again
     seen_after_restart_s: float | None = None  # until the aggregator reports N online again
     stopped_s: float | None = None  # drain: how long the aggregator was stopped while the backlog formed
@@ -529,7 +532,9 @@ class Bench:
         rec.uplink_bytes = sum(x.get("bytes_out", 0) for x in rs)
         if self.spec.receipts:  # PUBACKed by the broker, no receipt from the aggregator at the end of the round
             rec.no_receipt = max(0, rec.acked - rec.receipts_accepted - int(sum(rec.receipts_rejected.values())))
-            rec.no_receipt_ids = sorted(i for st in stats for i in st.get("no_receipt_ids", {}).get(key, []))[:20]
+            waiting = {i for st in stats for i in st.get("no_receipt_ids", {}).get(key, [])}
+            rec.no_receipt_ids = sorted(waiting)[:20]
+            rec.no_receipt_uncounted = len(waiting - set(parts))
         # the global: aggregator's vs expected (fedavg, server lr 1) from the base round's global
         got = self.wait_global(run, r)
         base = self._base_global(run, r)

@@ -173,6 +173,7 @@ STRING_VALUES = {
     ("agent", "runtime"): "tensorflow", ("agent", "attack"): "scale", ("agent", "id"): "b-2",
     ("broker", "username"): "a-1", ("data", "source"): "csv:/data/a", ("eval", "dataset"): "npz:/e.npz",
     ("service", "id"): "agg-2", ("broker", "fleet"): "f2", ("broker", "prefix"): "p2", ("train", "downlink"): "int8",
+    ("service", "journal"): "write",
 }
 
 

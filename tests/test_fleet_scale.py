@@ -10,7 +10,8 @@ SIGKILL + restart. Rounds need all N (``min_agents = quorum = N``).
 Asserted per scenario, against counts the agents keep themselves and the aggregator's own files
 (history.jsonl, participants.jsonl) and /metrics: every agent seen online, asked, sent, PUBACKed and
 accepted; nothing lost (PUBACKed but neither accepted nor rejected; with receipts: no PUBACK without a
-receipt); the published global equals the FedAvg of the known deltas (computed here in float64).
+receipt in the first round, and after a fault only for updates that counted: a QoS 0 receipt lost in the
+fault, the round closed before the agent's re-send); the published global equals the FedAvg of the known deltas (computed here in float64).
 Positive controls: the same global check fails for the participant set minus one agent; the lost count
 finds an update dropped from the participant set; the aggregator's online gauge was 0 before the agents
 started. Figures at 3,000 and 10,000 agents: bench/RESULTS.md ("Fleet scale").
@@ -59,8 +60,9 @@ def test_fleet_1000_agents(mode, model_cache, tmp_path):
         assert r["online_seen"] == N and r["statuses_acked"] == N, ctx
         assert r["asked"] == N and r["sent"] == N and r["acked"] == N, ctx
         assert r["accepted"] == N and r["acked_not_accepted"] == 0 and r["lost"] == 0, ctx
-        if res["receipts"]:
-            assert r["receipts_accepted"] == N and r["no_receipt"] == 0, ctx
+        if res["receipts"]:  # no update without a receipt that did not count; in the first round, none at all
+            assert r["receipts_accepted"] + r["no_receipt"] == N and r["no_receipt_uncounted"] == 0, ctx
+            assert name != "first" or r["no_receipt"] == 0, ctx
         assert r["global_ok"] is True, ctx
         assert r["control_global_err"] > r["global_tol"], ctx  # one agent fewer: the check would fail
     assert recs["broker_restart"]["reconnect_s"] is not None
