@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"FEDMQ-ROUND-JOURNAL-1\n"
 _REC = struct.Struct("<cII")
 MAX_RECORD = 1 << 31  # larger than any update the decode limits admit; a longer length is corruption
+MAX_HEADER = 64 << 20  # the header: the announcement and the asked ids (~1.2 MB at 100,000 devices)
 MODES = ("fsync", "write", "off")
 
 
@@ -71,10 +72,10 @@ class RoundJournal:
             body = msgpack.packb(header, use_bin_type=True)
             self._write(fd, _REC.pack(b"H", len(body), zlib.crc32(body)), body)
             os.fsync(fd)
+            fsync_dir(self.path.parent)
         except BaseException:
             os.close(fd)
             raise
-        fsync_dir(self.path.parent)
         self._fd, self._dirty, self.records, self.bytes = fd, False, 0, 0
 
     def append(self, kind: bytes, body: bytes | bytearray | memoryview) -> None:
@@ -132,14 +133,14 @@ class RoundJournal:
             with open(self.path, "rb") as f:
                 if f.read(len(MAGIC)) != MAGIC:
                     return None
-                rec = _read_record(f)
+                rec = _read_record(f, MAX_HEADER)
                 if rec is None or rec.kind != b"H":
                     return None
                 header = msgpack.unpackb(rec.body, raw=False)
                 return (header, f.tell()) if isinstance(header, dict) else None
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        except (OSError, ValueError, MemoryError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
             log.warning("round journal %s unreadable: %s", self.path, e)
             return None
 
@@ -163,17 +164,28 @@ class RoundJournal:
             log.warning("round journal %s: %d bytes of a torn last record cut (the process died writing it; "
                         "its update had no receipt)", self.path, size - good)
             os.ftruncate(fd, good)
-            os.fsync(fd)
+        if self.mode == "fsync":  # the dead process may have written records it never synced: the receipts
+            os.fsync(fd)          # sent again for them (and the redelivered copies' acks) must not be ahead
         os.lseek(fd, good, os.SEEK_SET)
         self._fd, self._dirty = fd, False
 
 
-def _read_record(f) -> JournalRecord | None:
+def boot_id() -> str:
+    """This boot of the host (Linux; "" elsewhere): a ``write``-mode journal of another boot may have lost
+    records its receipts vouched for (they were in the page cache only), so it is not taken back."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _read_record(f, limit: int = MAX_RECORD) -> JournalRecord | None:
     head = f.read(_REC.size)
     if len(head) < _REC.size:
         return None
     kind, n, crc = _REC.unpack(head)
-    if kind not in (b"H", b"U", b"D") or n > MAX_RECORD:
+    if kind not in (b"H", b"U", b"D") or n > limit:
         return None
     body = f.read(n)
     if len(body) < n or zlib.crc32(body) != crc:

@@ -50,7 +50,7 @@ from fedmq.broker.transport.receiver import Receiver
 
 from .config import AggregatorConfig
 from .fleet import FleetTable
-from .journal import RoundJournal
+from .journal import RoundJournal, boot_id
 from .limits import AgentLimiter, agent_of
 from .model_store import ServedModel, export_final, load_or_export
 from .ratelog import BoundedLog
@@ -180,6 +180,12 @@ class AggregatorService:
                                              if cfg.service.journal != "off" else None)
         self.journal_errors = 0
         self._fresh_run = False
+        self._backlog_due = False  # a resumed round is not polled before its session's backlog is read
+        self._backlog_until = 0.0
+        #: after a resumed start: the marker that ends the re-read of the retained statuses (None = not needed)
+        self._presence_nonce: bytes | None = None
+        self._presence_asked = False
+        self._presence_until = 0.0
         self.resumed: tuple[int, int] | None = None  #: (round, updates) taken back from the journal at start
         #: QoS 1 messages handled since the last commit (acknowledged by _commit; not their payloads)
         self._unacked: list[AckToken] = []
@@ -272,7 +278,7 @@ class AggregatorService:
                 self._per_agent.discard(a)
         elif not self._wildcards:
             self.client.subscribe(t.all_updates(), qos=1, wait=False)
-            self.client.subscribe(t.all_statuses(), qos=1, wait=False)
+            self.client.subscribe(t.all_statuses(), qos=1, wait=False, retain_handling=1)
             self._wildcards = True
             for a in sorted(self._per_agent):
                 self.client.unsubscribe(t.update(a))
@@ -371,9 +377,15 @@ class AggregatorService:
 
             self._evaluator = TFLiteTrainer(self.served.artifact, self.served.model_id)
         self.fleet.load(self.fleet_path)
-        if self._resume_round() and self._admits and self.client.cfg.session_expiry > 0:
-            # the round goes on: what the fleet sent while we were down waits in our session (QoS 1)
-            self.client.cfg.clean_start = False
+        if self._resume_round():
+            self._backlog_due = True
+            self._backlog_until = time.monotonic() + self.cfg.service.publish_timeout_s
+            if self._admits and self.client.cfg.protocol == "5" and self.client.cfg.session_expiry > 0:
+                # the round goes on: what the fleet sent while we were down waits in our session (QoS 1).
+                # Its status subscription gets no retained copies (Retain Handling 1): who is online is
+                # asked once the round is over (_scan_presence), before the next round picks agents
+                self.client.cfg.clean_start = False
+                self._presence_nonce = f"presence-{uuid.uuid4().hex}".encode()
         port = self.cfg.service.http_port or self.cfg.service.prometheus_port
         if port:
             from .http_api import StatusServer
@@ -465,8 +477,9 @@ class AggregatorService:
 
     def shutdown(self) -> None:
         if self.controller.current is not None:
-            log.info("stopping mid-round %d: its updates will be re-sent by the agents' outboxes after a restart",
-                     self.controller.current.ann.round)
+            log.info("stopping mid-round %d: %s", self.controller.current.ann.round,
+                     "a restart takes it back from its journal" if self.journal is not None and self.journal.active
+                     else "after a restart its agents re-send from their outboxes")
         if self.client.connected and self.publisher is not None:  # a clean stop sends no will: say it ourselves
             try:  # briefly: a broker that stopped answering must not hold up a SIGTERM (systemd, supervisors)
                 self.publisher.publish(self.topics.service(), self._service_status("done" if self._done else "offline"),
@@ -502,6 +515,9 @@ class AggregatorService:
                 self._commit()  # group commit: one fdatasync per group, then its acknowledgements and receipts
             m = self.client.get(timeout=0)
         self._commit()  # nothing more to read now (or the slice is over): what was handled is answered
+        if self._backlog_due and self.client.connected and (m is None or time.monotonic() > self._backlog_until):
+            self._backlog_due = False  # a resumed round: what waited in our session has been read (or a stream
+            # that never pauses: then its policy applies after publish_timeout_s, as to any round)
         self._tick()
         self._count_limited(summary=False)
         now = time.time()
@@ -509,6 +525,8 @@ class AggregatorService:
         if c.current is None:
             self._maybe_open(now)
             return
+        if self._backlog_due:
+            return  # its deadline may have passed while we were down: first read what the session kept
         state = c.poll(now)
         if state == "close":
             self._close_round(now)
@@ -516,6 +534,7 @@ class AggregatorService:
             ann = c.extend(now)
             if ann is not None:
                 self._journal_append(b"D", msgpack.packb(ann.deadline))
+                self._journal_sync()  # on disk before any agent hears of the new deadline
                 self._publish_retained(self.topics.round(), ann)
             else:
                 r = c.abandon()
@@ -529,15 +548,18 @@ class AggregatorService:
                 self._submit_plots()
                 self._check_done(values)
 
-    def _commit(self) -> None:
-        """The handled batch is ours: its journal records on disk (one fdatasync in fsync mode), then the
-        broker's acknowledgements (it stops holding the messages for us) and the agents' receipts."""
+    def _journal_sync(self) -> None:
         j = self.journal
         if j is not None and j.active:
             try:
                 j.sync()
             except OSError as e:
                 self._journal_failed("syncing", e)
+
+    def _commit(self) -> None:
+        """The handled batch is ours: its journal records on disk (one fdatasync in fsync mode), then the
+        broker's acknowledgements (it stops holding the messages for us) and the agents' receipts."""
+        self._journal_sync()
         if self._unacked:
             ack = getattr(self.client, "ack", None)
             if ack is not None:
@@ -572,7 +594,7 @@ class AggregatorService:
             return
         header = {"format": 1, "run": ann.run, "round": ann.round, "model_id": ann.model_id,
                   "base_round": ann.base_round, "ann": codec.encode(ann), "asked": asked, "quorum": quorum,
-                  "started": now}
+                  "started": now, "mode": self.journal.mode, "boot": boot_id()}
         try:
             self.journal.begin(header)
         except OSError as e:
@@ -594,18 +616,42 @@ class AggregatorService:
             except OSError as e:
                 self._journal_failed("removing", e)
 
+    def _scan_presence(self) -> None:
+        """After a resumed start, once its round is over and before the next one picks agents: have the
+        broker send every retained status again (a subscribe with Retain Handling 0 on the subscription we
+        have), then a marker on our own status topic; when the marker is back the view is complete."""
+        t = self.topics
+        self._presence_asked = True
+        self._presence_until = time.monotonic() + max(30.0, self.cfg.service.publish_timeout_s)
+        if not self._wildcards:  # a quarantine subscribed agents one by one: their subscriptions are new anyway
+            self._presence_nonce = None
+            return
+        self.client.subscribe(t.all_statuses(), qos=1, wait=False, retain_handling=0)
+        self.client.publish(t.status(self.cfg.service.id), self._presence_nonce, qos=1, retain=False, wait=False)
+        self.client.subscribe(t.all_statuses(), qos=1, wait=False, retain_handling=1)  # what reconnects use
+        log.info("the resumed round is over: reading the fleet's retained statuses again before the next round")
+
+    def _discard_journal(self, j: RoundJournal) -> None:
+        """Remove a journal that must not be taken back; one that cannot be removed stops the start (a
+        later start would take it back with this process's updates missing)."""
+        try:
+            j.discard()
+        except OSError as e:
+            from fedmq.broker.errors import ConfigError
+
+            raise ConfigError(f"the round journal {j.path} cannot be removed ({e}): fix the state directory's "
+                              "permissions, or remove the file") from e
+
     def _resume_round(self) -> bool:
         """At start: go on with the round the journal holds, if it is the one the checkpoint expects next
         (same run, round, model and base); anything else there is stale and removed."""
         j = self.journal
-        if j is None:
-            path = self.state_dir / "round.journal"
-            if path.exists():  # journal = off now: an old journal would miss this process's updates
-                path.unlink()
+        if j is None:  # journal = off now: an old journal would miss this process's updates
+            self._discard_journal(RoundJournal(self.state_dir / "round.journal", "write"))
             return False
         got = j.read_header()
         if got is None:
-            j.discard()
+            self._discard_journal(j)
             return False
         h, offset = got
         if self._fresh_run and h.get("round") == 1 and h.get("base_round") == 0 and not self.history \
@@ -615,10 +661,16 @@ class AggregatorService:
             log.info("run %s: its first round is in the journal", self.run_id)
         want = {"run": self.run_id, "round": self.next_round, "model_id": self.served.model_id,
                 "base_round": self.global_round}
+        if h.get("mode") == "write" and h.get("boot") != boot_id():
+            log.warning("round journal of round %s was written without fdatasync before the host restarted: records "
+                        "its receipts vouched for may be gone; round %d is opened afresh and its agents re-send",
+                        h.get("round"), self.next_round)
+            self._discard_journal(j)
+            return False
         if self._done or any(h.get(k) != v for k, v in want.items()):
             log.info("round journal of round %s (run %s) is stale: the checkpoint expects round %d; removed",
                      h.get("round"), h.get("run"), self.next_round)
-            j.discard()
+            self._discard_journal(j)
             return False
         t0 = time.monotonic()
         try:
@@ -647,18 +699,21 @@ class AggregatorService:
                     self._receipt(u, None)
                 else:
                     refused[reason] += 1
+            if refused:  # it would not hold what its receipts said: not this round's journal after all
+                raise ValueError(f"updates refused on replay: {dict(refused)}")
         except Exception as e:  # noqa: BLE001 - a journal we cannot take back: the round is opened afresh
             log.error("round journal %s could not be taken back (%s: %s): round %d is opened afresh and its agents "
                       "re-send", j.path, type(e).__name__, e, self.next_round)
             self.controller.current = None
-            j.discard()
+            self._receipts.clear()
+            self._discard_journal(j)
             return False
         r = self.controller.current
         self.resumed = (ann.round, replayed)
         self.telemetry.round.set(ann.round)
         self._size_reassembly(len(asked))
-        log.info("round %d taken back from its journal: %d of %d asked updates held (%.2fs)%s", ann.round, replayed,
-                 len(asked), time.monotonic() - t0, f"; refused on replay: {dict(refused)}" if refused else "")
+        log.info("round %d taken back from its journal: %d of %d asked updates held (%.2fs)", ann.round, replayed,
+                 len(asked), time.monotonic() - t0)
         if r is not None and r.quorum_at is not None:
             log.info("round %d: its quorum %d was already reached", ann.round, r.quorum)
         return True
@@ -826,9 +881,11 @@ class AggregatorService:
         end = time.monotonic() + timeout
         done = False
         while not done and time.monotonic() < end:
-            m = self.client.get(timeout=0.1)
+            m = self.client.get(timeout=0)
             if m is None:
-                self._commit()
+                self._commit()  # before blocking: the broker sends no more until it has our acknowledgements
+                m = self.client.get(timeout=0.1)
+            if m is None:
                 continue
             if m.qos:  # acknowledged (with its receipt, if an update) by the next _commit
                 self._unacked.append(AckToken.of(m))
@@ -898,6 +955,11 @@ class AggregatorService:
             self._republish.set()
 
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self._presence_asked and self._presence_nonce is not None and len(payload) == len(self._presence_nonce) \
+                and payload == self._presence_nonce and topic == self.topics.status(self.cfg.service.id):
+            self._presence_nonce = None  # every retained status was delivered before it
+            log.info("who is online after the restart: %d agents", len(self.online))
+            return
         if topic == SYS_DROPPED:
             self._on_sys_dropped(payload)
             return
@@ -930,9 +992,10 @@ class AggregatorService:
             self.telemetry.agents.set(len(self.online))
         elif got.topic.channel is Channel.UPDATE and isinstance(msg, Update):
             reason = self.controller.on_update(msg, got.nbytes, time.time())
+            if reason is None:  # first: it counts now, so it is in the journal before anything else can fail
+                self._journal_append(b"U", got.payload if got.payload is not None else payload)
             self.fleet.on_update(msg.agent, reason, time.time())
             if reason is None:
-                self._journal_append(b"U", got.payload if got.payload is not None else payload)
                 self.telemetry.accepted.inc()
                 self.telemetry.bytes_in.inc(got.nbytes)
             else:
@@ -945,6 +1008,15 @@ class AggregatorService:
         rc = self.cfg.rounds
         if not self.client.connected or self._republish.is_set():
             return  # nobody could hear the announcement; the retained state goes out first
+        if self._presence_nonce is not None:
+            if not self._presence_asked:  # after a resumed start: who is online, before asking anyone
+                self._scan_presence()
+                return
+            if time.monotonic() < self._presence_until:
+                return
+            log.warning("the retained statuses asked for after the restart did not all arrive in time; opening "
+                        "with the %d agents seen online", len(self.online))
+            self._presence_nonce = None
         excluded = [a for a in self.fleet.excluded if a in self.online]  # O(excluded), not O(fleet)
         # min_agents counts the devices that can be asked: excluded ones are online but never asked
         if rc.select != "list" and (len(self.online) - len(excluded) < rc.min_agents or len(excluded) >= len(self.online)):

@@ -268,3 +268,85 @@ def test_a_journal_that_cannot_be_written_is_dropped_and_the_round_goes_on(tmp_p
     assert sorted(svc.controller.current.received) == AGENTS[:2]  # both count
     assert len(svc.client.published) == 2
     assert svc.telemetry.journal_errors._value.get() == 1
+
+
+def test_receipts_leave_only_after_the_journal_is_synced(tmp_path, model_cache, monkeypatch):
+    """The order in a group commit: fdatasync of the journal, then the receipts (and acknowledgements)."""
+    import fedmq.aggregator.journal as jmod
+
+    served = served_model(model_cache)
+    svc = _service(tmp_path, served)
+    _open(svc)
+    events: list[str] = []
+    real = jmod.os.fdatasync
+    monkeypatch.setattr(jmod.os, "fdatasync", lambda fd: (events.append("sync"), real(fd))[1])
+    publish = svc.client.publish
+    svc.client.publish = lambda *a, **k: (events.append("receipt"), publish(*a, **k))[1]
+    for a in AGENTS[:2]:
+        svc._handle(svc.topics.update(a), _encoded(svc, a), False)
+    svc._commit()
+    assert events == ["sync", "receipt", "receipt"], events
+
+
+@pytest.mark.network
+@needs_mosquitto
+def test_after_a_resumed_restart_the_next_round_asks_everyone_online(fleet, model_cache):  # noqa: F811
+    """A restart that takes its round back resumes its MQTT session, whose status subscription gets no
+    retained copies; before the next round picks agents it reads the retained statuses again. The plain
+    clients here never republish their status (no presence re-sync): without that re-read the restarted
+    aggregator would know nobody, and round 2 (min_agents = 3) would never open."""
+    from fedmq.broker.contract.messages import Status
+
+    f = fleet()
+    t = Topics(f.broker["fleet"])
+    served = served_model(model_cache)
+    init = served.initial_weights()
+    obs = AllSeen(f, receipts_of=tuple(AGENTS))
+    p = Plain(f.broker["host"], f.broker["port"])
+    rounds = {"rounds": 3, "select": "all", "min_agents": 3, "quorum": 3, "grace_s": 60, "deadline_s": 60}
+    try:
+        for a in AGENTS:
+            p.publish(t.status(a), codec.encode(Status(a, "online", time.time())), retain=True)
+        agg = f.start_aggregator(rounds=rounds)
+        obs.wait(lambda: any(r.round == 1 for r in obs.rounds), 60, "round 1 announced")
+        ann = obs.rounds[-1]
+
+        def send(a: str) -> None:
+            delta = {n: np.full_like(w, STEP[a], dtype=np.float32) for n, w in init.items()}
+            p.publish(t.update(a), codec.encode(Update(1, a, served.model_id, uuid.uuid4().hex, SAMPLES[a], delta,
+                                                       {"loss": 1.0}, time.time(), base_round=0, run=ann.run)))
+
+        send(AGENTS[0])
+        wait_until(lambda: (obs.pump(), len(obs.receipts) >= 1)[1], 30, what="the first receipt")
+        agg.kill()
+        agg.popen.wait(10)
+        for a in AGENTS[1:]:
+            send(a)  # queued in the aggregator's session
+        agg2 = f.start_aggregator(rounds=rounds)
+        wait_until(lambda: any(r["round"] == 1 for r in history(f)), 60, interval=0.2, what="round 1 to close")
+        obs.wait(lambda: any(r.round == 2 for r in obs.rounds), 60, "round 2 announced")
+        header, _ = RoundJournal(f.tmp / "aggregator-state" / "round.journal").read_header()
+        assert header["round"] == 2 and sorted(header["asked"]) == AGENTS, header
+        assert "who is online after the restart: 3 agents" in agg2.text()
+        assert [(r["round"], sorted(r["participants_list"])) for r in history(f)] == [(1, AGENTS)]
+    finally:
+        p.close()
+        obs.close()
+
+
+def test_a_write_mode_journal_of_another_boot_is_not_taken_back(tmp_path, model_cache, monkeypatch):
+    """``journal = "write"`` never fdatasyncs: after a host restart its records may be gone although their
+    receipts went out, so a journal of another boot is refused (the round re-opens; agents re-send).
+    The same journal on this boot is taken back (control)."""
+    import fedmq.aggregator.service as smod
+
+    served = served_model(model_cache)
+    svc = _service(tmp_path, served, journal="write")
+    _open(svc)
+    svc._handle(svc.topics.update(AGENTS[0]), _encoded(svc, AGENTS[0]), False)
+    svc._commit()
+    svc.journal.close()
+    assert _service(tmp_path, served, journal="write")._resume_round() is True  # this boot: taken back
+    monkeypatch.setattr(smod, "boot_id", lambda: "another-boot")
+    assert _service(tmp_path, served, journal="write")._resume_round() is False
+    assert not (tmp_path / "state" / "round.journal").exists()

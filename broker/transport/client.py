@@ -567,6 +567,7 @@ class MqttClient:
                 self._handler(m)
             except Exception:  # noqa: BLE001 - a handler bug must not kill the network thread
                 log.exception("message handler failed for %s", msg.topic)
+                self.ack(m)  # not held in the broker's window for good
             return
         try:
             self.inbox.put_nowait(m)
