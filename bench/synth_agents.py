@@ -137,6 +137,12 @@ def unwrap(m: dict | None) -> dict | None:
     return m
 
 
+#: docs: the re-send delay as fractions of presence_jitter_s: after the agent's own reconnect, and after a
+#: (re)connected aggregator's live "online"
+RECONNECT_SPREAD = (0.0, 0.1)
+ONLINE_SPREAD = (0.5, 1.0)
+
+
 def resend_wait(spec: Any, attempts: int) -> float:
     """docs: no receipt resend_s after a send (doubling up to 8 x): re-send."""
     return min(spec.resend_s * 2 ** max(0, attempts - 1), 8 * spec.resend_s)
@@ -256,6 +262,7 @@ class Agent:
         self.ann: dict | None = None
         self.service_ts: Any = None
         self.presence_due = 0.0
+        self.resend_due = 0.0  # a re-send soon (after a reconnect or the aggregator's online), on the timer set
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=agent_id, protocol=mqtt.MQTTv5)
         c.max_queued_messages_set(0)
         c.max_inflight_messages_set(20)
@@ -313,16 +320,20 @@ class Agent:
             subs.append((f"{b}/model/chunk/+", 1))
         c.subscribe(subs)
         self.publish_status()
-        self.resend_soon()
+        self.resend_soon(RECONNECT_SPREAD)
 
-    def resend_soon(self) -> None:
-        """docs: after a reconnect, re-send what has no receipt within the jitter."""
+    def resend_soon(self, spread: tuple[float, float]) -> None:
+        """docs: after our reconnect or the aggregator's live "online", re-send what has no receipt after a
+        seeded delay within ``spread`` × presence_jitter_s."""
         spec, now = self.gen.spec, time.monotonic()
         for key, s in self.rounds.items():
             if spec.receipts and s.receipt is None and s.last_send and not s.wait_reannounce:
                 wait = resend_wait(spec, s.attempts)
-                jitter = spec.presence_jitter_s * zlib.crc32(f"{self.id}/{key[1]}/resend".encode()) / 2**32
+                u = zlib.crc32(f"{self.id}/{key[1]}/resend".encode()) / 2**32
+                jitter = spec.presence_jitter_s * (spread[0] + (spread[1] - spread[0]) * u)
                 s.last_send = min(s.last_send, now + jitter - wait)
+                self.resend_due = min(self.resend_due or float("inf"), now + jitter)
+                self.gen.timers.add(self)  # on time (tick runs once a second)
 
     def publish_status(self) -> None:
         topic = f"{self.gen.spec.base}/agents/{self.id}/status"
@@ -378,7 +389,7 @@ class Agent:
                 self.presence_due = time.monotonic() + jitter
                 g.timers.add(self)
                 g.stats["presence_resyncs"] += 1
-                self.resend_soon()  # docs: and an update still without its receipt, within the jitter
+                self.resend_soon(ONLINE_SPREAD)  # docs: and an update still without its receipt
             elif msg.retain:
                 self.service_ts = m.get("ts")
         elif t == "model" or t.startswith("model/chunk/"):
@@ -520,6 +531,12 @@ class Agent:
                 self.presence_due = 0.0
                 if self.connected:
                     self.publish_status()
+            else:
+                pending = True
+        if self.resend_due:
+            if now >= self.resend_due:
+                self.resend_due = 0.0
+                self.tick(now)  # re-sends what is still without a receipt
             else:
                 pending = True
         return pending

@@ -68,6 +68,12 @@ from .outbox import Outbox, OutboxKey
 from .trainer import ArtifactError, DataError, TFLiteTrainer, check_data
 
 log = logging.getLogger(__name__)
+
+#: when an update without receipt is re-sent, as fractions of presence_jitter_s: after our own reconnect
+#: within the first tenth (reconnects are spread by their backoff jitter already); after a (re)connected
+#: aggregator's "online" in the second half (what its session kept arrives, with receipts, first)
+RECONNECT_SPREAD = (0.0, 0.1)
+ONLINE_SPREAD = (0.5, 1.0)
 VERSION = __version__
 
 
@@ -197,7 +203,7 @@ class AgentService:
         if self._reannounce.is_set():
             self._reannounce.clear()
             self._status(self.state if self.state != "offline" else "online")
-            self._resend_soon()
+            self._resend_soon(RECONNECT_SPREAD)  # reconnects are spread by their own backoff jitter already
             self._maybe_work()  # after a reconnect: re-send from the outbox if the round is open
         self._check_pending()
         self._timers()
@@ -238,7 +244,7 @@ class AgentService:
                 # after a broker restart, reached nobody)
                 jitter = self.cfg.agent.presence_jitter_s * (zlib.crc32(f"{self.id}/{msg.ts}".encode()) / 2**32)
                 self._presence_due = time.monotonic() + jitter
-                self._resend_soon()
+                self._resend_soon(ONLINE_SPREAD)
             return
         if ch is Channel.RECEIPT and isinstance(msg, Receipt):
             self._on_receipt(msg)
@@ -653,18 +659,21 @@ class AgentService:
         window = ann.config.upload_window_s
         return window * (zlib.crc32(f"{self.id}/{ann.round}".encode()) / 2**32) if window > 0 else 0.0
 
-    def _resend_soon(self) -> None:
+    def _resend_soon(self, spread: tuple[float, float]) -> None:
         """After our (re)connect, or when a (re)connected aggregator announces itself: an update still
         without its receipt is re-sent within a seeded delay of ``presence_jitter_s`` instead of after
         ``resend_s``. Receipts are QoS 0: one the aggregator sent while we were away (a broker restart) is
         lost; and an update sent before the aggregator's subscriptions were back reached nobody. The
-        fleet would otherwise wait out resend_s."""
+        fleet would otherwise wait out resend_s. The seeded delay lies in ``spread`` × presence_jitter_s
+        (RECONNECT_SPREAD, ONLINE_SPREAD)."""
         inf = self.inflight
         if inf is None or inf[0] in self.delivered or inf[0] in self.wait_reannounce:
             return
         okey, uid, last, attempts = inf
         wait = self._resend_wait(attempts)
-        jitter = self.cfg.agent.presence_jitter_s * (zlib.crc32(f"{self.id}/{okey.round}/resend".encode()) / 2**32)
+        lo, hi = spread
+        u = zlib.crc32(f"{self.id}/{okey.round}/resend".encode()) / 2**32
+        jitter = self.cfg.agent.presence_jitter_s * (lo + (hi - lo) * u)
         self.inflight = (okey, uid, min(last, time.monotonic() + jitter - wait), attempts)
 
     def _resend_wait(self, attempts: int) -> float:

@@ -388,10 +388,12 @@ class _Subs:
 
     def __init__(self) -> None:
         self.subs: set[str] = set()
+        self.retain_handling: dict[str, int] = {}
 
-    def subscribe(self, topic: str, qos: int = 1, wait: bool = True) -> int:
+    def subscribe(self, topic: str, qos: int = 1, wait: bool = True, retain_handling: int = 0) -> int:
         assert not wait, "the protocol thread must not wait for a SUBACK behind a flood"
         self.subs.add(topic)
+        self.retain_handling[topic] = retain_handling
         return qos
 
     def unsubscribe(self, topic: str) -> None:
@@ -422,3 +424,5 @@ def test_quarantine_swaps_wildcards_for_per_agent_subscriptions_and_back(tmp_pat
     assert HOSTILE in svc.quarantined
     svc._quarantine(11.0)  # over: the wildcards are back, the per-agent subscriptions gone
     assert not svc.quarantined and c.subs == {t.all_updates(), t.all_statuses()}
+    # ... the status wildcard as the service first made it: a later resumed session gets no retained copies
+    assert c.retain_handling[t.all_statuses()] == 1
