@@ -511,6 +511,9 @@ class AggregatorService:
                 self._unacked.append(AckToken.of(m))
             if time.monotonic() >= end:
                 break
+            cur = self.controller.current
+            if cur is not None and cur.quorum_at is not None and len(cur.received) >= len(cur.asked_set):
+                break  # everyone asked is in: close now, not after the statuses and copies still streaming in
             if len(self._unacked) >= batch:
                 self._commit()  # group commit: one fdatasync per group, then its acknowledgements and receipts
             m = self.client.get(timeout=0)

@@ -262,6 +262,7 @@ class Agent:
         self.ann: dict | None = None
         self.service_ts: Any = None
         self.presence_due = 0.0
+        self.connected_at = self.online_at = 0.0  # monotonic: our last connect, the aggregator's last live online
         self.resend_due = 0.0  # a re-send soon (after a reconnect or the aggregator's online), on the timer set
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=agent_id, protocol=mqtt.MQTTv5)
         c.max_queued_messages_set(0)
@@ -310,6 +311,7 @@ class Agent:
             self.gen.stats["connack_reasons"][str(reason)] = self.gen.stats["connack_reasons"].get(str(reason), 0) + 1
             return  # paho closes the socket: on_disconnect schedules the retry
         self.connected, self.backoff = True, 0.5
+        self.connected_at = time.monotonic()
         self.max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
         b = self.gen.spec.base
         subs = [(f"{b}/round", 1), (f"{b}/service", 1)]
@@ -383,15 +385,19 @@ class Agent:
         elif t == "service" and m is not None and m.get("kind") == "service":
             g.service = m
             if not msg.retain and m.get("state") == "online" and m.get("ts") != self.service_ts:
+                soon = self.connected_at > self.online_at  # docs: sent since our reconnect: maybe to nobody
+                self.online_at = time.monotonic()
                 # presence re-sync: an aggregator just (re)connected; republish after a seeded delay
                 self.service_ts = m.get("ts")
                 jitter = g.spec.presence_jitter_s * zlib.crc32(f"{self.id}/{m.get('ts')}".encode()) / 2**32
                 self.presence_due = time.monotonic() + jitter
                 g.timers.add(self)
                 g.stats["presence_resyncs"] += 1
-                self.resend_soon(ONLINE_SPREAD)  # docs: and an update still without its receipt
+                self.resend_soon(RECONNECT_SPREAD if soon else ONLINE_SPREAD)  # docs: and an update without receipt
             elif msg.retain:
                 self.service_ts = m.get("ts")
+                if m.get("state") == "online":  # docs: the aggregator was there when we subscribed
+                    self.online_at = time.monotonic()
         elif t == "model" or t.startswith("model/chunk/"):
             g.on_model_message(t, msg.payload)
         if self.ann is not None:  # downlink of the round this agent is in (its announcement included)

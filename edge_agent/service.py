@@ -126,6 +126,8 @@ class AgentService:
         self.wait_reannounce: set[OutboxKey] = set()  # refused for a reason that can change: re-sent when re-announced
         self.scheduled: tuple[float, tuple[int, float], bytes] | None = None  # (due, key, payload): upload window
         self._presence_due: float | None = None
+        self._connected_at = 0.0  # monotonic: our last (re)connect, and the last live "online" of the aggregator
+        self._online_at = 0.0
         self._announced_at = 0.0  # ``opened`` of the announcement our last send answered
         self.run_state = self._load_run_state()  # {"run", "global_round", "round", "left": [...]}
         self._global_subscribed = "off"  # off | full (the keyframe) | delta (the compressed delta)
@@ -203,6 +205,7 @@ class AgentService:
         if self._reannounce.is_set():
             self._reannounce.clear()
             self._status(self.state if self.state != "offline" else "online")
+            self._connected_at = time.monotonic()
             self._resend_soon(RECONNECT_SPREAD)  # reconnects are spread by their own backoff jitter already
             self._maybe_work()  # after a reconnect: re-send from the outbox if the round is open
         self._check_pending()
@@ -239,12 +242,19 @@ class AgentService:
                 log.info("aggregator %s: %s (run %s, global round %d)", msg.service, msg.state, msg.run,
                          msg.global_round)
             if msg.state == "online" and not retained and (old is None or old.ts != msg.ts):
+                # we (re)connected since we last saw the aggregator online (live or retained): what we sent
+                # meanwhile may have found no subscription (a broker restart): re-send as soon as after a
+                # reconnect; else its session kept it, and its receipts come first
+                soon = self._connected_at > self._online_at
+                self._online_at = time.monotonic()
                 # a (re)connected aggregator: republish our status within the jitter window, and re-send an
                 # update still without its receipt (what we sent before its subscriptions were back, e.g.
                 # after a broker restart, reached nobody)
                 jitter = self.cfg.agent.presence_jitter_s * (zlib.crc32(f"{self.id}/{msg.ts}".encode()) / 2**32)
                 self._presence_due = time.monotonic() + jitter
-                self._resend_soon(ONLINE_SPREAD)
+                self._resend_soon(RECONNECT_SPREAD if soon else ONLINE_SPREAD)
+            elif msg.state == "online":  # retained: the aggregator was there when we (re)subscribed
+                self._online_at = time.monotonic()
             return
         if ch is Channel.RECEIPT and isinstance(msg, Receipt):
             self._on_receipt(msg)
