@@ -511,14 +511,14 @@ class AggregatorService:
                 self._unacked.append(AckToken.of(m))
             if time.monotonic() >= end:
                 break
-            cur = self.controller.current
-            if cur is not None and cur.quorum_at is not None and len(cur.received) >= len(cur.asked_set):
+            if self._everyone_in():
                 break  # everyone asked is in: close now, not after the statuses and copies still streaming in
             if len(self._unacked) >= batch:
                 self._commit()  # group commit: one fdatasync per group, then its acknowledgements and receipts
             m = self.client.get(timeout=0)
         self._commit()  # nothing more to read now (or the slice is over): what was handled is answered
-        if self._backlog_due and self.client.connected and (m is None or time.monotonic() > self._backlog_until):
+        if self._backlog_due and self.client.connected and (m is None or time.monotonic() > self._backlog_until
+                                                             or self._everyone_in()):
             self._backlog_due = False  # a resumed round: what waited in our session has been read (or a stream
             # that never pauses: then its policy applies after publish_timeout_s, as to any round)
         self._tick()
@@ -550,6 +550,11 @@ class AggregatorService:
                 self._publish_metrics(metrics)
                 self._submit_plots()
                 self._check_done(values)
+
+    def _everyone_in(self) -> bool:
+        """The open round holds an update of every asked agent (it closes at the next poll)."""
+        cur = self.controller.current
+        return cur is not None and cur.quorum_at is not None and len(cur.received) >= len(cur.asked_set)
 
     def _journal_sync(self) -> None:
         j = self.journal
