@@ -56,7 +56,6 @@ class RoundJournal:
         self._fd: int | None = None
         self._dirty = False
         self.records = 0  #: records appended or replayed in the current round
-        self.bytes = 0
         self.syncs = 0
 
     @property
@@ -76,7 +75,7 @@ class RoundJournal:
         except BaseException:
             os.close(fd)
             raise
-        self._fd, self._dirty, self.records, self.bytes = fd, False, 0, 0
+        self._fd, self._dirty, self.records = fd, False, 0
 
     def append(self, kind: bytes, body: bytes | bytearray | memoryview) -> None:
         """Append one record (written to the kernel now; on disk at the next ``sync`` in fsync mode)."""
@@ -86,7 +85,6 @@ class RoundJournal:
         self._write(self._fd, _REC.pack(kind, n, zlib.crc32(body)), body)
         self._dirty = True
         self.records += 1
-        self.bytes += n
 
     def sync(self) -> bool:
         """Make what was appended durable (fsync mode; one fdatasync for a whole batch). True if it synced."""
@@ -156,7 +154,6 @@ class RoundJournal:
                     break
                 good = f.tell()
                 self.records += 1
-                self.bytes += len(rec.body)
                 yield rec
         size = self.path.stat().st_size
         fd = os.open(self.path, os.O_WRONLY)

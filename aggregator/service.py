@@ -184,9 +184,7 @@ class AggregatorService:
         self._backlog_until = 0.0
         #: after a resumed start: the marker that ends the re-read of the retained statuses (None = not needed)
         self._presence_nonce: bytes | None = None
-        self._presence_asked = False
-        self._presence_until = 0.0
-        self.resumed: tuple[int, int] | None = None  #: (round, updates) taken back from the journal at start
+        self._presence_until = 0.0  # when the re-read is given up (0: not asked yet)
         #: QoS 1 messages handled since the last commit (acknowledged by _commit; not their payloads)
         self._unacked: list[AckToken] = []
         self._receipts: list[tuple[str, bytes]] = []  # receipts of those messages (sent by _commit)
@@ -501,20 +499,18 @@ class AggregatorService:
             self._republish_state()
         m = self.client.get(timeout=timeout)
         end = time.monotonic() + STEP_SLICE_S  # a steady stream must not hold off the round's checks
-        batch = max(self.cfg.service.read_batch, JOURNAL_GROUP)
         while m is not None:
             try:
                 self._handle(m.topic, m.payload, m.retain)
             except Exception as e:  # noqa: BLE001 - one message never ends the service
                 self._internal(f"handling a message on {m.topic[:200]!r}", e)
-            if m.qos:
-                self._unacked.append(AckToken.of(m))
             if time.monotonic() >= end:
+                self._handled(m, commit=False)
                 break
             if self._everyone_in():
+                self._handled(m, commit=False)
                 break  # everyone asked is in: close now, not after the statuses and copies still streaming in
-            if len(self._unacked) >= batch:
-                self._commit()  # group commit: one fdatasync per group, then its acknowledgements and receipts
+            self._handled(m)
             m = self.client.get(timeout=0)
         self._commit()  # nothing more to read now (or the slice is over): what was handled is answered
         if self._backlog_due and self.client.connected and (m is None or time.monotonic() > self._backlog_until
@@ -550,6 +546,14 @@ class AggregatorService:
                 self._publish_metrics(metrics)
                 self._submit_plots()
                 self._check_done(values)
+
+    def _handled(self, m, commit: bool = True) -> None:
+        """``m`` is dealt with: it is acknowledged (with its receipt, if an update) by the next group commit,
+        which runs now once the group is full (``commit``)."""
+        if m.qos:
+            self._unacked.append(AckToken.of(m))
+        if commit and len(self._unacked) >= max(self.cfg.service.read_batch, JOURNAL_GROUP):
+            self._commit()  # one fdatasync per group, then its acknowledgements and receipts
 
     def _everyone_in(self) -> bool:
         """The open round holds an update of every asked agent (it closes at the next poll)."""
@@ -629,7 +633,6 @@ class AggregatorService:
         broker send every retained status again (a subscribe with Retain Handling 0 on the subscription we
         have), then a marker on our own status topic; when the marker is back the view is complete."""
         t = self.topics
-        self._presence_asked = True
         self._presence_until = time.monotonic() + max(30.0, self.cfg.service.publish_timeout_s)
         if not self._wildcards:  # a quarantine subscribed agents one by one: their subscriptions are new anyway
             self._presence_nonce = None
@@ -717,7 +720,6 @@ class AggregatorService:
             self._discard_journal(j)
             return False
         r = self.controller.current
-        self.resumed = (ann.round, replayed)
         self.telemetry.round.set(ann.round)
         self._size_reassembly(len(asked))
         log.info("round %d taken back from its journal: %d of %d asked updates held (%.2fs)", ann.round, replayed,
@@ -895,10 +897,7 @@ class AggregatorService:
                 m = self.client.get(timeout=0.1)
             if m is None:
                 continue
-            if m.qos:  # acknowledged (with its receipt, if an update) by the next _commit
-                self._unacked.append(AckToken.of(m))
-            if len(self._unacked) >= JOURNAL_GROUP:
-                self._commit()
+            self._handled(m)
             if m.topic == marker and m.payload == nonce:
                 done = True
             elif "/chunk/" in m.topic and m.topic.rsplit("/chunk/", 1)[0] in filters.values():
@@ -963,7 +962,7 @@ class AggregatorService:
             self._republish.set()
 
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
-        if self._presence_asked and self._presence_nonce is not None and len(payload) == len(self._presence_nonce) \
+        if self._presence_until and self._presence_nonce is not None and len(payload) == len(self._presence_nonce) \
                 and payload == self._presence_nonce and topic == self.topics.status(self.cfg.service.id):
             self._presence_nonce = None  # every retained status was delivered before it
             log.info("who is online after the restart: %d agents", len(self.online))
@@ -1017,7 +1016,7 @@ class AggregatorService:
         if not self.client.connected or self._republish.is_set():
             return  # nobody could hear the announcement; the retained state goes out first
         if self._presence_nonce is not None:
-            if not self._presence_asked:  # after a resumed start: who is online, before asking anyone
+            if not self._presence_until:  # after a resumed start: who is online, before asking anyone
                 self._scan_presence()
                 return
             if time.monotonic() < self._presence_until:
